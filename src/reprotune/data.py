@@ -1,0 +1,385 @@
+"""CIFAR-10 data: fetch or synthesize the archive, read it without trusting it, split, augment.
+
+The archive layout is the official one (`cifar-10-batches-py/data_batch_1..5`, `test_batch`,
+`batches.meta`, each a pickle of a dict holding a uint8 (N, 3072) array in R,G,B plane order), so
+the synthetic dataset goes through exactly the code real data takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import pickle
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from reprotune import tb
+from reprotune.config import DataConfig
+from reprotune.errors import ReprotuneError
+from reprotune.io import atomic_file, load_torch
+
+ARCHIVE_DIR = "cifar-10-batches-py"
+TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+SIDE = 32  # CIFAR images are 3x32x32
+ROW = 3 * SIDE * SIDE  # one image as stored in a batch: 3072 bytes, R plane then G then B
+MAX_MEMBER_BYTES = 512 * 2**20  # an official batch pickles to ~31 MB; refuse to read absurd members
+CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def fetch_archive(url: str, md5: str, dest: Path) -> dict:
+    """Copy or download `url` to `dest` with a progress bar; rename into place only if md5 matches."""
+    started = time.perf_counter()
+    with atomic_file(dest) as tmp:
+        with _open_source(url) as (source, total), tmp.open("wb") as out:
+            digest, size = _copy_with_md5(source, out, total, url)
+        if digest != md5:
+            raise ReprotuneError(f"{url}: md5 {digest} does not match data.md5 {md5}; "
+                                 "the file was discarded")
+    return {"url": url, "md5": digest, "bytes": size, "seconds": time.perf_counter() - started}
+
+
+@contextlib.contextmanager
+def _open_source(url: str) -> Iterator[tuple[BinaryIO, int | None]]:
+    """Yield (binary stream, size if known) for an http(s):// URL, a file:// URL or a plain path."""
+    if "://" not in url or url.startswith("file://"):
+        path = Path(urllib.request.url2pathname(url.removeprefix("file://")))
+        try:
+            stream = path.open("rb")
+        except OSError as exc:
+            raise ReprotuneError(f"{url}: cannot read local archive: {exc.strerror}") from None
+        with stream:
+            yield stream, path.stat().st_size
+        return
+    try:
+        response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - the user's own URL
+    except urllib.error.HTTPError as exc:
+        raise ReprotuneError(f"{url}: server answered HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ReprotuneError(
+            f"cannot reach {url} ({getattr(exc, 'reason', exc)}): without a network, set data.url "
+            "to a local copy of cifar-10-python.tar.gz (a path or file:// URL), or run `make demo` "
+            "for the offline synthetic dataset") from None
+    with response:
+        length = response.headers.get("Content-Length")
+        yield response, int(length) if length and length.isdigit() else None
+
+
+def _copy_with_md5(source, out, total: int | None, label: str) -> tuple[str, int]:
+    digest, size = hashlib.md5(usedforsecurity=False), 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc=Path(label).name, leave=False, disable=None) as bar:
+        try:
+            while chunk := source.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+                bar.update(len(chunk))
+        except (OSError, urllib.error.URLError) as exc:
+            raise ReprotuneError(f"{label}: transfer failed after {size} bytes: {exc}") from None
+    if total is not None and size != total:
+        raise ReprotuneError(f"{label}: got {size} bytes of {total}; the transfer was cut short")
+    return digest.hexdigest(), size
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+# Ten classes = 5 colours x 2 stripe orientations: colour alone or orientation alone gets 50%,
+# so a model must learn both, and noise, phase and brightness vary within each class.
+_COLOURS = {"red": (0.85, 0.25, 0.2), "green": (0.25, 0.75, 0.3), "blue": (0.2, 0.35, 0.85),
+            "yellow": (0.85, 0.8, 0.25), "purple": (0.6, 0.3, 0.7)}
+SYNTHETIC_CLASSES = [f"{colour}-{way}" for way in ("horizontal", "vertical") for colour in _COLOURS]
+
+
+def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Images (N, 3072) uint8 for class `labels`: jittered class colour + faint stripes + noise."""
+    n = len(labels)
+    colour = np.array(list(_COLOURS.values()), dtype=np.float32)[labels % 5]  # (N, 3)
+    colour += rng.normal(0, 0.16, size=colour.shape).astype(np.float32)  # neighbouring colours overlap
+    vertical = (labels >= 5)[:, None, None]
+    ramp = np.arange(SIDE, dtype=np.float32)
+    period = rng.uniform(4.0, 10.0, size=(n, 1, 1)).astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1)).astype(np.float32)
+    contrast = rng.uniform(0.02, 0.15, size=(n, 1, 1, 1)).astype(np.float32)
+    coord = np.where(vertical, ramp[None, None, :], ramp[None, :, None])  # (N, 32, 32)
+    stripes = np.sin(2 * np.pi * coord / period + phase)  # (N, 32, 32) in [-1, 1]
+    brightness = rng.uniform(0.7, 1.1, size=(n, 1, 1, 1)).astype(np.float32)
+    image = brightness * colour[:, :, None, None] * 0.8 + contrast * stripes[:, None]
+    image += rng.normal(0, 0.25, size=image.shape).astype(np.float32)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(n, ROW)
+
+
+def write_synthetic_archive(dest: Path, n_train: int, n_test: int, seed: int) -> dict:
+    """Generate a deterministic, learnable 10-class dataset as a CIFAR-10 python archive."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    members = {}
+    train_labels = np.arange(n_train) % 10
+    rng.shuffle(train_labels)
+    for i, part in enumerate(np.array_split(np.arange(n_train), len(TRAIN_BATCHES))):
+        members[TRAIN_BATCHES[i]] = _batch(f"training batch {i + 1} of 5", train_labels[part], rng)
+    test_labels = rng.permutation(np.arange(n_test) % 10)
+    members["test_batch"] = _batch("testing batch 1 of 1", test_labels, rng)
+    members["batches.meta"] = {"label_names": SYNTHETIC_CLASSES,
+                               "num_cases_per_batch": len(members[TRAIN_BATCHES[0]]["labels"]),
+                               "num_vis": ROW}
+    with atomic_file(dest) as tmp:
+        _write_tar_gz(tmp, {f"{ARCHIVE_DIR}/{k}": pickle.dumps(v, protocol=4) for k, v in members.items()})
+        digest = hashlib.md5(tmp.read_bytes(), usedforsecurity=False).hexdigest()
+        size = tmp.stat().st_size
+    return {"url": "synthetic", "md5": digest, "bytes": size, "seconds": time.perf_counter() - started}
+
+
+def _batch(name: str, labels: np.ndarray, rng: np.random.Generator) -> dict:
+    return {"batch_label": name, "labels": labels.tolist(), "data": synthetic_images(labels, rng),
+            "filenames": [f"synthetic_{i:06d}.png" for i in range(len(labels))]}
+
+
+def _write_tar_gz(path: Path, files: dict[str, bytes]) -> None:
+    # mtime 0 in both the gzip header and the tar entries: same seed, same bytes, same md5.
+    with path.open("wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0,
+                                               compresslevel=1) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            tar.addfile(info, io.BytesIO(payload))
+
+
+# --------------------------------------------------------------------------- reading the archive
+
+# The only globals a CIFAR batch needs: numpy's array reconstruction. Anything else (os.system,
+# builtins.eval, ...) is refused, so a hostile pickle cannot run code. Taken from numpy itself so
+# numpy 1 and 2 module names both resolve.
+_NUMPY_GLOBALS = {
+    "_reconstruct": np.ndarray.__reduce__(np.zeros(1))[0],
+    "scalar": np.float64(0).__reduce__()[0],
+    "ndarray": np.ndarray,
+    "dtype": np.dtype,
+}
+_NUMPY_MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray"}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in _NUMPY_MODULES and name in _NUMPY_GLOBALS:
+            return _NUMPY_GLOBALS[name]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+@dataclass
+class RawData:
+    """The archive's contents: uint8 images (N, 3, 32, 32), int64 labels (N,), class names."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+
+
+def read_archive(path: Path) -> RawData:
+    """Read a CIFAR-10 python archive in memory, validating every batch; never extracts to disk."""
+    if not path.is_file():
+        raise ReprotuneError(f"{path}: archive not found (run the download stage first)")
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+            meta = _load_member(tar, members, path, "batches.meta")
+            classes = _class_names(meta, path)
+            train = [_load_batch(tar, members, path, name, len(classes)) for name in TRAIN_BATCHES]
+            test = _load_batch(tar, members, path, "test_batch", len(classes))
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+        raise ReprotuneError(f"{path}: not a readable CIFAR-10 tar.gz archive ({exc})") from None
+    return RawData(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                   test[0], test[1], classes)
+
+
+def _load_member(tar: tarfile.TarFile, members: dict, path: Path, name: str) -> dict:
+    member = members.get(f"{ARCHIVE_DIR}/{name}")
+    if member is None or not member.isfile():
+        raise ReprotuneError(f"{path}: {ARCHIVE_DIR}/{name} is missing from the archive")
+    if member.size > MAX_MEMBER_BYTES:
+        raise ReprotuneError(f"{path}: {name} is {member.size} bytes, more than a CIFAR batch can be")
+    try:
+        obj = _SafeUnpickler(tar.extractfile(member), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise ReprotuneError(f"{path}: {name} is not a CIFAR batch ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ReprotuneError(f"{path}: {name} is not a CIFAR batch (a {type(obj).__name__})")
+    # Python 2 pickles read with latin1 give str keys; some re-packs carry bytes keys.
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _class_names(meta: dict, path: Path) -> list[str]:
+    names = meta.get("label_names")
+    if not isinstance(names, list) or len(names) < 2:
+        raise ReprotuneError(f"{path}: batches.meta has no list of label_names")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _load_batch(tar, members, path: Path, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _load_member(tar, members, path, name)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != ROW:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ReprotuneError(f"{path}: {name}: 'data' must be a uint8 (N, {ROW}) array, got {got}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ReprotuneError(f"{path}: {name}: 'labels' is not a list of integers") from None
+    if labels.shape != (len(data),):
+        raise ReprotuneError(f"{path}: {name}: {labels.size} labels for {len(data)} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ReprotuneError(f"{path}: {name}: labels outside 0..{num_classes - 1}")
+    return data.reshape(-1, 3, SIDE, SIDE), labels
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Split:
+    """One cached split: uint8 images (N, 3, 32, 32), int64 labels, class names, train mean/std."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "labels": self.labels, "classes": self.classes,
+                "mean": self.mean, "std": self.std}
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): `val_fraction` of each class to val, seeded, each side sorted."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        val.append(members[: int(round(val_fraction * len(members)))])
+    val = np.sort(np.concatenate(val))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    if len(val) == 0 or len(train) == 0:
+        raise ReprotuneError(f"data.val_fraction={val_fraction} leaves an empty split "
+                             f"of {len(labels)} training images")
+    return train, val
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, 3, H, W), on the [0, 1] scale."""
+    flat = images.transpose(1, 0, 2, 3).reshape(3, -1)
+    mean = flat.mean(axis=1, dtype=np.float64) / 255
+    # Var = E[x^2] - E[x]^2 in float64 over uint8 values: exact enough, no float copy of the data.
+    sq = np.einsum("ij,ij->i", flat.astype(np.float32), flat.astype(np.float32), dtype=np.float64)
+    std = np.sqrt(sq / flat.shape[1] / 255**2 - mean**2)
+    return mean.tolist(), std.tolist()
+
+
+def make_splits(raw: RawData, val_fraction: float, seed: int) -> dict[str, Split]:
+    """Split the training batches into train/val and package all three splits."""
+    train_idx, val_idx = stratified_split(raw.train_labels, val_fraction, seed)
+    mean, std = channel_stats(raw.train_images[train_idx])
+
+    def split(images: np.ndarray, labels: np.ndarray) -> Split:
+        return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
+                     raw.classes, mean, std)
+
+    return {"train": split(raw.train_images[train_idx], raw.train_labels[train_idx]),
+            "val": split(raw.train_images[val_idx], raw.train_labels[val_idx]),
+            "test": split(raw.test_images, raw.test_labels)}
+
+
+def load_split(path: Path) -> Split:
+    """Load a cached split written by the preprocess stage."""
+    obj = load_torch(path, "processed split")
+    try:
+        split = Split(obj["images"], obj["labels"], list(obj["classes"]), list(obj["mean"]), list(obj["std"]))
+    except (KeyError, TypeError):
+        raise ReprotuneError(f"{path}: not a processed split (rerun the preprocess stage)") from None
+    if split.images.dtype != torch.uint8 or split.images.ndim != 4 or len(split.labels) != len(split.images):
+        raise ReprotuneError(f"{path}: not a processed split (rerun the preprocess stage)")
+    return split
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding `padding` px) and horizontal flip of a uint8 batch, on its device."""
+    n, c, h, w = images.shape
+    device = images.device
+    if padding:
+        padded = F.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        rows = (dy + torch.arange(h, device=device))[:, None, :, None]  # (N, 1, H, 1)
+        cols = (dx + torch.arange(w, device=device))[:, None, None, :]  # (N, 1, 1, W)
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        channel = torch.arange(c, device=device)[None, :, None, None]
+        images = padded[batch, channel, rows, cols]  # one gather: (N, C, H, W)
+    if hflip:
+        flip = torch.rand(n, device=device, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    return images
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1], the models' input contract."""
+    return images.float().div_(255)
+
+
+
+# --------------------------------------------------------------------------- stage entry points
+
+
+def download(cfg: DataConfig, seed: int, dest: Path, writer: SummaryWriter) -> dict:
+    """The download stage: fetch `cfg.url` (md5-checked) or synthesize, then log what arrived."""
+    if cfg.dataset == "synthetic":
+        info = write_synthetic_archive(dest, cfg.synthetic_train, cfg.synthetic_test, seed)
+    else:
+        info = fetch_archive(cfg.url, cfg.md5, dest)
+    info["dataset"] = cfg.dataset
+    tb.log_table(writer, "download/archive", ["dataset", "source", "md5", "bytes", "seconds"],
+                 [[cfg.dataset, info["url"], info["md5"], info["bytes"], f"{info['seconds']:.2f}"]])
+    writer.add_scalar("download/megabytes", info["bytes"] / 2**20, 0)
+    writer.add_scalar("download/seconds", info["seconds"], 0)
+    return info
+
+
+def preprocess(archive: Path, cfg: DataConfig, seed: int, log_images: int,
+               writer: SummaryWriter) -> tuple[dict[str, Split], dict]:
+    """The preprocess stage: read and validate the archive, split, and log samples and counts."""
+    started = time.perf_counter()
+    splits = make_splits(read_archive(archive), cfg.val_fraction, seed)
+    classes = splits["train"].classes
+    counts = {name: np.bincount(s.labels.numpy(), minlength=len(classes)).tolist() for name, s in splits.items()}
+    for name, split in splits.items():
+        tb.log_samples(writer, f"{name}/samples", split.images, split.labels, classes, log_images)
+        writer.add_histogram(f"{name}/labels", split.labels.numpy(), 0, bins=np.arange(len(classes) + 1) - 0.5)
+        writer.add_scalar(f"{name}/images", len(split.labels), 0)
+    tb.log_table(writer, "class_counts", ["class", *splits],
+                 [[c, *(counts[s][i] for s in splits)] for i, c in enumerate(classes)])
+    mean, std = splits["train"].mean, splits["train"].std
+    tb.log_table(writer, "normalization", ["", "R", "G", "B"],
+                 [["mean", *(f"{m:.4f}" for m in mean)], ["std", *(f"{s:.4f}" for s in std)]])
+    metrics = {"classes": len(classes), "mean": mean, "std": std, "seconds": time.perf_counter() - started,
+               **{f"{name}_images": len(s.labels) for name, s in splits.items()}}
+    return splits, metrics

@@ -1,0 +1,33 @@
+"""User-facing failures: one clear line on stderr and a non-zero exit, traceback only on request."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class ReprotuneError(Exception):
+    """A failure the user can act on; its message is the whole story, printed on one line."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a CLI entry point; turn any failure into one stderr line and exit 1 (130 on Ctrl-C).
+
+    Set REPROTUNE_DEBUG=1 to get the full traceback instead.
+    """
+    try:
+        main()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("reprotune: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place every failure is reported
+        if os.environ.get("REPROTUNE_DEBUG") == "1":
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, ReprotuneError):
+            message = f"unexpected {type(exc).__name__}: {message} (REPROTUNE_DEBUG=1 shows the traceback)"
+        print(f"reprotune: error: {message}", file=sys.stderr)
+        sys.exit(1)

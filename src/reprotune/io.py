@@ -1,0 +1,91 @@
+"""Atomic file and directory writes: every output appears whole under its final name, or not at all.
+
+A crash or kill mid-write leaves the previous output (or nothing), never a torn file that DVC would
+then cache. Temporaries sit beside the target so the final rename stays on one filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reprotune.errors import ReprotuneError
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ReprotuneError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ReprotuneError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; it replaces `path` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        # Two renames: the old directory is moved aside first, so a crash between them leaves the
+        # new one complete under its temporary name and the old one whole beside it.
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented, key-sorted JSON, atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text`, atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """torch.save `obj` (plain dicts of tensors and primitives only), atomically."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path, what: str) -> Any:
+    """torch.load with weights_only=True: a file that tries to run code is refused, not run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReprotuneError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ReprotuneError(f"{path}: not a readable {what} ({first})") from None

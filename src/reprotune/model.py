@@ -1,0 +1,126 @@
+"""The classifier: a torchvision ResNet18 with a new head, wrapped so it owns its input transform.
+
+`Classifier` takes float images in [0, 1], (N, 3, H, W) RGB, and does normalization and resizing
+inside its graph, so training, evaluation and every export share one input contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from reprotune.config import ModelConfig
+from reprotune.errors import ReprotuneError
+from reprotune.io import load_torch, save_torch
+
+MODEL_FORMAT = "reprotune.model/1"
+STAGES = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]  # ResNet order, input first
+
+
+class Classifier(nn.Module):
+    """Normalize with the training split's mean/std, resize to `image_size`, run the ResNet."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], image_size: int):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.image_size = image_size
+        self.frozen: list[str] = []  # names of `net` children that must stay in eval mode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) in [0, 1] -> (N, classes)
+        x = (images - self.mean) / self.std
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False)
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> Classifier:
+        # Frozen BatchNorm must not update its running statistics when the rest trains.
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self.net, name).eval()
+        return self
+
+
+def build_model(cfg: ModelConfig, num_classes: int, mean: list[float], std: list[float]) -> Classifier:
+    """ResNet18 with `cfg.weights` loaded, the stem chosen, and a fresh head for `num_classes`."""
+    net = torchvision.models.resnet18(weights=None)
+    if cfg.weights != "none":
+        load_backbone(net, imagenet_state_dict() if cfg.weights == "imagenet" else
+                      load_torch(Path(cfg.weights), "weights file"), cfg.weights)
+    if cfg.stem == "cifar":
+        # 32x32 inputs lose most of their pixels to a 7x7/2 conv + max-pool; keep full resolution.
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(net.fc.in_features, num_classes))
+    return Classifier(net, mean, std, cfg.image_size)
+
+
+def imagenet_state_dict() -> dict[str, torch.Tensor]:
+    """torchvision's IMAGENET1K_V1 ResNet18 weights, from $TORCH_HOME or downloaded there."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise ReprotuneError(
+            f"cannot get ImageNet weights from {weights.url} ({exc}): put that file at {cache} "
+            "or set model.weights to a local state-dict path or 'none'") from None
+
+
+def load_backbone(net: nn.Module, state: Any, source: str) -> None:
+    """Load every weight except the classifier head; anything missing or misshapen is an error."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # also accept {"state_dict": ...} checkpoints
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ReprotuneError(f"{source}: not a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise ReprotuneError(f"{source}: weights do not fit ResNet18: {detail}") from None
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        keys = (missing or unexpected)[:3]
+        raise ReprotuneError(f"{source}: weights do not fit ResNet18: "
+                             f"{'missing' if missing else 'unexpected'} keys {keys}")
+
+
+def apply_strategy(model: Classifier, strategy: str, unfreeze_from: str) -> None:
+    """Freeze what the strategy does not train: full = nothing, partial = before `unfreeze_from`, linear = all but fc."""
+    first = {"full": 0, "partial": STAGES.index(unfreeze_from), "linear": STAGES.index("fc")}[strategy]
+    model.frozen = STAGES[:first]
+    for name in STAGES:
+        getattr(model.net, name).requires_grad_(name not in model.frozen)
+    model.train(model.training)
+
+
+def save_model(path: Path, model: Classifier, cfg: ModelConfig, classes: list[str], extra: dict) -> None:
+    """Write weights plus everything needed to rebuild the model and feed it, as a plain dict."""
+    save_torch(path, {
+        "format": MODEL_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": cfg.model_dump(),
+        "classes": list(classes),
+        "mean": model.mean.flatten().tolist(),
+        "std": model.std.flatten().tolist(),
+        **extra,
+    })
+
+
+def load_model(path: Path) -> tuple[Classifier, dict]:
+    """Rebuild a saved Classifier (eval mode, CPU) and return it with its saved metadata."""
+    saved = load_torch(path, "reprotune model")
+    if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
+        raise ReprotuneError(f"{path}: not a reprotune model (rerun the finetune stage)")
+    cfg = ModelConfig.model_validate({**saved["model"], "weights": "none"})
+    model = build_model(cfg, len(saved["classes"]), saved["mean"], saved["std"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved

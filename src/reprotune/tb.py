@@ -1,0 +1,88 @@
+"""TensorBoard logging (tensorboardX): the one place that creates writers and shapes what they log.
+
+Each stage logs into `runs/<stage>/`. The writer writes into a temporary directory that replaces
+the old run only when the stage succeeds, so a failed stage never leaves half a log behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are rendered to images for TensorBoard
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+from tensorboardX.summary import hparams  # noqa: E402
+
+from reprotune.io import atomic_dir  # noqa: E402
+
+
+@contextlib.contextmanager
+def stage_writer(logdir: str | Path) -> Iterator[SummaryWriter]:
+    """A SummaryWriter whose run replaces `logdir` once the block succeeds."""
+    with atomic_dir(logdir) as tmp, SummaryWriter(str(tmp)) as writer:
+        yield writer
+
+
+def image_grid(images: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` uint8 images (N, 3, H, W) tiled 8 to a row, as a (3, H', W') uint8 grid."""
+    return torchvision.utils.make_grid(images[:count].cpu(), nrow=8, padding=2)
+
+
+def log_samples(writer: SummaryWriter, tag: str, images: torch.Tensor, labels: torch.Tensor,
+                classes: list[str], count: int, step: int = 0) -> None:
+    """An image grid of `count` samples, and their labels as text in grid order."""
+    if count == 0 or len(images) == 0:
+        return
+    writer.add_image(tag, image_grid(images, count), step)
+    names = [classes[i] for i in labels[:count].tolist()]
+    rows = [" | ".join(names[i:i + 8]) for i in range(0, len(names), 8)]
+    writer.add_text(f"{tag}_labels", "  \n".join(rows), step)
+
+
+def log_table(writer: SummaryWriter, tag: str, header: list[str], rows: list[list], step: int = 0) -> None:
+    """A markdown table in the TEXT tab."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    writer.add_text(tag, "\n".join(lines), step)
+
+
+def log_histograms(writer: SummaryWriter, model: torch.nn.Module, step: int) -> None:
+    """Weight and gradient histograms per trainable parameter tensor."""
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+        if param.grad is not None:
+            writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), step)
+
+
+def log_hparams(writer: SummaryWriter, hparam_dict: dict, metric_dict: dict[str, float]) -> None:
+    """The run's hyperparameters and final metrics for the HPARAMS tab, in this run (no sub-run)."""
+    exp, ssi, sei = hparams(hparam_dict, metric_dict)
+    for summary in (exp, ssi, sei):
+        writer.file_writer.add_summary(summary)
+    for name, value in metric_dict.items():
+        writer.add_scalar(name, value, 0)
+
+
+def log_confusion(writer: SummaryWriter, tag: str, matrix: np.ndarray, classes: list[str]) -> None:
+    """A confusion-matrix figure: rows are actual classes, columns predicted, cells counts."""
+    size = max(5.0, 0.6 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="actual")
+    ax.set_xticklabels(classes, rotation=60, ha="right")
+    ax.set_yticklabels(classes)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > threshold else "black")
+    fig.tight_layout()
+    writer.add_figure(tag, fig, 0)  # closes the figure

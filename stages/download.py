@@ -1,0 +1,24 @@
+"""DVC stage `download`: fetch the CIFAR-10 archive (md5-verified) or generate the synthetic one."""
+
+from pathlib import Path
+
+import typer
+
+from reprotune import data, tb
+from reprotune.config import load_params
+from reprotune.errors import run_cli
+from reprotune.io import write_json
+
+ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
+
+
+def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) -> None:
+    cfg = load_params(params)
+    with tb.stage_writer("runs/download") as writer:
+        info = data.download(cfg.data, cfg.seed, ARCHIVE, writer)
+    write_json("metrics/download.json", info)
+    print(f"{ARCHIVE}: {info['bytes']:,} bytes, md5 {info['md5']}")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: typer.run(main))

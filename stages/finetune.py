@@ -1,0 +1,34 @@
+"""DVC stage `finetune`: fine-tune ResNet18 on the cached splits, keep the best validation epoch."""
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from reprotune import tb
+from reprotune.config import load_params
+from reprotune.data import load_split
+from reprotune.errors import run_cli
+from reprotune.io import atomic_file, write_json
+from reprotune.model import save_model
+from reprotune.train import finetune
+
+PROCESSED = Path("data/processed")
+MODEL = Path("models/model.pt")
+
+
+def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) -> None:
+    cfg = load_params(params)
+    train, val = load_split(PROCESSED / "train.pt"), load_split(PROCESSED / "val.pt")
+    with tb.stage_writer("runs/finetune") as writer:
+        result = finetune(cfg, train, val, writer)
+    save_model(MODEL, result.model, cfg.model, train.classes,
+               {"best_epoch": result.metrics["best_epoch"], "val_acc": result.metrics["best_val_acc"]})
+    with atomic_file("metrics/train_history.csv") as tmp:
+        pd.DataFrame(result.history).to_csv(tmp, index=False)
+    write_json("metrics/train.json", result.metrics)
+    print(f"{MODEL}: best val acc {result.metrics['best_val_acc']:.4f} (epoch {result.metrics['best_epoch']})")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: typer.run(main))
