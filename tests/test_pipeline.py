@@ -1,0 +1,151 @@
+"""The whole DAG through `dvc repro`, and what a user checks afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run
+from reprotune.data import load_split, to_float
+from reprotune.model import load_model
+
+OUTPUTS = [
+    "data/raw/cifar-10-python.tar.gz", "metrics/download.json",
+    "data/processed/train.pt", "data/processed/val.pt", "data/processed/test.pt", "metrics/preprocess.json",
+    "models/model.pt", "metrics/train.json", "metrics/train_history.csv",
+    "metrics/evaluate.json", "metrics/confusion.csv",
+    "models/model.onnx", "models/model.torchscript.pt", "models/model_card.json", "metrics/export.json",
+]
+STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
+
+
+def tags(logdir) -> dict:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_every_output_exists_and_nothing_temporary_is_left(pipeline):
+    for path in OUTPUTS:
+        assert (pipeline / path).is_file(), path
+    for stage in STAGES:
+        assert list((pipeline / "runs" / stage).glob("events.out.tfevents.*")), stage
+    leftovers = [p for p in pipeline.rglob(".*.tmp") if ".git" not in p.parts and ".dvc" not in p.parts]
+    assert leftovers == []
+
+
+def test_dvc_sees_the_pipeline_up_to_date(pipeline):
+    status = run(["dvc", "status", "--json"], pipeline).stdout
+    assert json.loads(status) == {}
+    assert "Stage 'download' didn't change" in run(["dvc", "repro"], pipeline).stdout
+
+
+def test_metrics_contract(pipeline):
+    train = json.loads((pipeline / "metrics/train.json").read_text())
+    for key in ("best_val_acc", "final_val_acc", "final_val_loss", "final_train_loss", "epochs",
+                "train_seconds", "images_per_second"):
+        assert isinstance(train[key], (int, float)), key
+    assert train["epochs"] == 2 and 0 <= train["best_val_acc"] <= 1
+    assert train["best_val_acc"] >= train["final_val_acc"]
+
+    evaluate = json.loads((pipeline / "metrics/evaluate.json").read_text())
+    assert 0 <= evaluate["test_acc"] <= 1 and evaluate["test_loss"] > 0 and 0 <= evaluate["macro_f1"] <= 1
+    assert len(evaluate["class_acc"]) == 10
+
+    confusion = pd.read_csv(pipeline / "metrics/confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 200
+    assert (confusion.actual == confusion.predicted).mean() == pytest.approx(evaluate["test_acc"])
+
+    history = pd.read_csv(pipeline / "metrics/train_history.csv")
+    assert list(history.epoch) == [1, 2]
+    assert history.val_acc.max() == pytest.approx(train["best_val_acc"])
+
+    export = json.loads((pipeline / "metrics/export.json").read_text())
+    for fmt in ("onnx", "torchscript"):
+        assert export[fmt]["max_abs_diff"] < 1e-3 and export[fmt]["bytes"] > 1_000_000
+
+
+def test_processed_splits_are_uint8_with_train_statistics(pipeline):
+    train = load_split(pipeline / "data/processed/train.pt")
+    val = load_split(pipeline / "data/processed/val.pt")
+    test = load_split(pipeline / "data/processed/test.pt")
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
+    # 64 images per class, round(0.1 * 64) = 6 of each held out: a stratified split
+    assert (len(train.labels), len(val.labels), len(test.labels)) == (580, 60, 200)
+    assert np.bincount(val.labels.numpy()).tolist() == [6] * 10
+    expected = train.images.double().div(255).mean(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(train.mean, dtype=torch.float64), expected, atol=1e-6)
+    assert val.mean == train.mean and test.std == train.std
+
+
+def test_finetune_logs_read_back_with_tensorboard(pipeline):
+    acc = tags(pipeline / "runs/finetune")
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc"} <= scalars
+    assert [e.step for e in acc.Scalars("val/acc")] == [18, 36]  # 580 images // 32 per step
+    assert any(t.startswith("weights/net.layer4") for t in acc.Tags()["histograms"])
+    assert any(t.startswith("grads/net.fc") for t in acc.Tags()["histograms"])
+    assert "train/augmented_batch" in acc.Tags()["images"]
+    assert acc.Tags()["graph"]
+    assert "_hparams_/session_start_info" in acc.summary_metadata  # the HPARAMS tab's record
+    val_acc = [e.value for e in acc.Scalars("val/acc")]
+    history = pd.read_csv(pipeline / "metrics/train_history.csv")
+    assert val_acc == pytest.approx(list(history.val_acc))
+
+
+def test_every_stage_logs_what_it_did(pipeline):
+    assert {"download/megabytes"} <= set(tags(pipeline / "runs/download").Tags()["scalars"])
+    pre = tags(pipeline / "runs/preprocess").Tags()
+    assert {"train/samples", "val/samples", "test/samples"} <= set(pre["images"])
+    assert "class_counts/text_summary" in pre["tensors"]
+    assert "test/confusion_matrix" in tags(pipeline / "runs/evaluate").Tags()["images"]
+    assert "export/onnx_max_abs_diff" in tags(pipeline / "runs/export").Tags()["scalars"]
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnx_runtime_matches_pytorch_on_test_images(pipeline, batch):
+    model, _ = load_model(pipeline / "models/model.pt")
+    images = to_float(load_split(pipeline / "data/processed/test.pt").images[:batch])
+    session = ort.InferenceSession(str(pipeline / "models/model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"image": images.numpy()})
+    with torch.no_grad():
+        expected = model(images).numpy()
+    assert logits.shape == (batch, 10)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_torchscript_matches_pytorch(pipeline):
+    model, _ = load_model(pipeline / "models/model.pt")
+    images = to_float(load_split(pipeline / "data/processed/test.pt").images[:5])
+    scripted = torch.jit.load(str(pipeline / "models/model.torchscript.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(images), model(images), atol=1e-4, rtol=0)
+
+
+def test_model_card_states_the_input_contract(pipeline):
+    card = json.loads((pipeline / "models/model_card.json").read_text())
+    saved = torch.load(pipeline / "models/model.pt", weights_only=True)
+    assert card["classes"] == saved["classes"]
+    assert card["input"]["layout"] == "NCHW" and card["input"]["value_range"] == [0.0, 1.0]
+    assert card["input"]["mean"] == saved["mean"]
+
+
+def test_experiment_with_another_lr_shows_in_exp_show_and_metrics_diff(pipeline):
+    run(["git", "add", "-A"], pipeline)
+    run(["git", "commit", "-q", "-m", "baseline results"], pipeline)
+    run(["dvc", "exp", "run", "-S", "train.lr=0.2", "-n", "lr-0.2"], pipeline)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
+    experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
+    (ours,) = [e for e in experiments if e.get("name") == "lr-0.2"]
+    (revision,) = ours["revs"]
+    assert revision["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.2
+    assert "best_val_acc" in revision["data"]["metrics"]["metrics/train.json"]["data"]
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], pipeline).stdout)
+    assert "best_val_acc" in diff["metrics/train.json"]
+    assert diff["metrics/train.json"]["best_val_acc"]["old"] is not None
