@@ -167,6 +167,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ReprotuneError(f"{path}: {_describe(exc.errors()[0], raw)}") from None
 
 
+# Names other tools use for our keys, which spelling similarity alone would not suggest.
+_ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "bs": "batch_size",
+            "wd": "weight_decay", "optim": "optimizer", "lr_scheduler": "scheduler",
+            "clip_grad_norm": "grad_clip", "max_grad_norm": "grad_clip", "mixed_precision": "amp",
+            "pretrained": "weights", "img_size": "image_size", "input_size": "image_size"}
+
+
 def _describe(error: dict[str, Any], raw: dict) -> str:
     """One line for the first pydantic error, with a spelling suggestion for unknown keys."""
     loc = [str(part) for part in error["loc"]]
@@ -175,7 +182,9 @@ def _describe(error: dict[str, Any], raw: dict) -> str:
         model: type[BaseModel] = Params
         for part in loc[:-1]:
             model = model.model_fields[part].annotation
-        close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+        fields = list(model.model_fields)
+        alias = _ALIASES.get(loc[-1].lower())
+        close = [alias] if alias in fields else difflib.get_close_matches(loc[-1], fields, n=1)
         hint = f" (did you mean '{'.'.join(loc[:-1] + close)}'?)" if close else ""
         return f"unknown key '{key}'{hint}"
     message = error["msg"].removeprefix("Value error, ")

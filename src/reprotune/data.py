@@ -175,10 +175,19 @@ _NUMPY_GLOBALS = {
 _NUMPY_MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray"}
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """How Python 3 pickles bytes at protocol 2 (`_codecs.encode(text, 'latin1')`), and nothing more."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module in _NUMPY_MODULES and name in _NUMPY_GLOBALS:
             return _NUMPY_GLOBALS[name]
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 

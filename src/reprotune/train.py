@@ -27,6 +27,11 @@ from reprotune.evaluate import loss_and_accuracy, predict
 from reprotune.model import Classifier, apply_strategy, build_model
 
 
+# GradScaler skips the optimizer step whenever fp16 gradients overflow (always at its first,
+# too-high scale); torch then warns that the scheduler stepped "before" the optimizer. Expected.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+
+
 @dataclass
 class FitResult:
     """What a fine-tuning run produced: the best-validation model and its record."""

@@ -1,0 +1,216 @@
+"""Fetching, generating and reading CIFAR-format archives, and on-device augmentation."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run, set_params
+from reprotune import data
+from reprotune.errors import ReprotuneError
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> tuple[Path, str]:
+    """A small synthetic archive in the official layout, and its md5."""
+    path = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
+    info = data.write_synthetic_archive(path, n_train=250, n_test=50, seed=3)
+    return path, info["md5"]
+
+
+@pytest.fixture
+def http_server(archive):
+    """Serve the archive's directory on a loopback port."""
+    handler = functools.partial(_QuietHandler, directory=str(archive[0].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def _stage_dir(tmp_path: Path, **data_params) -> Path:
+    """A directory where stages/download.py can run with the given data params."""
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_params(tmp_path / "params.yaml", {f"data.{k}": v for k, v in data_params.items()})
+    return tmp_path
+
+
+def _download(cwd: Path, check: bool = True):
+    return run(["python", str(REPO / "stages/download.py")], cwd, check=check)
+
+
+def test_synthetic_archive_is_deterministic_and_in_the_official_layout(archive, tmp_path):
+    path, md5 = archive
+    again = data.write_synthetic_archive(tmp_path / "again.tar.gz", n_train=250, n_test=50, seed=3)
+    assert again["md5"] == md5
+    with tarfile.open(path) as tar:
+        names = sorted(tar.getnames())
+    assert names == sorted([f"cifar-10-batches-py/{n}" for n in
+                            [*data.TRAIN_BATCHES, "test_batch", "batches.meta"]])
+    raw = data.read_archive(path)
+    assert raw.train_images.shape == (250, 3, 32, 32) and raw.test_images.shape == (50, 3, 32, 32)
+    assert raw.classes == data.SYNTHETIC_CLASSES
+    assert np.bincount(raw.train_labels).tolist() == [25] * 10
+
+
+def test_download_over_http_verifies_md5(archive, http_server, tmp_path):
+    path, md5 = archive
+    cwd = _stage_dir(tmp_path, url=f"{http_server}/{path.name}", md5=md5)
+    _download(cwd)
+    fetched = cwd / "data/raw/cifar-10-python.tar.gz"
+    assert fetched.read_bytes() == path.read_bytes()
+    info = json.loads((cwd / "metrics/download.json").read_text())
+    assert info["md5"] == md5 and info["bytes"] == path.stat().st_size
+
+
+@pytest.mark.parametrize("style", ["path", "file-url"])
+def test_download_from_a_local_copy(archive, tmp_path, style):
+    path, md5 = archive
+    url = str(path) if style == "path" else path.as_uri()
+    cwd = _stage_dir(tmp_path, url=url, md5=md5)
+    _download(cwd)
+    assert hashlib.md5((cwd / "data/raw/cifar-10-python.tar.gz").read_bytes()).hexdigest() == md5
+
+
+def test_md5_mismatch_is_refused_and_leaves_no_file(archive, http_server, tmp_path):
+    path, _ = archive
+    cwd = _stage_dir(tmp_path, url=f"{http_server}/{path.name}", md5="0" * 32)
+    proc = _download(cwd, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("reprotune: error:")
+    assert "does not match data.md5" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (cwd / "data/raw/cifar-10-python.tar.gz").exists()
+    assert list((cwd / "data/raw").iterdir()) == []  # no temporary left either
+    assert not (cwd / "metrics/download.json").exists()
+
+
+def test_md5_mismatch_keeps_the_previous_archive(archive, tmp_path):
+    path, md5 = archive
+    dest = tmp_path / "cifar.tar.gz"
+    data.fetch_archive(str(path), md5, dest)
+    with pytest.raises(ReprotuneError, match="does not match"):
+        data.fetch_archive(str(path), "f" * 32, dest)
+    assert dest.read_bytes() == path.read_bytes()
+
+
+def test_unreachable_server_says_what_to_do(tmp_path):
+    with pytest.raises(ReprotuneError, match=r"cannot reach http://127\.0\.0\.1:9/x\.tar\.gz .*data\.url.*make demo"):
+        data.fetch_archive("http://127.0.0.1:9/x.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_http_file_is_reported(http_server, tmp_path):
+    with pytest.raises(ReprotuneError, match="HTTP 404"):
+        data.fetch_archive(f"{http_server}/nothing.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
+
+
+def _archive_with(tmp_path: Path, members: dict[str, bytes]) -> Path:
+    path = tmp_path / "bad.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _good_members(n: int = 20) -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    batch = {"labels": list(range(10)) * (n // 10), "data": rng.integers(0, 255, (n, 3072), dtype=np.uint8)}
+    members = {name: pickle.dumps(batch) for name in [*data.TRAIN_BATCHES, "test_batch"]}
+    members["batches.meta"] = pickle.dumps({"label_names": [f"c{i}" for i in range(10)]})
+    return members
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    members = _good_members()
+    members["data_batch_3"] = pickle.dumps({"data": _RunsCode(), "labels": []})
+    with pytest.raises(ReprotuneError, match=r"data_batch_3 is not a CIFAR batch \(refusing to load (posix|os)\.system\)"):
+        data.read_archive(_archive_with(tmp_path, members))
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("test_batch"), "test_batch is missing"),
+    (lambda m: m.update(data_batch_2=pickle.dumps({"labels": [0], "data": np.zeros((1, 100), np.uint8)})),
+     r"'data' must be a uint8 \(N, 3072\) array"),
+    (lambda m: m.update(data_batch_2=pickle.dumps({"labels": [0, 10], "data": np.zeros((2, 3072), np.uint8)})),
+     "labels outside 0..9"),
+    (lambda m: m.update(data_batch_2=pickle.dumps({"labels": [0], "data": np.zeros((2, 3072), np.uint8)})),
+     "1 labels for 2 images"),
+])
+def test_malformed_batches_are_named(tmp_path, change, message):
+    members = _good_members()
+    change(members)
+    with pytest.raises(ReprotuneError, match=message):
+        data.read_archive(_archive_with(tmp_path, members))
+
+
+def test_not_a_gzip_archive(tmp_path):
+    path = tmp_path / "x.tar.gz"
+    path.write_text("hello")
+    with pytest.raises(ReprotuneError, match="not a readable CIFAR-10 tar.gz archive"):
+        data.read_archive(path)
+
+
+def test_reads_protocol_2_pickles_with_bytes_keys(tmp_path):
+    # Python 3 re-packs at protocol 2 pickle bytes through _codecs.encode(text, 'latin1').
+    members = _good_members()
+    batch = {b"labels": [1, 2], b"data": np.zeros((2, 3072), np.uint8), b"batch_label": b"x"}
+    members["data_batch_1"] = pickle.dumps(batch, protocol=2)
+    raw = data.read_archive(_archive_with(tmp_path, members))
+    assert raw.train_labels[:2].tolist() == [1, 2]
+
+
+def test_stratified_split_is_seeded_and_per_class():
+    labels = np.repeat(np.arange(10), 50)
+    train, val = data.stratified_split(labels, 0.2, seed=1)
+    again, _ = data.stratified_split(labels, 0.2, seed=1)
+    other, _ = data.stratified_split(labels, 0.2, seed=2)
+    assert np.bincount(labels[val]).tolist() == [10] * 10
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 500
+
+
+def test_augment_crops_and_flips_on_the_device_without_changing_pixels():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).add(1).to(torch.uint8).view(2, 3, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    out = data.augment(images, padding=0, hflip=False, generator=gen)
+    assert torch.equal(out, images)
+    flips = [data.augment(images, padding=0, hflip=True, generator=gen) for _ in range(20)]
+    assert all(torch.equal(f[i], images[i]) or torch.equal(f[i], images[i].flip(2)) for f in flips for i in range(2))
+    assert any(torch.equal(f[0], images[0].flip(2)) for f in flips)
+    crops = [data.augment(images, padding=2, hflip=False, generator=gen) for _ in range(20)]
+    for crop in crops:
+        assert crop.dtype == torch.uint8 and crop.shape == images.shape
+        # every crop is a shifted window of the zero-padded image
+        padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+        for i in range(2):
+            windows = [padded[i, :, y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
+            assert any(torch.equal(crop[i], w) for w in windows)
+    assert any(not torch.equal(c, images) for c in crops)

@@ -1,0 +1,132 @@
+"""Building the classifier: weights from a file or torchvision's cache, stems, freezing."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from reprotune.config import ModelConfig
+from reprotune.device import amp_dtype, select_device
+from reprotune.errors import ReprotuneError
+from reprotune.model import apply_strategy, build_model, load_model, save_model
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A ResNet18 state dict with a 1000-class head, like torchvision's ImageNet file."""
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def _same_backbone(model, state):
+    return all(torch.equal(model.net.state_dict()[k], v) for k, v in state.items() if not k.startswith("fc."))
+
+
+def test_weights_from_a_state_dict_path(weights_file):
+    model = build_model(ModelConfig(weights=str(weights_file)), 10, MEAN, STD)
+    assert _same_backbone(model, torch.load(weights_file, weights_only=True))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_imagenet_weights_come_through_torchvision_and_torch_home(weights_file, tmp_path, monkeypatch):
+    # Exactly where torchvision looks for IMAGENET1K_V1: $TORCH_HOME/hub/checkpoints/<file name>.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(weights_file.read_bytes())
+    model = build_model(ModelConfig(weights="imagenet"), 10, MEAN, STD)
+    assert _same_backbone(model, torch.load(weights_file, weights_only=True))
+
+
+def test_imagenet_weights_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(ReprotuneError, match=r"cannot get ImageNet weights .* put that file at .*hub/checkpoints/resnet18-"):
+        build_model(ModelConfig(weights="imagenet"), 10, MEAN, STD)
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"conv1.weight": torch.zeros(1, 1, 1, 1)}, path)
+    with pytest.raises(ReprotuneError, match=r"weights do not fit ResNet18: .*conv1.weight"):
+        build_model(ModelConfig(weights=str(path)), 10, MEAN, STD)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ReprotuneError, match="not a state dict"):
+        build_model(ModelConfig(weights=str(path)), 10, MEAN, STD)
+    with pytest.raises(ReprotuneError, match="weights file not found"):
+        build_model(ModelConfig(weights=str(tmp_path / "missing.pt")), 10, MEAN, STD)
+
+
+def test_weights_file_that_runs_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(ReprotuneError, match="not a readable weights file"):
+        build_model(ModelConfig(weights=str(path)), 10, MEAN, STD)
+
+
+def test_cifar_stem_keeps_resolution_and_image_size_resizes():
+    model = build_model(ModelConfig(weights="none", stem="cifar", image_size=48), 10, MEAN, STD)
+    shapes = []
+    model.net.layer1.register_forward_hook(lambda m, i, o: shapes.append(o.shape) and None)
+    model(torch.rand(2, 3, 32, 32))
+    assert shapes == [(2, 64, 48, 48)]  # resized to 48, no stride-2 conv, no max-pool
+
+
+@pytest.mark.parametrize("strategy, trained", [
+    ("full", {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"}),
+    ("partial", {"layer3", "layer4", "fc"}),
+    ("linear", {"fc"}),
+])
+def test_strategies_freeze_layers_and_their_batchnorm(strategy, trained):
+    model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
+    apply_strategy(model, strategy, "layer3")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+    loss = model(torch.rand(8, 3, 32, 32)).logsumexp(1).mean()
+    loss.backward()
+    with_grad = {n.split(".")[1] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trained
+    after = model.state_dict()
+    for key, value in before.items():
+        layer = key.split(".")[1]
+        assert torch.equal(after[key], value) == (layer not in trained), key
+
+
+def test_saved_model_round_trips(tmp_path):
+    model = build_model(ModelConfig(weights="none", dropout=0.2), 3, MEAN, STD).eval()
+    save_model(tmp_path / "m.pt", model, ModelConfig(weights="none", dropout=0.2), ["a", "b", "c"], {"best_epoch": 4})
+    loaded, saved = load_model(tmp_path / "m.pt")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert saved["classes"] == ["a", "b", "c"] and saved["best_epoch"] == 4
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ReprotuneError, match="not a reprotune model"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_device_choice():
+    assert select_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert select_device("auto") == torch.device("cpu")
+        with pytest.raises(ReprotuneError, match="train.device=cuda:1 but this machine has no CUDA device"):
+            select_device("cuda:1")
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    assert amp_dtype("auto", torch.device("cuda")) is torch.float16
+    assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
