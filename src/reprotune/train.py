@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,11 +26,6 @@ from reprotune.device import amp_dtype, select_device
 from reprotune.errors import ReprotuneError
 from reprotune.evaluate import loss_and_accuracy, predict
 from reprotune.model import Classifier, apply_strategy, build_model
-
-
-# GradScaler skips the optimizer step whenever fp16 gradients overflow (always at its first,
-# too-high scale); torch then warns that the scheduler stepped "before" the optimizer. Expected.
-warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
 
 
 @dataclass
@@ -124,7 +120,11 @@ def finetune(params: Params, train: Split, val: Split, writer: SummaryWriter) ->
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         with tqdm(total=min(len(images), steps * cfg.batch_size), unit="img", unit_scale=True,
-                  desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None) as bar:
+                  desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None) as bar, \
+                warnings.catch_warnings():
+            # GradScaler skips the optimizer step when fp16 gradients overflow (always at its first,
+            # too-high scale) and torch then warns the scheduler stepped "first". Expected under AMP.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, scaler, images, labels,
                                                     cfg, autocast, generator, steps, bar)
         seconds = time.perf_counter() - epoch_start
