@@ -149,3 +149,10 @@ def test_experiment_with_another_lr_shows_in_exp_show_and_metrics_diff(pipeline)
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], pipeline).stdout)
     assert "best_val_acc" in diff["metrics/train.json"]
     assert diff["metrics/train.json"]["best_val_acc"]["old"] is not None
+
+
+def test_dvc_plots_renders_curves_and_the_confusion_matrix(pipeline):
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], pipeline).stdout)["data"]
+    assert {"Loss", "Accuracy", "Learning rate", "Confusion matrix"} <= set(shown)
+    confusion = shown["Confusion matrix"][0]["content"]
+    assert len(confusion["data"]["values"]) == 200  # one point per test image
