@@ -2,17 +2,15 @@
 
 from pathlib import Path
 
-import typer
-
 from reprotune import data, tb
+from reprotune.cli import ParamsFile, run_stage
 from reprotune.config import load_params
-from reprotune.errors import run_cli
 from reprotune.io import write_json
 
 ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
 
 
-def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) -> None:
+def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     with tb.stage_writer("runs/download") as writer:
         info = data.download(cfg.data, cfg.seed, ARCHIVE, writer)
@@ -21,4 +19,4 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) 
 
 
 if __name__ == "__main__":
-    run_cli(lambda: typer.run(main))
+    run_stage(main)

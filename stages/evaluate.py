@@ -2,12 +2,10 @@
 
 from pathlib import Path
 
-import typer
-
 from reprotune import tb
+from reprotune.cli import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.data import load_split
-from reprotune.errors import run_cli
 from reprotune.evaluate import evaluate_model
 from reprotune.io import atomic_file, write_json
 from reprotune.model import load_model
@@ -16,7 +14,7 @@ MODEL = Path("models/model.pt")
 TEST = Path("data/processed/test.pt")
 
 
-def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) -> None:
+def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     model, _ = load_model(MODEL)
     with tb.stage_writer("runs/evaluate") as writer:
@@ -28,4 +26,4 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) 
 
 
 if __name__ == "__main__":
-    run_cli(lambda: typer.run(main))
+    run_stage(main)

@@ -3,12 +3,11 @@
 from pathlib import Path
 
 import pandas as pd
-import typer
 
 from reprotune import tb
+from reprotune.cli import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.data import load_split
-from reprotune.errors import run_cli
 from reprotune.io import atomic_file, write_json
 from reprotune.model import save_model
 from reprotune.train import finetune
@@ -17,7 +16,7 @@ PROCESSED = Path("data/processed")
 MODEL = Path("models/model.pt")
 
 
-def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) -> None:
+def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     train, val = load_split(PROCESSED / "train.pt"), load_split(PROCESSED / "val.pt")
     with tb.stage_writer("runs/finetune") as writer:
@@ -31,4 +30,4 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) 
 
 
 if __name__ == "__main__":
-    run_cli(lambda: typer.run(main))
+    run_stage(main)

@@ -3,18 +3,17 @@
 from pathlib import Path
 
 import torch
-import typer
 
 from reprotune import data, tb
+from reprotune.cli import ParamsFile, run_stage
 from reprotune.config import load_params
-from reprotune.errors import run_cli
 from reprotune.io import atomic_dir, write_json
 
 ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
 PROCESSED = Path("data/processed")
 
 
-def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) -> None:
+def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     with tb.stage_writer("runs/preprocess") as writer:
         splits, metrics = data.preprocess(ARCHIVE, cfg.data, cfg.seed, cfg.log.images, writer)
@@ -26,4 +25,4 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Params file.")) 
 
 
 if __name__ == "__main__":
-    run_cli(lambda: typer.run(main))
+    run_stage(main)

@@ -150,7 +150,8 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     members = _good_members()
     members["data_batch_3"] = pickle.dumps({"data": _RunsCode(), "labels": []})
-    with pytest.raises(ReprotuneError, match=r"data_batch_3 is not a CIFAR batch \(refusing to load (posix|os)\.system\)"):
+    refused = r"data_batch_3 is not a CIFAR batch \(refusing to load (posix|os)\.system\)"
+    with pytest.raises(ReprotuneError, match=refused):
         data.read_archive(_archive_with(tmp_path, members))
     assert not (tmp_path / "pwned").exists()
 

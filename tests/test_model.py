@@ -53,7 +53,8 @@ def test_imagenet_weights_offline_gives_a_clear_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(ReprotuneError, match=r"cannot get ImageNet weights .* put that file at .*hub/checkpoints/resnet18-"):
+    expected = r"cannot get ImageNet weights .* put that file at .*hub/checkpoints/resnet18-"
+    with pytest.raises(ReprotuneError, match=expected):
         build_model(ModelConfig(weights="imagenet"), 10, MEAN, STD)
 
 

@@ -99,7 +99,7 @@ def _copy_with_md5(source, out, total: int | None, label: str) -> tuple[str, int
 
 # --------------------------------------------------------------------------- synthetic data
 
-# Ten classes = 5 colours x 2 stripe orientations: colour alone or orientation alone gets 50%,
+# Ten classes = 5 colours x 2 stripe orientations: colour alone or orientation alone gets at most 50%,
 # so a model must learn both, and noise, phase and brightness vary within each class.
 _COLOURS = {"red": (0.85, 0.25, 0.2), "green": (0.25, 0.75, 0.3), "blue": (0.2, 0.35, 0.85),
             "yellow": (0.85, 0.8, 0.25), "purple": (0.6, 0.3, 0.7)}

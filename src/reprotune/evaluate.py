@@ -59,7 +59,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
     return {"test_acc": acc, "test_loss": loss, "macro_f1": float(f1.mean()),
-            "class_acc": {name: float(r) for name, r in zip(classes, recall)}}
+            "class_acc": {name: float(r) for name, r in zip(classes, recall, strict=True)}}
 
 
 def confusion_rows(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> pd.DataFrame:

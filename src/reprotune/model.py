@@ -94,7 +94,7 @@ def load_backbone(net: nn.Module, state: Any, source: str) -> None:
 
 
 def apply_strategy(model: Classifier, strategy: str, unfreeze_from: str) -> None:
-    """Freeze what the strategy does not train: full = nothing, partial = before `unfreeze_from`, linear = all but fc."""
+    """Freeze what `strategy` does not train: full none, partial all before `unfreeze_from`, linear all but fc."""
     first = {"full": 0, "partial": STAGES.index(unfreeze_from), "linear": STAGES.index("fc")}[strategy]
     model.frozen = STAGES[:first]
     for name in STAGES:

@@ -27,6 +27,8 @@ from reprotune.errors import ReprotuneError
 from reprotune.evaluate import loss_and_accuracy, predict
 from reprotune.model import Classifier, apply_strategy, build_model
 
+BAR_LOSS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
+
 
 @dataclass
 class FitResult:
@@ -90,6 +92,8 @@ def train_one_epoch(model: Classifier, optimizer: torch.optim.Optimizer,
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
         bar.update(len(idx))
+        if not bar.disable and (step + 1) % BAR_LOSS_EVERY == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)  # note: a sync point
     # note: .item() is the epoch's one CPU-GPU sync point
     return loss_sum.item() / seen, correct.item() / seen
 
@@ -108,6 +112,7 @@ def finetune(params: Params, train: Split, val: Split, writer: SummaryWriter) ->
     # Full batches only: a trailing batch of one image would break BatchNorm, and every
     # image is still seen across epochs because each epoch reshuffles.
     steps = max(1, len(images) // cfg.batch_size)
+    per_epoch = min(len(images), steps * cfg.batch_size)  # images trained on each epoch
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
@@ -119,7 +124,7 @@ def finetune(params: Params, train: Split, val: Split, writer: SummaryWriter) ->
     train_seconds = 0.0
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
-        with tqdm(total=min(len(images), steps * cfg.batch_size), unit="img", unit_scale=True,
+        with tqdm(total=per_epoch, unit="img", unit_scale=True,
                   desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None) as bar, \
                 warnings.catch_warnings():
             # GradScaler skips the optimizer step when fp16 gradients overflow (always at its first,
@@ -135,12 +140,12 @@ def finetune(params: Params, train: Split, val: Split, writer: SummaryWriter) ->
         val_loss, val_acc = loss_and_accuracy(predict(model, val_images, cfg.batch_size, autocast), val_labels)
         row = {"epoch": epoch, "step": epoch * steps, "lr": scheduler.get_last_lr()[0],
                "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
-               "seconds": seconds, "images_per_second": steps * cfg.batch_size / seconds}
+               "seconds": seconds, "images_per_second": per_epoch / seconds}
         history.append(row)
         _log_epoch(writer, model, row, params.log.histograms)
         tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                    f"val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_second']:.0f} img/s")
-        if val_acc > best_acc:
+        if best_state is None or val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -149,7 +154,7 @@ def finetune(params: Params, train: Split, val: Split, writer: SummaryWriter) ->
                "final_val_loss": last["val_loss"], "final_train_loss": last["train_loss"],
                "final_train_acc": last["train_acc"], "epochs": cfg.epochs,
                "train_seconds": time.perf_counter() - started,
-               "images_per_second": cfg.epochs * steps * cfg.batch_size / train_seconds}
+               "images_per_second": cfg.epochs * per_epoch / train_seconds}
     if params.log.graph:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and shape notices
