@@ -11,7 +11,7 @@ import torchvision
 from reprotune.config import ModelConfig
 from reprotune.device import amp_dtype, select_device
 from reprotune.errors import ReprotuneError
-from reprotune.model import apply_strategy, build_model, load_model, save_model
+from reprotune.model import apply_strategy, build_model, frozen_stages, load_model, save_model
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
@@ -96,7 +96,7 @@ def test_cifar_stem_keeps_resolution_and_image_size_resizes():
 ])
 def test_strategies_freeze_layers_and_their_batchnorm(strategy, trained):
     model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
-    apply_strategy(model, strategy, "layer3")
+    apply_strategy(model, frozen_stages(strategy, "layer3"))
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
     loss = model(torch.rand(8, 3, 32, 32)).logsumexp(1).mean()

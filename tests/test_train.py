@@ -1,4 +1,4 @@
-"""The training loop on tiny in-memory data: schedules, determinism, best-epoch selection."""
+"""The training engine on tiny in-memory data: optimizers, schedules, clipping, EMA, early stopping."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from tensorboardX import SummaryWriter
 
-from reprotune import data
-from reprotune.config import Params, TrainConfig
+from reprotune import data, train
+from reprotune.checkpoint import Checkpoints
+from reprotune.config import ModelConfig, Params, TrainConfig
 from reprotune.errors import ReprotuneError
-from reprotune.train import finetune, lr_factor
+from reprotune.model import build_model, frozen_stages
+from reprotune.optim import make_optimizer, make_scheduler, param_groups
+from reprotune.train import clip_gradients, finetune
+
+MEAN, STD = [0.5] * 3, [0.25] * 3
 
 
 @pytest.fixture(scope="module")
@@ -24,57 +28,197 @@ def splits():
     return data.make_splits(raw, 0.2, seed=0)
 
 
-def _params(**train) -> Params:
-    return Params.model_validate({"model": {"weights": "none"}, "log": {"graph": False, "images": 4},
-                                  "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, **train}})
+def _params(model=None, **train_cfg) -> Params:
+    return Params.model_validate({"model": {"weights": "none", **(model or {})},
+                                  "log": {"graph": False, "images": 4, "histograms": False},
+                                  "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, **train_cfg}})
 
 
-def test_cosine_and_step_schedules_follow_their_formulas():
-    cosine = TrainConfig(epochs=4, scheduler="cosine")
-    assert lr_factor(0, cosine, 10) == 1.0
-    assert lr_factor(20, cosine, 10) == pytest.approx(0.5)
-    assert lr_factor(40, cosine, 10) == pytest.approx(0.0)
-    assert lr_factor(13, cosine, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 13 / 40)))
-    step = TrainConfig(epochs=9, scheduler="step", step_epochs=3, step_gamma=0.1)
-    assert [lr_factor(e * 10, step, 10) for e in (0, 2, 3, 6)] == pytest.approx([1, 1, 0.1, 0.01])
-    assert lr_factor(55, TrainConfig(scheduler="none"), 10) == 1.0
+def _fit(params, splits, tmp_path, name="run"):
+    return finetune(params, splits["train"], splits["val"], Checkpoints(tmp_path / name, name))
+
+
+def _lrs(cfg: TrainConfig, steps_per_epoch: int = 10) -> tuple[list[float], list[float]]:
+    """Head and backbone LR in effect at each optimizer step of a whole run."""
+    model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    head, backbone = [], []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        head.append(lrs["head/decay"])
+        backbone.append(lrs["backbone/decay"])
+        optimizer.step()
+        scheduler.step()
+    return head, backbone
+
+
+def test_cosine_schedule_with_warmup_follows_the_formula():
+    cfg = TrainConfig(epochs=4, lr=0.1, scheduler="cosine", warmup_epochs=1, backbone_lr_mult=0.1)
+    head, backbone = _lrs(cfg)
+    warm, total = 10, 40
+    expected = [0.1 * (0.01 + 0.99 * k / warm) for k in range(warm)]
+    expected += [0.1 * 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm))) for k in range(warm, total)]
+    assert head == pytest.approx(expected, abs=1e-12)
+    assert backbone == pytest.approx([lr * 0.1 for lr in expected], abs=1e-12)
+
+
+def test_step_schedule_follows_the_formula():
+    head, _ = _lrs(TrainConfig(epochs=7, lr=0.1, scheduler="step", step_epochs=3, step_gamma=0.5))
+    assert head == pytest.approx([0.1 * 0.5 ** (k // 30) for k in range(70)])
+
+
+def test_onecycle_schedule_follows_the_formula():
+    head, _ = _lrs(TrainConfig(epochs=5, lr=0.1, scheduler="onecycle"))
+    total, peak = 50, 0.3 * 50 - 1
+    start, end = 0.1 / 25, 0.1 / 25 / 1e4
+
+    def cos_anneal(a, b, pct):
+        return b + (a - b) / 2 * (1 + math.cos(math.pi * pct))
+
+    expected = [cos_anneal(start, 0.1, k / peak) if k <= peak else cos_anneal(0.1, end, (k - peak) / (total - 1 - peak))
+                for k in range(total)]
+    assert head == pytest.approx(expected)
+    assert max(head) == pytest.approx(0.1) and head[-1] == pytest.approx(end)
+
+
+def test_constant_schedule():
+    assert set(_lrs(TrainConfig(epochs=2, lr=0.1, scheduler="none"))[0]) == {0.1}
+
+
+def test_param_groups_spare_norm_and_bias_from_weight_decay():
+    model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(weight_decay=0.01, backbone_lr_mult=0.5))}
+    assert set(groups) == {"backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay"}
+    assert all(p.ndim > 1 for p in groups["backbone/decay"]["params"])
+    assert all(p.ndim == 1 for p in groups["backbone/no_decay"]["params"])
+    assert groups["backbone/no_decay"]["weight_decay"] == 0 and groups["head/decay"]["weight_decay"] == 0.01
+    assert groups["backbone/decay"]["lr"] == 0.005 and groups["head/decay"]["lr"] == 0.01
+    everything = param_groups(model, TrainConfig(weight_decay=0.01, decay_norm_and_bias=True))
+    assert {g["name"] for g in everything} == {"backbone/decay", "head/decay"}
+    assert sum(len(g["params"]) for g in everything) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer, settings", [
+    ("sgd", {"momentum": 0.9, "nesterov": True}), ("adam", {"betas": (0.8, 0.99)}),
+    ("adamw", {"betas": (0.9, 0.95)}), ("rmsprop", {"momentum": 0.5}),
+])
+def test_optimizers_get_their_own_settings(optimizer, settings):
+    model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
+    built = make_optimizer(model, TrainConfig(optimizer=optimizer, **settings))
+    for key, value in settings.items():
+        assert all(tuple(g[key]) == value if key == "betas" else g[key] == value for g in built.param_groups)
+
+
+def test_gradual_unfreezing_thaws_deepest_stages_first():
+    assert frozen_stages("linear", "layer3", 2, 1) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    assert frozen_stages("linear", "layer3", 2, 2) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    assert frozen_stages("linear", "layer3", 2, 3) == ["conv1", "bn1", "layer1", "layer2", "layer3"]
+    assert frozen_stages("partial", "layer3", 1, 3) == ["conv1", "bn1"]
+    assert frozen_stages("partial", "layer3", 1, 9) == []
+    assert frozen_stages("partial", "layer3", 0, 9) == ["conv1", "bn1", "layer1", "layer2"]
+
+
+def _scaled_step(model, scaler, loss_scale_input):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = (model(torch.full((4, 8), loss_scale_input)) ** 2).sum()
+    scaler.scale(loss).backward()
+
+
+@pytest.mark.parametrize("mode", ["norm", "value"])
+def test_clipping_under_fp16_autocast_acts_on_unscaled_gradients(mode):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # Reference: the same gradients in fp32 without a scaler.
+    _scaled_step(model, torch.amp.GradScaler("cpu", enabled=False), 1.0)
+    reference = [p.grad.clone() for p in model.parameters()]
+    reference_norm = torch.nn.utils.get_total_norm(reference)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    _scaled_step(model, scaler, 1.0)
+    assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) > 100 * reference_norm  # scaled
+    scaler.unscale_(optimizer)
+    cfg = TrainConfig(grad_clip=1.0, grad_clip_mode=mode)
+    norm, fired = clip_gradients(list(model.parameters()), cfg)
+    assert norm.item() == pytest.approx(reference_norm.item(), rel=1e-2)  # the norm before clipping
+    assert fired.item()
+    grads = [p.grad for p in model.parameters()]
+    if mode == "norm":
+        assert torch.nn.utils.get_total_norm(grads).item() == pytest.approx(1.0, rel=1e-3)
+        for got, ref in zip(grads, reference, strict=True):  # same direction as the fp32 gradient
+            torch.testing.assert_close(got, ref / reference_norm, rtol=2e-2, atol=1e-3)
+    else:
+        assert max(g.abs().max().item() for g in grads) <= 1.0
 
 
 def test_training_is_seeded_learns_and_keeps_the_best_epoch(splits, tmp_path):
-    results = []
-    for run in range(2):
-        with SummaryWriter(str(tmp_path / str(run))) as writer:
-            results.append(finetune(_params(), splits["train"], splits["val"], writer))
-    first, second = results
+    first, second = (_fit(_params(deterministic=True, epochs=3), splits, tmp_path, name) for name in ("a", "b"))
     for key, value in first.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[key]), key
-    assert first.history == [{**row, "seconds": first.history[i]["seconds"],
-                              "images_per_second": first.history[i]["images_per_second"]}
-                             for i, row in enumerate(second.history)]
+    timing = ("seconds", "images_per_second", "achieved_tflops")
+    assert [{k: v for k, v in row.items() if k not in timing} for row in first.history] == \
+           [{k: v for k, v in row.items() if k not in timing} for row in second.history]
     assert first.metrics["best_val_acc"] == max(row["val_acc"] for row in first.history)
     assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
     assert first.metrics["best_val_acc"] > 0.2  # 10 classes: chance is 0.1
+    assert first.metrics["flops_per_image"] > 1e8  # ResNet18 at 32 px: ~0.11 GFLOPs forward + backward
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
 def test_every_optimizer_trains(splits, tmp_path, optimizer):
     lr = 0.05 if optimizer == "sgd" else 1e-3
-    with SummaryWriter(str(tmp_path)) as writer:
-        result = finetune(_params(optimizer=optimizer, lr=lr, epochs=1), splits["train"], splits["val"], writer)
+    result = _fit(_params(optimizer=optimizer, lr=lr, epochs=1, channels_last=optimizer == "adamw"), splits, tmp_path)
     assert math.isfinite(result.metrics["final_train_loss"])
 
 
-def test_fp16_autocast_with_grad_scaler_and_clipping_on_cpu(splits, tmp_path, recwarn):
+def test_fp16_autocast_with_grad_scaler_on_cpu(splits, tmp_path, recwarn):
     # fp16 autocast is slow on CPU: a few steps on a slice are enough to exercise the scaler.
-    small = {name: data.Split(s.images[:48], s.labels[:48], s.classes, s.mean, s.std)
-             for name, s in splits.items()}
-    with SummaryWriter(str(tmp_path)) as writer:
-        result = finetune(_params(amp="fp16", grad_clip=0.5, epochs=1, batch_size=16),
-                          small["train"], small["val"], writer)
+    small = {name: data.Split(s.images[:48], s.labels[:48], s.classes, s.mean, s.std) for name, s in splits.items()}
+    result = _fit(_params(amp="fp16", grad_clip=0.5, epochs=1, batch_size=16), small, tmp_path)
     assert math.isfinite(result.metrics["final_train_loss"])
+    assert result.history[0]["loss_scale"] < 65536.0  # the scaler backed off at least once
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
 
 
-def test_a_diverging_run_stops_with_a_clear_error(splits, tmp_path):
-    with SummaryWriter(str(tmp_path)) as writer, pytest.raises(ReprotuneError, match="training loss became nan"):
-        finetune(_params(lr=1e12, grad_clip=0, epochs=1), splits["train"], splits["val"], writer)
+def test_ema_weights_are_the_ones_validated_and_saved(splits, tmp_path):
+    torch.manual_seed(0)
+    initial = build_model(ModelConfig(weights="none"), 10, splits["train"].mean, splits["train"].std).state_dict()
+    plain = _fit(_params(epochs=1), splits, tmp_path, "plain")
+    ema = _fit(_params(epochs=1, ema_decay=0.999), splits, tmp_path, "ema")
+
+    def distance(state):
+        return sum((state[k].float() - initial[k].float()).norm().item() for k in initial if "weight" in k)
+
+    # The average starts from the weights after step 1; 9 more steps at 0.999 barely move it, while
+    # the raw weights keep moving. Saving the raw weights would give a ratio of 1.
+    assert distance(ema.model.state_dict()) < 0.3 * distance(plain.model.state_dict())
+    assert ema.metrics["best_val_acc"] != plain.metrics["best_val_acc"] or \
+        ema.metrics["best_val_loss"] != plain.metrics["best_val_loss"]
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(splits, tmp_path):
+    # An lr so small that only BatchNorm statistics move: val accuracy soon stops improving.
+    result = _fit(_params(epochs=8, lr=1e-12, early_stop_patience=2, early_stop_metric="val_acc"), splits, tmp_path)
+    best = result.metrics["best_epoch"]
+    assert result.metrics["stopped_early"] is True
+    assert result.metrics["epochs"] == best + 2 == len(result.history)
+    accs = [row["val_acc"] for row in result.history]
+    assert accs[best - 1] == max(accs) and max(accs[best:]) <= accs[best - 1]
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_checkpoint(splits, tmp_path, monkeypatch):
+    real = train.train_one_epoch
+    calls = []
+
+    def diverge_in_epoch_2(*args, **kwargs):
+        row = real(*args, **kwargs)
+        calls.append(1)
+        return {**row, "train_loss": float("nan")} if len(calls) == 2 else row
+
+    monkeypatch.setattr(train, "train_one_epoch", diverge_in_epoch_2)
+    with pytest.raises(ReprotuneError, match=r"training loss became nan in epoch 2.*checkpoint of epoch 1 is kept"):
+        _fit(_params(epochs=3), splits, tmp_path, "nan")
+    saved = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1

@@ -58,41 +58,71 @@ class ModelConfig(Section):
     """Side in pixels the images are resized to on the device before the network."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout probability before the new classification head."""
+    head_init: Literal["xavier", "kaiming"] = "xavier"
+    """New head's weights: Xavier/Glorot uniform or He/Kaiming normal (fan-in); bias zero either way."""
 
 
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
-    """Passes over the training split."""
+    """Passes over the training split (fewer if early stopping fires)."""
     batch_size: int = Field(128, ge=1)
     """Images per optimizer step."""
     lr: float = Field(0.01, gt=0)
-    """Peak learning rate (per batch of `batch_size`)."""
+    """Peak learning rate of the head (per batch of `batch_size`)."""
+    backbone_lr_mult: float = Field(1.0, gt=0, le=1)
+    """The pretrained backbone's learning rate as a fraction of `lr` (e.g. 0.1)."""
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
-    """Optimizer; `momentum` applies to sgd and rmsprop."""
+    """Optimizer; `momentum` applies to sgd and rmsprop, `nesterov` to sgd, `betas` to adam/adamw."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """Momentum for sgd and rmsprop."""
+    nesterov: bool = False
+    """Nesterov momentum (sgd)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW moment decay rates."""
     weight_decay: float = Field(5e-4, ge=0)
     """L2 penalty (decoupled for adamw)."""
-    scheduler: Literal["cosine", "step", "none"] = "cosine"
-    """LR schedule over all steps: cosine to zero, or step decay by `step_gamma` every `step_epochs`."""
+    decay_norm_and_bias: bool = False
+    """Also apply weight decay to BatchNorm weights and biases (usually hurts)."""
+    scheduler: Literal["cosine", "step", "onecycle", "none"] = "cosine"
+    """LR schedule after warmup: cosine to 0, step decay, one-cycle, or constant."""
+    warmup_epochs: float = Field(0.0, ge=0)
+    """Linear warmup from 0 to `lr` over this many epochs (fractions allowed); not with onecycle."""
     step_epochs: int = Field(3, ge=1)
-    """Epochs between decays for the step scheduler."""
+    """Step scheduler: epochs between decays."""
     step_gamma: float = Field(0.1, gt=0, le=1)
-    """Decay factor for the step scheduler."""
+    """Step scheduler: LR multiplier at each decay."""
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
     """Mixed precision: auto = fp16 with a GradScaler on CUDA, off on CPU."""
     grad_clip: float = Field(1.0, ge=0)
-    """Clip the global gradient norm to this value (0 = off); unscaled first under fp16."""
+    """Gradient clipping threshold (0 = off); gradients are unscaled first under fp16."""
+    grad_clip_mode: Literal["norm", "value"] = "norm"
+    """Clip the global L2 norm to `grad_clip`, or each gradient element to +-`grad_clip`."""
     strategy: Literal["full", "partial", "linear"] = "full"
     """Which parameters train: all, from `unfreeze_from` on (plus head), or the head only."""
     unfreeze_from: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"
     """First ResNet stage that trains under the partial strategy."""
+    unfreeze_after: int = Field(0, ge=0)
+    """Gradual unfreezing: after this many epochs, unfreeze one more frozen stage per epoch,
+    deepest first (0 = never)."""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     """Cross-entropy label smoothing."""
     random_crop: int = Field(4, ge=0, le=16)
     """Random-crop padding in pixels (0 = no crop augmentation)."""
     hflip: bool = True
     """Random horizontal flips."""
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    """Exponential moving average of the weights per step (e.g. 0.999; 0 = off). When on, the EMA
+    weights are validated and saved."""
+    early_stop_patience: int = Field(0, ge=0)
+    """Stop after this many epochs without improvement of `early_stop_metric` (0 = off)."""
+    early_stop_metric: Literal["val_acc", "val_loss"] = "val_acc"
+    """What picks the saved (best) epoch and drives early stopping."""
+    channels_last: bool = False
+    """NHWC memory format (faster convolutions on tensor-core GPUs)."""
+    compile: bool = False
+    """torch.compile the model (slow to start; pays off on long GPU runs)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bitwise-repeatable runs, sometimes slower."""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`."""
 
@@ -144,6 +174,12 @@ class Params(Section):
         if frozen and self.model.weights == "none":
             raise ValueError(f"train.strategy={self.train.strategy} freezes layers, but "
                              "model.weights=none leaves them random: use strategy full or real weights")
+        if self.train.warmup_epochs and self.train.scheduler == "onecycle":
+            raise ValueError("train.warmup_epochs does not apply to train.scheduler=onecycle, "
+                             "which warms up by itself: set warmup_epochs to 0")
+        if self.train.warmup_epochs >= self.train.epochs:
+            raise ValueError(f"train.warmup_epochs={self.train.warmup_epochs} must be less than "
+                             f"train.epochs={self.train.epochs}")
         if frozen and self.model.stem == "cifar":
             raise ValueError(f"model.stem=cifar replaces the first conv with an untrained one, which "
                              f"train.strategy={self.train.strategy} would freeze: use strategy full")

@@ -58,8 +58,19 @@ def build_model(cfg: ModelConfig, num_classes: int, mean: list[float], std: list
         # 32x32 inputs lose most of their pixels to a 7x7/2 conv + max-pool; keep full resolution.
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-    net.fc = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(net.fc.in_features, num_classes))
+    net.fc = nn.Sequential(nn.Dropout(cfg.dropout), new_head(net.fc.in_features, num_classes, cfg.head_init))
     return Classifier(net, mean, std, cfg.image_size)
+
+
+def new_head(features: int, num_classes: int, init: str) -> nn.Linear:
+    """The classification head, initialized on purpose: Xavier uniform or He normal, zero bias."""
+    head = nn.Linear(features, num_classes)
+    if init == "xavier":
+        nn.init.xavier_uniform_(head.weight)
+    else:  # the features come out of ReLU + average pooling: He's fan-in rule for ReLU inputs
+        nn.init.kaiming_normal_(head.weight, mode="fan_in", nonlinearity="relu")
+    nn.init.zeros_(head.bias)
+    return head
 
 
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
@@ -93,10 +104,17 @@ def load_backbone(net: nn.Module, state: Any, source: str) -> None:
                              f"{'missing' if missing else 'unexpected'} keys {keys}")
 
 
-def apply_strategy(model: Classifier, strategy: str, unfreeze_from: str) -> None:
-    """Freeze what `strategy` does not train: full none, partial all before `unfreeze_from`, linear all but fc."""
+def frozen_stages(strategy: str, unfreeze_from: str, unfreeze_after: int = 0, epoch: int = 1) -> list[str]:
+    """ResNet stages frozen in (1-based) `epoch`: full none, partial all before `unfreeze_from`,
+    linear all but fc; with `unfreeze_after` N > 0, epoch N + k has its k deepest ones thawed."""
     first = {"full": 0, "partial": STAGES.index(unfreeze_from), "linear": STAGES.index("fc")}[strategy]
-    model.frozen = STAGES[:first]
+    thawed = max(0, epoch - unfreeze_after) if unfreeze_after else 0
+    return STAGES[:max(0, first - thawed)]
+
+
+def apply_strategy(model: Classifier, frozen: list[str]) -> None:
+    """Freeze exactly the `frozen` stages (parameters and BatchNorm statistics), train the rest."""
+    model.frozen = list(frozen)
     for name in STAGES:
         getattr(model.net, name).requires_grad_(name not in model.frozen)
     model.train(model.training)

@@ -7,6 +7,7 @@ the old run only when the stage succeeds, so a failed stage never leaves half a 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,28 @@ def stage_writer(logdir: str | Path) -> Iterator[SummaryWriter]:
     """A SummaryWriter whose run replaces `logdir` once the block succeeds."""
     with atomic_dir(logdir) as tmp, SummaryWriter(str(tmp)) as writer:
         yield writer
+
+
+def open_writer(logdir: str | Path, purge_step: int | None = None) -> SummaryWriter:
+    """A writer for a live run. `purge_step` (on resume) makes TensorBoard drop the killed
+    session's events at that step or later, so steps never appear twice."""
+    return SummaryWriter(str(logdir), purge_step=purge_step)
+
+
+def publish(logdir: str | Path, dest: str | Path) -> None:
+    """Copy a finished live run into `dest` (a stage output), replacing it atomically."""
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(logdir, tmp, dirs_exist_ok=True)
+
+
+def log_layout(writer: SummaryWriter) -> None:
+    """Custom-scalars layout: train and val on one chart each for loss and accuracy."""
+    writer.add_custom_scalars({
+        "train vs val": {"loss": ["Multiline", ["train/loss", "val/loss"]],
+                         "accuracy": ["Multiline", ["train/acc", "val/acc"]]},
+        "optimization": {"learning rate": ["Multiline", ["train/lr", "train/lr_backbone"]],
+                         "gradient norm": ["Multiline", ["train/grad_norm"]]},
+    })
 
 
 def image_grid(images: torch.Tensor, count: int) -> torch.Tensor:
@@ -86,3 +109,20 @@ def log_confusion(writer: SummaryWriter, tag: str, matrix: np.ndarray, classes: 
                 color="white" if count > threshold else "black")
     fig.tight_layout()
     writer.add_figure(tag, fig, 0)  # closes the figure
+
+
+def log_predictions(writer: SummaryWriter, tag: str, images: torch.Tensor, labels: torch.Tensor,
+                    predicted: torch.Tensor, classes: list[str], step: int) -> None:
+    """A grid of images titled `predicted (actual)`, green when right and red when wrong."""
+    count = len(images)
+    cols = min(8, count)
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, actual, guess in zip(axes.flat, images.cpu(), labels.tolist(), predicted.tolist(), strict=False):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(f"{classes[guess]}\n({classes[actual]})", fontsize=6,
+                     color="green" if guess == actual else "red")
+    fig.tight_layout()
+    writer.add_figure(tag, fig, step)

@@ -1,13 +1,15 @@
 """Fine-tuning: a plain loop over epochs and batches, with the whole dataset resident on the device.
 
 Images stay uint8 on the device and are shuffled, cropped and flipped there in batches, so no
-DataLoader workers, per-sample transforms or host-to-device copies sit in the loop. Loss and
-accuracy accumulate as device tensors and are read once per epoch (one sync point per epoch).
+DataLoader workers, per-sample transforms or host-to-device copies sit in the loop. Loss, accuracy
+and gradient statistics accumulate as device tensors and are read once per epoch (one sync point
+per epoch). Every epoch ends in a checkpoint, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 import time
@@ -17,95 +19,116 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from tensorboardX import SummaryWriter
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from reprotune import tb
+from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, TrainConfig
 from reprotune.data import Split, augment, to_float
 from reprotune.device import amp_dtype, select_device
 from reprotune.errors import ReprotuneError
 from reprotune.evaluate import loss_and_accuracy, predict
-from reprotune.model import Classifier, apply_strategy, build_model
+from reprotune.model import Classifier, apply_strategy, build_model, frozen_stages
+from reprotune.optim import make_optimizer, make_scheduler
 
 BAR_LOSS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
+PREDICTION_IMAGES = 16  # validation images shown with their predictions each epoch
 
 
 @dataclass
 class FitResult:
-    """What a fine-tuning run produced: the best-validation model and its record."""
+    """What a fine-tuning run produced: the best epoch's model and the run's record."""
 
-    model: Classifier  # weights of the best validation epoch, on CPU, eval mode
+    model: Classifier  # weights of the best epoch (EMA weights when EMA is on), CPU, eval mode
     metrics: dict  # metrics/train.json
     history: list[dict] = field(default_factory=list)  # one row per epoch
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer over trainable parameters only (frozen ones get no state, no decay)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip (unscaled) gradients by norm or value; return (norm before clipping, whether it clipped)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if cfg.grad_clip == 0:
+        return norm, torch.zeros((), dtype=torch.bool, device=norm.device)
+    if cfg.grad_clip_mode == "norm":
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
+        return norm, norm > cfg.grad_clip
+    fired = torch.stack([g.abs().amax() for g in grads]).amax() > cfg.grad_clip
+    torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+    return norm, fired
 
 
-def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
-    """Multiplier on `train.lr` after `step` optimizer steps (the scheduler's formula)."""
-    if cfg.scheduler == "cosine":  # half a cosine from lr down to 0 over the whole run
-        return 0.5 * (1 + math.cos(math.pi * min(step, cfg.epochs * steps_per_epoch)
-                                   / (cfg.epochs * steps_per_epoch)))
-    if cfg.scheduler == "step":  # multiply by step_gamma every step_epochs epochs
-        return cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
-    return 1.0
-
-
-def train_one_epoch(model: Classifier, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-                    autocast: torch.dtype | None, generator: torch.Generator, steps: int,
-                    bar: tqdm) -> tuple[float, float]:
-    """One pass of `steps` full batches over a fresh shuffle; returns (mean loss, accuracy)."""
+                    ema: AveragedModel | None, images: torch.Tensor, labels: torch.Tensor,
+                    cfg: TrainConfig, autocast: torch.dtype | None, generator: torch.Generator,
+                    steps: int, bar: tqdm) -> dict[str, float]:
+    """One pass of `steps` full batches over a fresh shuffle; returns the epoch's averages."""
     model.train()
     device = images.device
+    params = [p for p in model.parameters() if p.requires_grad]
     order = torch.randperm(len(images), device=device, generator=generator)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    # Device-side accumulators: summed every step, read once at the end of the epoch.
+    loss_sum, correct, norm_sum, finite_norms, clipped = torch.zeros(5, device=device).unbind()
     seen = 0
     for step in range(steps):
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         x = to_float(augment(images[idx], cfg.random_crop, cfg.hflip, generator))
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)  # clip and measure the true gradients, not fp16-scaled ones
+        norm, fired = clip_gradients(params, cfg)
+        scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        finite = torch.isfinite(norm)
+        norm_sum += torch.where(finite, norm, 0.0)
+        finite_norms += finite
+        clipped += fired
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
         bar.update(len(idx))
         if not bar.disable and (step + 1) % BAR_LOSS_EVERY == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)  # note: a sync point
-    # note: .item() is the epoch's one CPU-GPU sync point
-    return loss_sum.item() / seen, correct.item() / seen
+    # note: the .item() calls below are the epoch's one CPU-GPU sync point
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "grad_norm": norm_sum.item() / max(1.0, finite_norms.item()), "clip_fraction": clipped.item() / steps,
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
 
 
-def finetune(params: Params, train: Split, val: Split, writer: SummaryWriter) -> FitResult:
-    """Fine-tune per `params` on `train`, validate each epoch on `val`, keep the best epoch."""
+def training_flops_per_image(model: Classifier, image_size: int, device: torch.device) -> float:
+    """FLOPs of one forward + backward pass per image, counted by torch on a copy of the model."""
+    probe = copy.deepcopy(model).eval()  # eval: counting must not touch BatchNorm statistics
+    x = torch.rand(2, 3, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        probe(x).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints) -> FitResult:
+    """Fine-tune per `params` on `train`, validate each epoch on `val`, resume if interrupted."""
     cfg = params.train
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
     device = select_device(cfg.device)
     autocast = amp_dtype(cfg.amp, device)
-    torch.manual_seed(params.seed)  # the new head's initial weights
+    torch.manual_seed(params.seed)  # the new head's initial weights, and dropout
     model = build_model(params.model, len(train.classes), train.mean, train.std).to(device)
-    apply_strategy(model, cfg.strategy, cfg.unfreeze_from)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    apply_strategy(model, frozen_stages(cfg.strategy, cfg.unfreeze_from, cfg.unfreeze_after, 1))
+    flops_per_image = training_flops_per_image(model, train.images.shape[-1], device)
 
     images, labels = train.images.to(device), train.labels.to(device)
     val_images, val_labels = val.images.to(device), val.labels
@@ -114,65 +137,128 @@ def finetune(params: Params, train: Split, val: Split, writer: SummaryWriter) ->
     steps = max(1, len(images) // cfg.batch_size)
     per_epoch = min(len(images), steps * cfg.batch_size)  # images trained on each epoch
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
+    scheduler = make_scheduler(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay else None
     generator = torch.Generator(device).manual_seed(params.seed)
-    _log_setup(writer, params, model, train, device, autocast)
+    run = {"epoch": 0, "history": [], "best": None, "stale_epochs": 0, "train_seconds": 0.0}
 
-    history, best_acc, best_state = [], -1.0, None
-    started = time.perf_counter()
-    train_seconds = 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        epoch_start = time.perf_counter()
-        with tqdm(total=per_epoch, unit="img", unit_scale=True,
-                  desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None) as bar, \
-                warnings.catch_warnings():
-            # GradScaler skips the optimizer step when fp16 gradients overflow (always at its first,
-            # too-high scale) and torch then warns the scheduler stepped "first". Expected under AMP.
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, scaler, images, labels,
-                                                    cfg, autocast, generator, steps, bar)
-        seconds = time.perf_counter() - epoch_start
-        train_seconds += seconds
-        if not math.isfinite(train_loss):
-            raise ReprotuneError(f"training loss became {train_loss} in epoch {epoch}: lower train.lr "
-                                 "or set train.grad_clip")
-        val_loss, val_acc = loss_and_accuracy(predict(model, val_images, cfg.batch_size, autocast), val_labels)
-        row = {"epoch": epoch, "step": epoch * steps, "lr": scheduler.get_last_lr()[0],
-               "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
-               "seconds": seconds, "images_per_second": per_epoch / seconds}
-        history.append(row)
-        _log_epoch(writer, model, row, params.log.histograms)
-        tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                   f"val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_second']:.0f} img/s")
-        if best_state is None or val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = checkpoints.resume()
+    if state is not None:
+        run = _restore(state, model, optimizer, scheduler, scaler, ema, generator)
+        tqdm.write(f"resuming after epoch {run['epoch']} from {checkpoints.directory}")
+    writer = tb.open_writer(checkpoints.logdir, purge_step=run["epoch"] * steps + 1 if state else None)
+    if state is None:
+        _log_setup(writer, params, model, train, device, autocast, flops_per_image)
+    train_model = torch.compile(model) if cfg.compile else model
 
-    last = history[-1]
-    metrics = {"best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": last["val_acc"],
-               "final_val_loss": last["val_loss"], "final_train_loss": last["train_loss"],
-               "final_train_acc": last["train_acc"], "epochs": cfg.epochs,
-               "train_seconds": time.perf_counter() - started,
-               "images_per_second": cfg.epochs * per_epoch / train_seconds}
-    if params.log.graph:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and shape notices
-            writer.add_graph(model.eval(), to_float(val_images[:2]))
-    model.load_state_dict(best_state)
-    tb.log_hparams(writer, _hparams(params), {f"hparam/{k}": float(metrics[k]) for k in
-                                              ("best_val_acc", "final_val_loss", "final_train_loss")})
-    return FitResult(model.cpu().eval(), metrics, history)
+    with writer:
+        for epoch in range(run["epoch"] + 1, cfg.epochs + 1):
+            if run["stale_epochs"] and run["stale_epochs"] >= cfg.early_stop_patience > 0:
+                break
+            frozen = frozen_stages(cfg.strategy, cfg.unfreeze_from, cfg.unfreeze_after, epoch)
+            if frozen != model.frozen:
+                apply_strategy(model, frozen)
+                tqdm.write(f"epoch {epoch}: frozen now {', '.join(frozen) or 'nothing'}")
+            started = time.perf_counter()
+            with tqdm(total=per_epoch, unit="img", unit_scale=True, desc=f"epoch {epoch}/{cfg.epochs}",
+                      leave=False, disable=None) as bar, warnings.catch_warnings():
+                # GradScaler skips the optimizer step when fp16 gradients overflow (always at its
+                # first, too-high scale); torch then warns the scheduler stepped "first". Expected.
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                row = train_one_epoch(train_model, optimizer, scheduler, scaler, ema, images, labels,
+                                      cfg, autocast, generator, steps, bar)
+            seconds = time.perf_counter() - started
+            if not math.isfinite(row["train_loss"]):
+                raise ReprotuneError(f"training loss became {row['train_loss']} in epoch {epoch}: lower "
+                                     f"train.lr or set train.grad_clip (the checkpoint of epoch {epoch - 1} "
+                                     f"is kept in {checkpoints.directory})")
+            evaluated = ema.module if ema is not None else model
+            val_logits = predict(evaluated, val_images, cfg.batch_size, autocast)
+            val_loss, val_acc = loss_and_accuracy(val_logits, val_labels)
+            run["train_seconds"] += seconds
+            row = {"epoch": epoch, "step": epoch * steps, **_lrs(optimizer), **row,
+                   "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
+                   "images_per_second": per_epoch / seconds,
+                   "achieved_tflops": flops_per_image * per_epoch / seconds / 1e12}
+            run["history"].append(row)
+            _log_epoch(writer, model, row, params, val, val_logits)
+            tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+                       f"  val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_second']:.0f} img/s")
+            score = val_acc if cfg.early_stop_metric == "val_acc" else -val_loss
+            if run["best"] is None or score > run["best"]["score"]:
+                run["best"] = {"score": score, "epoch": epoch,
+                               "state": {k: v.detach().clone() for k, v in evaluated.state_dict().items()}}
+                run["stale_epochs"] = 0
+            else:
+                run["stale_epochs"] += 1
+            run["epoch"] = epoch
+            checkpoints.save(_snapshot(run, model, optimizer, scheduler, scaler, ema, generator))
+
+        metrics = _metrics(run, cfg, per_epoch, flops_per_image)
+        if params.log.graph:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and shape notices
+                writer.add_graph(model.eval(), to_float(val_images[:2]))
+        tb.log_hparams(writer, _hparams(params), {f"hparam/{k}": float(metrics[k]) for k in
+                                                  ("best_val_acc", "final_val_loss", "final_train_loss")})
+    model.load_state_dict(run["best"]["state"])
+    return FitResult(model.cpu().eval(), metrics, run["history"])
+
+
+def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rate now in effect for the head and for the backbone."""
+    lrs = {group["name"].split("/")[0]: group["lr"] for group in optimizer.param_groups}
+    return {"lr": lrs["head"], "lr_backbone": lrs.get("backbone", lrs["head"])}
+
+
+def _metrics(run: dict, cfg: TrainConfig, per_epoch: int, flops_per_image: float) -> dict:
+    history, best = run["history"], run["best"]
+    last, best_row = history[-1], history[best["epoch"] - 1]
+    images_per_second = len(history) * per_epoch / run["train_seconds"]
+    return {"best_val_acc": best_row["val_acc"], "best_val_loss": best_row["val_loss"], "best_epoch": best["epoch"],
+            "final_val_acc": last["val_acc"], "final_val_loss": last["val_loss"],
+            "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
+            "epochs": len(history), "stopped_early": len(history) < cfg.epochs,
+            "train_seconds": run["train_seconds"], "images_per_second": images_per_second,
+            "flops_per_image": flops_per_image, "achieved_tflops": flops_per_image * images_per_second / 1e12}
+
+
+def _snapshot(run: dict, model, optimizer, scheduler, scaler, ema, generator) -> dict:
+    """Everything needed to continue exactly where this epoch ended."""
+    cuda = torch.cuda.is_available() and generator.device.type == "cuda"
+    return {**run, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state(generator.device) if cuda else None}}
+
+
+def _restore(state: dict, model, optimizer, scheduler, scaler, ema, generator) -> dict:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["generator"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], generator.device)
+    return {k: state[k] for k in ("epoch", "history", "best", "stale_epochs", "train_seconds")}
 
 
 def _log_setup(writer: SummaryWriter, params: Params, model: Classifier, train: Split,
-               device: torch.device, autocast: torch.dtype | None) -> None:
-    """What the run is: device, precision, trainable parameters, an augmented sample batch."""
+               device: torch.device, autocast: torch.dtype | None, flops_per_image: float) -> None:
+    """What the run is: device, precision, trainable parameters, cost, an augmented sample batch."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     writer.add_text("run/setup", f"device {device}, autocast {autocast or 'off'}, strategy "
                     f"{params.train.strategy}: {trainable:,} of {total:,} parameters train, "
-                    f"frozen: {', '.join(model.frozen) or 'nothing'}", 0)
+                    f"frozen: {', '.join(model.frozen) or 'nothing'}; {flops_per_image / 1e9:.3f} GFLOPs "
+                    "per training image (forward + backward)", 0)
+    tb.log_layout(writer)
     count = params.log.images
     if count:
         # A separate generator, so logging never shifts the training run's random stream.
@@ -181,23 +267,28 @@ def _log_setup(writer: SummaryWriter, params: Params, model: Classifier, train: 
         tb.log_samples(writer, "train/augmented_batch", batch, train.labels, train.classes, count)
 
 
-def _log_epoch(writer: SummaryWriter, model: Classifier, row: dict, histograms: bool) -> None:
+def _log_epoch(writer: SummaryWriter, model: Classifier, row: dict, params: Params, val: Split,
+               val_logits: torch.Tensor) -> None:
     step = row["step"]
     for split in ("train", "val"):
         writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
         writer.add_scalar(f"{split}/acc", row[f"{split}_acc"], step)
-    writer.add_scalar("train/lr", row["lr"], step)
-    writer.add_scalar("train/images_per_second", row["images_per_second"], step)
-    writer.add_scalar("train/epoch", row["epoch"], step)
-    if histograms:
+    for name in ("lr", "lr_backbone", "grad_norm", "clip_fraction", "loss_scale", "images_per_second",
+                 "achieved_tflops", "epoch"):
+        writer.add_scalar(f"train/{name}", row[name], step)
+    if params.log.histograms:
         tb.log_histograms(writer, model, step)
+    count = min(PREDICTION_IMAGES, params.log.images, len(val.labels))
+    if count:
+        tb.log_predictions(writer, "val/predictions", val.images[:count], val.labels[:count],
+                           val_logits[:count].argmax(1), val.classes, step)
     writer.flush()
 
 
 def _hparams(params: Params) -> dict:
-    """seed, model.* and train.* as flat name -> scalar pairs."""
+    """seed, model.* and train.* as flat name -> scalar pairs (tuples as text)."""
     flat = {"seed": params.seed}
     for section in ("model", "train"):
         for key, value in getattr(params, section).model_dump().items():
-            flat[f"{section}.{key}"] = value
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
