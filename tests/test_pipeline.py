@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import time
+import urllib.request
 
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
+import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run
+from conftest import env, run
 from reprotune.data import load_split, to_float
 from reprotune.model import load_model
 
@@ -156,3 +162,69 @@ def test_dvc_plots_renders_curves_and_the_confusion_matrix(pipeline):
     assert {"Loss", "Accuracy", "Learning rate", "Confusion matrix"} <= set(shown)
     confusion = shown["Confusion matrix"][0]["content"]
     assert len(confusion["data"]["values"]) == 200  # one point per test image
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None):
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_the_real_tensorboard_server_shows_runs_scalars_layout_and_hparams(pipeline):
+    port = _free_port()
+    server = subprocess.Popen(["tensorboard", "--logdir", str(pipeline / "runs"), "--host", "127.0.0.1",
+                               "--port", str(port), "--load_fast", "false"], env=env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/data"
+    try:
+        deadline, runs = time.monotonic() + 90, []
+        while time.monotonic() < deadline and "finetune" not in runs:
+            time.sleep(0.5)
+            with contextlib.suppress(OSError):
+                runs = _get(f"{base}/runs")
+        assert set(runs) >= {"download", "preprocess", "finetune", "evaluate", "export"}
+        # Runs load one after another: wait until finetune's scalars are in.
+        while time.monotonic() < deadline and "val/acc" not in _get(f"{base}/plugin/scalars/tags").get("finetune", {}):
+            time.sleep(0.5)
+        tags = _get(f"{base}/plugin/scalars/tags")["finetune"]
+        assert {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "train/grad_norm"} <= set(tags)
+        layout = _get(f"{base}/plugin/custom_scalars/layout")
+        charts = {chart["title"]: chart["multiline"]["tag"] for cat in layout["category"] for chart in cat["chart"]}
+        assert set(charts["loss"]) == {"train/loss", "val/loss"} and set(charts["accuracy"]) == {"train/acc", "val/acc"}
+        experiment = _get(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
+        hparams = {info["name"] for info in experiment["hparamInfos"]}
+        assert {"train.lr", "train.strategy", "model.weights", "seed"} <= hparams
+        metrics = {info["name"]["tag"] for info in experiment["metricInfos"]}
+        assert "hparam/best_val_acc" in metrics
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_strategy_experiments_side_by_side(pipeline):
+    # A ResNet18 state dict standing in for pretrained weights, loaded through model.weights.
+    torch.manual_seed(7)
+    torch.save(torchvision.models.resnet18().state_dict(), pipeline / "backbone.pt")
+    run(["git", "add", "-A"], pipeline)
+    run(["git", "commit", "-q", "-m", "backbone weights"], pipeline)
+    for strategy in ("linear", "full"):
+        run(["dvc", "exp", "run", "-n", f"strategy-{strategy}", "-S", f"train.strategy={strategy}",
+             "-S", "model.weights=backbone.pt"], pipeline)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
+    found = {}
+    for exp in (e for rev in shown for e in (rev.get("experiments") or [])):
+        if exp.get("name", "").startswith("strategy-"):
+            data = exp["revs"][0]["data"]
+            found[exp["name"]] = (data["params"]["params.yaml"]["data"]["train"]["strategy"],
+                                  data["metrics"]["metrics/train.json"]["data"]["flops_per_image"])
+    assert found["strategy-linear"][0] == "linear" and found["strategy-full"][0] == "full"
+    assert found["strategy-linear"][1] < found["strategy-full"][1]  # no backward through a frozen backbone
+    table = run(["dvc", "exp", "show", "--only-changed", "--no-pager"], pipeline).stdout
+    assert "strategy-linear" in table and "strategy-full" in table

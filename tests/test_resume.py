@@ -1,0 +1,89 @@
+"""Kill the finetune stage mid-run, rerun it, and get exactly what an uninterrupted run gets."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, env, run, set_params
+from reprotune import data
+
+EPOCHS = 4
+
+
+def _workspace(root: Path) -> Path:
+    """Processed splits and params for a 4-epoch deterministic CPU run."""
+    (root / "data/processed").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.arange(600) % 10)
+    raw = data.RawData(data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
+                       np.zeros((10, 3, 32, 32), np.uint8), np.arange(10), data.SYNTHETIC_CLASSES)
+    for name, split in data.make_splits(raw, 0.2, seed=0).items():
+        torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": EPOCHS, "train.batch_size": 32,
+                                      "train.lr": 0.05, "train.deterministic": True, "train.ema_decay": 0.9,
+                                      "train.warmup_epochs": 0.5, "model.dropout": 0.2, "log.graph": False,
+                                      "log.histograms": False})
+    return root
+
+
+def _finetune(root: Path) -> subprocess.CompletedProcess:
+    return run(["python", str(REPO / "stages/finetune.py")], root)
+
+
+def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path):
+    reference = _workspace(tmp_path / "uninterrupted")
+    _finetune(reference)
+
+    resumed = _workspace(tmp_path / "killed")
+    checkpoint = resumed / "runs/finetune.live/checkpoint.pt"
+    proc = subprocess.Popen(["python", str(REPO / "stages/finetune.py")], cwd=resumed, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= killed_at < EPOCHS and not (resumed / "models/model.pt").exists()
+
+    out = _finetune(resumed).stdout
+    assert f"resuming after epoch {killed_at}" in out
+    assert not (resumed / "runs/finetune.live").exists()  # cleaned up once published
+
+    expected = torch.load(reference / "models/model.pt", weights_only=True)["state_dict"]
+    got = torch.load(resumed / "models/model.pt", weights_only=True)["state_dict"]
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key  # bitwise, on CPU in deterministic mode
+
+    timing = ["seconds", "images_per_second", "achieved_tflops"]
+    history = [pd.read_csv(root / "metrics/train_history.csv").drop(columns=timing) for root in (reference, resumed)]
+    pd.testing.assert_frame_equal(*history)
+
+    logs = []
+    for root in (reference, resumed):
+        acc = EventAccumulator(str(root / "runs/finetune"), size_guidance={"scalars": 0})
+        acc.Reload()
+        logs.append({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("train/loss", "val/acc")})
+    assert logs[0] == logs[1]  # every step once, same values: the log continued cleanly
+    assert [step for step, _ in logs[1]["val/acc"]] == [15 * e for e in range(1, EPOCHS + 1)]
+
+
+def test_changed_params_start_fresh_instead_of_resuming(tmp_path):
+    root = _workspace(tmp_path)
+    stale = root / "runs/finetune.live"
+    stale.mkdir(parents=True)
+    (stale / "key").write_text("some other run")
+    (stale / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    set_params(root / "params.yaml", {"train.epochs": 1})
+    out = _finetune(root).stdout
+    assert "resuming" not in out and (root / "models/model.pt").exists()
