@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from reprotune import data, train
 from reprotune.checkpoint import Checkpoints
@@ -230,3 +231,33 @@ def test_torch_compile_trains_the_same_model_object(splits, tmp_path):
     result = _fit(_params(compile=True, epochs=1, batch_size=32), small, tmp_path)
     assert math.isfinite(result.metrics["final_train_loss"])
     assert all(not k.startswith("_orig_mod") for k in result.model.state_dict())
+
+
+def test_gradual_unfreezing_trains_thawed_stages_only_from_their_epoch(splits, tmp_path, weights_file):
+    torch.manual_seed(0)
+    params = _params({"weights": str(weights_file)}, strategy="linear", unfreeze_after=1, epochs=2,
+                     label_smoothing=0.1)
+    result = _fit(params, splits, tmp_path)
+    loaded = torch.load(weights_file, weights_only=True)
+    state = result.model.net.state_dict()
+    changed = {name.split(".")[0] for name, value in state.items()
+               if name in loaded and value.dtype.is_floating_point and not torch.equal(value, loaded[name])}
+    assert changed == {"layer4"}  # epoch 1: head only; epoch 2: layer4 thawed; the rest never moved
+
+
+@pytest.mark.parametrize("init, check", [
+    ("xavier", lambda w: w.abs().max() <= math.sqrt(6 / (512 + 10))),
+    ("kaiming", lambda w: abs(w.std().item() - math.sqrt(2 / 512)) < 0.01),
+])
+def test_head_initialization(init, check):
+    torch.manual_seed(0)
+    head = build_model(ModelConfig(weights="none", head_init=init), 10, MEAN, STD).net.fc[1]
+    assert check(head.weight) and torch.equal(head.bias, torch.zeros(10))
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
