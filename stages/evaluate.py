@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: test-set accuracy, loss, macro F1, per-class accuracy and confusion rows."""
+"""DVC stage `evaluate`: accuracy, top-5, per-class precision/recall/F1, calibration, confusion rows."""
 
 from pathlib import Path
 
@@ -18,11 +18,14 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     model, _ = load_model(MODEL)
     with tb.stage_writer("runs/evaluate") as writer:
-        metrics, rows = evaluate_model(model, load_split(TEST), cfg.evaluate.batch_size, writer)
-    with atomic_file("metrics/confusion.csv") as tmp:
-        rows.to_csv(tmp, index=False)
-    write_json("metrics/evaluate.json", metrics)
-    print(f"test acc {metrics['test_acc']:.4f}, loss {metrics['test_loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+        result = evaluate_model(model, load_split(TEST), cfg.evaluate, writer)
+    for name, frame in (("confusion", result.confusion), ("reliability", result.reliability)):
+        with atomic_file(f"metrics/{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
+    write_json("metrics/evaluate.json", result.metrics)
+    m = result.metrics
+    print(f"test acc {m['test_acc']:.4f} (top-5 {m['test_top5_acc']:.4f}), loss {m['test_loss']:.4f}, "
+          f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}")
 
 
 if __name__ == "__main__":

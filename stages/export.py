@@ -1,4 +1,4 @@
-"""DVC stage `export`: ONNX and TorchScript, each checked against PyTorch, plus the model card."""
+"""DVC stage `export`: ONNX, int8 ONNX and TorchScript, each verified, plus the model card."""
 
 from pathlib import Path
 
@@ -6,25 +6,28 @@ from reprotune import tb
 from reprotune.cli import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.data import load_split
-from reprotune.export import export_all, log_export, model_card
+from reprotune.export import ExportPaths, export_all, lineage, log_export, model_card
 from reprotune.io import write_json
 from reprotune.model import load_model
 
 MODEL = Path("models/model.pt")
-TEST = Path("data/processed/test.pt")
+PATHS = ExportPaths(onnx=Path("models/model.onnx"), int8=Path("models/model.int8.onnx"),
+                    torchscript=Path("models/model.torchscript.pt"))
 
 
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     model, saved = load_model(MODEL)
+    test, train = load_split(Path("data/processed/test.pt")), load_split(Path("data/processed/train.pt"))
     with tb.stage_writer("runs/export") as writer:
-        report = export_all(model, load_split(TEST).images, cfg.export,
-                            Path("models/model.onnx"), Path("models/model.torchscript.pt"))
+        report = export_all(model, test, train.images, cfg.export, PATHS)
         log_export(writer, report)
-    write_json("models/model_card.json", model_card(saved, report))
+    write_json("models/model_card.json", model_card(saved, report, lineage(Path("dvc.lock"), MODEL)))
     write_json("metrics/export.json", report)
-    print(f"onnx max |diff| {report['onnx']['max_abs_diff']:.2e}, "
-          f"torchscript {report['torchscript']['max_abs_diff']:.2e}")
+    onnx, int8, script = report["onnx"], report["onnx_int8"], report["torchscript"]
+    print(f"onnx |diff| {onnx['max_abs_diff']:.1e} acc {onnx['test_acc']:.4f}; int8 acc {int8['test_acc']:.4f}, "
+          f"{int8['size_ratio']:.2f}x size, {int8['speedup']:.2f}x speed; "
+          f"torchscript |diff| {script['max_abs_diff']:.1e}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
     result = finetune(cfg, train, val, checkpoints)
     tb.publish(checkpoints.logdir, "runs/finetune")
     save_model(MODEL, result.model, cfg.model, train.classes,
-               {"best_epoch": result.metrics["best_epoch"], "val_acc": result.metrics["best_val_acc"]})
+               {"best_epoch": result.metrics["best_epoch"], "val_acc": result.metrics["best_val_acc"],
+                "seed": cfg.seed, "train": cfg.train.model_dump(mode="json")})
     with atomic_file("metrics/train_history.csv") as tmp:
         pd.DataFrame(result.history).to_csv(tmp, index=False)
     write_json("metrics/train.json", result.metrics)

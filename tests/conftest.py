@@ -25,6 +25,9 @@ TINY = {
     "train.lr": 0.05,
     "log.images": 8,
     "export.check_images": 16,
+    "export.calibration_images": 64,
+    "export.int8_min_agreement": 0.5,  # a 2-epoch model has small margins for int8 to keep
+    "export.latency_runs": 5,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +65,29 @@ def demo(params: ParamsFile = Path("params.yaml")) -> None:
         raise ReprotuneError(f"dvc exp run failed (exit {code}); see its output above")
     print("demo done: results in metrics/, models/, runs/ (`make tensorboard`), and `dvc exp show`; "
           f"{params} is unchanged")
+
+
+@cli.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...) or directories of them.")],
+    model: Annotated[Path, typer.Option(help="An exported model: .onnx (ONNX Runtime) or .torchscript.pt.")]
+    = Path("models/model.onnx"),
+    top_k: Annotated[int, typer.Option(min=1, help="Classes to list per image.")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
+) -> None:
+    """Classify images; one JSON line per image on stdout, one error line per bad file on stderr."""
+    from reprotune.predict import classify, load_predictor  # keeps `reprotune demo` light
+
+    predictor = load_predictor(model)
+    failed = 0
+    for _, result, error in classify(images, predictor, min(top_k, len(predictor.classes)), batch_size):
+        if error is not None:
+            failed += 1
+            print(f"reprotune: error: {error}", file=sys.stderr, flush=True)
+        else:
+            print(json.dumps(result), flush=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _venv_path() -> str:

@@ -147,6 +147,12 @@ class LogConfig(Section):
 class EvaluateConfig(Section):
     batch_size: int = Field(512, ge=1)
     """Images per forward pass."""
+    tta: bool = False
+    """Also report test-time augmentation: logits averaged over each image and its mirror."""
+    calibration_bins: int = Field(15, ge=2, le=100)
+    """Confidence bins for the expected calibration error and the reliability diagram."""
+    misclassified_images: int = Field(16, ge=0, le=64)
+    """Most confidently misclassified test images shown in TensorBoard."""
 
 
 class ExportConfig(Section):
@@ -155,7 +161,13 @@ class ExportConfig(Section):
     check_images: int = Field(64, ge=2)
     """Test images the exported models are checked on against PyTorch."""
     tolerance: float = Field(1e-3, gt=0)
-    """Largest allowed absolute logit difference between an export and PyTorch."""
+    """Largest allowed absolute logit difference between an fp32 export and PyTorch."""
+    calibration_images: int = Field(256, ge=1)
+    """Training images the int8 model's activation ranges are calibrated on."""
+    int8_min_agreement: float = Field(0.9, ge=0, le=1)
+    """Smallest allowed share of test images where the int8 model's class equals PyTorch's."""
+    latency_runs: int = Field(50, ge=1)
+    """Batch-1 calls timed per export (the median is reported)."""
 
 
 class Params(Section):

@@ -136,3 +136,18 @@ def log_predictions(writer: SummaryWriter, tag: str, images: torch.Tensor, label
                      color="green" if guess == actual else "red")
     fig.tight_layout()
     writer.add_figure(tag, fig, step)
+
+
+def log_reliability(writer: SummaryWriter, tag: str, frame, ece: float) -> None:
+    """Reliability diagram: accuracy against mean confidence per bin; the diagonal is perfect."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    seen = frame["count"] > 0
+    width = 1 / len(frame)
+    ax.bar(frame["bin_upper"][seen] - width / 2, frame["accuracy"][seen], width=width, edgecolor="black",
+           label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.plot(frame["confidence"][seen], frame["accuracy"][seen], "o-", color="tab:red", label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"ECE {ece:.4f}")
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    writer.add_figure(tag, fig, 0)
