@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # DVC runs each stage's `python stages/...` through the shell: put the venv first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install test repro demo tensorboard clean
+.PHONY: install test repro demo tensorboard bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ repro: install
 
 demo: install
 	$(BIN)/reprotune demo
+
+# Benchmarks print figures and write bench/results/ (never timed assertions in tests).
+bench: install
+	$(BIN)/python bench/inference.py
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs
