@@ -8,8 +8,10 @@ import http.server
 import io
 import json
 import pickle
+import socket
 import tarfile
 import threading
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +113,21 @@ def test_md5_mismatch_keeps_the_previous_archive(archive, tmp_path):
     assert dest.read_bytes() == path.read_bytes()
 
 
-def test_unreachable_server_says_what_to_do(tmp_path):
-    with pytest.raises(ReprotuneError, match=r"cannot reach http://127\.0\.0\.1:9/x\.tar\.gz .*data\.url.*make demo"):
+def test_unreachable_server_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BACKOFF_SECONDS", 0.0)
+    expected = r"cannot download http://127\.0\.0\.1:9/x\.tar\.gz after 5 attempts \(.*refused\).*data\.url.*make demo"
+    with pytest.raises(ReprotuneError, match=expected):
         data.fetch_archive("http://127.0.0.1:9/x.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_dns_fails_at_once_with_the_offline_hint(tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", no_dns)
+    with pytest.raises(ReprotuneError, match=r"cannot reach https://example\.invalid/c\.tar\.gz .*make demo"):
+        data.fetch_archive("https://example.invalid/c.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
 
 
 def test_missing_http_file_is_reported(http_server, tmp_path):
@@ -215,3 +228,42 @@ def test_augment_crops_and_flips_on_the_device_without_changing_pixels():
             windows = [padded[i, :, y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
             assert any(torch.equal(crop[i], w) for w in windows)
     assert any(not torch.equal(c, images) for c in crops)
+
+
+def test_links_and_escaping_members_are_never_followed_or_written(tmp_path):
+    members = _good_members()
+    del members["data_batch_4"]
+    path = tmp_path / "links.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("cifar-10-batches-py/data_batch_4")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        for hostile in ("../escaped", "/tmp/absolute-escape"):
+            info = tarfile.TarInfo(hostile)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ReprotuneError, match="data_batch_4 is a link or special file"):
+        data.read_archive(path)
+    assert not (tmp_path.parent / "escaped").exists() and not Path("/tmp/absolute-escape").exists()
+
+
+def test_an_archive_with_too_many_entries_is_refused_early(tmp_path):
+    path = tmp_path / "many.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(data.MAX_MEMBERS + 1):
+            info = tarfile.TarInfo(f"junk/{i}")
+            tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ReprotuneError, match="more than 64 entries"):
+        data.read_archive(path)
+
+
+def test_a_truncated_archive_is_reported(archive, tmp_path):
+    path, _ = archive
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ReprotuneError, match="not a readable CIFAR-10 tar.gz archive"):
+        data.read_archive(cut)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import onnxruntime as ort
@@ -81,3 +84,26 @@ def test_missing_or_foreign_models_are_refused(pipeline, images, tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"garbage")
     proc = run(["reprotune", "predict", image, "--model", str(tmp_path / "model.onnx")], pipeline, check=False)
     assert proc.returncode == 1 and "cannot load the model" in proc.stderr
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header is rewritten to claim width x height pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR data starts after signature, length and type
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def test_empty_and_enormous_images_are_refused_without_decoding(pipeline, images, tmp_path):
+    folder, _ = images
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(50_000, 50_000))
+    proc = run(["reprotune", "predict", str(tmp_path / "empty.png"), str(tmp_path / "bomb.png"),
+                str(folder / "exact.png")], pipeline, check=False)
+    assert proc.returncode == 1
+    errors = proc.stderr.strip().splitlines()
+    assert errors[0] == f"reprotune: error: {tmp_path / 'empty.png'}: not a readable image"
+    assert errors[1].startswith(f"reprotune: error: {tmp_path / 'bomb.png'}: 50000x50000 pixels is more than")
+    assert list(_lines(proc.stdout)) == ["exact.png"]

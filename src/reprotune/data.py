@@ -7,16 +7,16 @@ the synthetic dataset goes through exactly the code real data takes.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
+import http.client
 import io
 import pickle
+import socket
 import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -37,64 +37,97 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 SIDE = 32  # CIFAR images are 3x32x32
 ROW = 3 * SIDE * SIDE  # one image as stored in a batch: 3072 bytes, R plane then G then B
 MAX_MEMBER_BYTES = 512 * 2**20  # an official batch pickles to ~31 MB; refuse to read absurd members
+MAX_MEMBERS = 64  # the official archive has 8 entries (directory, 5 train batches, test, meta, readme)
 CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- fetching
 
 
+RETRIES = 4  # further attempts after a dropped, stalled or refused connection, or an HTTP 5xx
+BACKOFF_SECONDS = 2.0  # wait before retry k (from 0): BACKOFF_SECONDS * 2**k, so 2, 4, 8, 16 s
+TIMEOUT_SECONDS = 60.0  # a connection or read that waits longer than this has stalled
+OFFLINE_HINT = ("without a network, set data.url to a local copy of cifar-10-python.tar.gz (a path or "
+                "file:// URL), or run `make demo` for the offline synthetic dataset")
+
+
+class _Transient(Exception):
+    """A failure worth retrying: the connection dropped, stalled or was refused, or the server erred."""
+
+
 def fetch_archive(url: str, md5: str, dest: Path) -> dict:
-    """Copy or download `url` to `dest` with a progress bar; rename into place only if md5 matches."""
+    """Copy or download `url` to `dest` with a progress bar; rename into place only if md5 matches.
+
+    HTTP downloads that drop or stall are retried with exponential backoff and resume where they
+    stopped when the server honours Range requests. The partial file never has the final name.
+    """
     started = time.perf_counter()
     with atomic_file(dest) as tmp:
-        with _open_source(url) as (source, total), tmp.open("wb") as out:
-            digest, size = _copy_with_md5(source, out, total, url)
+        for attempt in range(RETRIES + 1):
+            try:
+                _transfer(url, tmp)
+                break
+            except _Transient as exc:
+                if attempt == RETRIES:
+                    raise ReprotuneError(f"cannot download {url} after {RETRIES + 1} attempts ({exc}): "
+                                         f"{OFFLINE_HINT}") from None
+                wait = BACKOFF_SECONDS * 2**attempt
+                tqdm.write(f"{url}: {exc}; retry {attempt + 1}/{RETRIES} in {wait:.0f} s")
+                time.sleep(wait)
+        with tmp.open("rb") as f:
+            digest = hashlib.file_digest(f, "md5").hexdigest()
         if digest != md5:
-            raise ReprotuneError(f"{url}: md5 {digest} does not match data.md5 {md5}; "
-                                 "the file was discarded")
-    return {"url": url, "md5": digest, "bytes": size, "seconds": time.perf_counter() - started}
+            raise ReprotuneError(f"{url}: md5 {digest} does not match data.md5 {md5}; the file was discarded")
+        size = tmp.stat().st_size
+    return {"url": url, "md5": digest, "bytes": size, "attempts": attempt + 1,
+            "seconds": time.perf_counter() - started}
 
 
-@contextlib.contextmanager
-def _open_source(url: str) -> Iterator[tuple[BinaryIO, int | None]]:
-    """Yield (binary stream, size if known) for an http(s):// URL, a file:// URL or a plain path."""
+def _transfer(url: str, tmp: Path) -> None:
+    """Bring `tmp` up to the whole of `url`, appending to what an earlier attempt got if possible."""
     if "://" not in url or url.startswith("file://"):
         path = Path(urllib.request.url2pathname(url.removeprefix("file://")))
         try:
-            stream = path.open("rb")
+            with path.open("rb") as source, tmp.open("wb") as out:
+                _copy(source, out, path.stat().st_size, 0, url)
         except OSError as exc:
-            raise ReprotuneError(f"{url}: cannot read local archive: {exc.strerror}") from None
-        with stream:
-            yield stream, path.stat().st_size
+            raise ReprotuneError(f"{url}: cannot read local archive: {exc.strerror or exc}") from None
         return
+    have = tmp.stat().st_size
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - the user's own URL
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)  # noqa: S310 - the user's URL
     except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
         raise ReprotuneError(f"{url}: server answered HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ReprotuneError(
-            f"cannot reach {url} ({getattr(exc, 'reason', exc)}): without a network, set data.url "
-            "to a local copy of cifar-10-python.tar.gz (a path or file:// URL), or run `make demo` "
-            "for the offline synthetic dataset") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, socket.gaierror):  # no DNS: offline, retrying will not help
+            raise ReprotuneError(f"cannot reach {url} ({exc.reason}): {OFFLINE_HINT}") from None
+        raise _Transient(str(exc.reason)) from None
+    except OSError as exc:  # a timeout while connecting
+        raise _Transient(str(exc) or type(exc).__name__) from None
     with response:
+        resumed = have > 0 and response.status == 206
         length = response.headers.get("Content-Length")
-        yield response, int(length) if length and length.isdigit() else None
+        total = int(length) + (have if resumed else 0) if length and length.isdigit() else None
+        with tmp.open("ab" if resumed else "wb") as out:
+            _copy(response, out, total, have if resumed else 0, url)
 
 
-def _copy_with_md5(source, out, total: int | None, label: str) -> tuple[str, int]:
-    digest, size = hashlib.md5(usedforsecurity=False), 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc=Path(label).name, leave=False, disable=None) as bar:
+def _copy(source: BinaryIO, out: BinaryIO, total: int | None, start: int, label: str) -> None:
+    size = start
+    with tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=Path(label).name, leave=False,
+              disable=None) as bar:
         try:
-            while chunk := source.read(CHUNK):
-                digest.update(chunk)
+            while chunk := source.read1(CHUNK):  # what has arrived: a stall keeps the bytes before it
                 out.write(chunk)
                 size += len(chunk)
                 bar.update(len(chunk))
-        except (OSError, urllib.error.URLError) as exc:
-            raise ReprotuneError(f"{label}: transfer failed after {size} bytes: {exc}") from None
+        except (http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+            raise _Transient(f"connection lost after {size:,} bytes ({type(exc).__name__})") from None
     if total is not None and size != total:
-        raise ReprotuneError(f"{label}: got {size} bytes of {total}; the transfer was cut short")
-    return digest.hexdigest(), size
+        raise _Transient(f"got {size:,} of {total:,} bytes")
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -208,7 +241,11 @@ def read_archive(path: Path) -> RawData:
         raise ReprotuneError(f"{path}: archive not found (run the download stage first)")
     try:
         with tarfile.open(path, "r:gz") as tar:
-            members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+            members = {}
+            for member in tar:  # headers only; a CIFAR archive has 8 entries
+                if len(members) == MAX_MEMBERS:
+                    raise ReprotuneError(f"{path}: more than {MAX_MEMBERS} entries, not a CIFAR-10 archive")
+                members[member.name.removeprefix("./")] = member
             meta = _load_member(tar, members, path, "batches.meta")
             classes = _class_names(meta, path)
             train = [_load_batch(tar, members, path, name, len(classes)) for name in TRAIN_BATCHES]
@@ -221,8 +258,10 @@ def read_archive(path: Path) -> RawData:
 
 def _load_member(tar: tarfile.TarFile, members: dict, path: Path, name: str) -> dict:
     member = members.get(f"{ARCHIVE_DIR}/{name}")
-    if member is None or not member.isfile():
+    if member is None:
         raise ReprotuneError(f"{path}: {ARCHIVE_DIR}/{name} is missing from the archive")
+    if not member.isfile():  # a link could point anywhere: never followed
+        raise ReprotuneError(f"{path}: {ARCHIVE_DIR}/{name} is a link or special file, not a regular file")
     if member.size > MAX_MEMBER_BYTES:
         raise ReprotuneError(f"{path}: {name} is {member.size} bytes, more than a CIFAR batch can be")
     try:
