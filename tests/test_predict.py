@@ -99,11 +99,13 @@ def _png_claiming(width: int, height: int) -> bytes:
 def test_empty_and_enormous_images_are_refused_without_decoding(pipeline, images, tmp_path):
     folder, _ = images
     (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "bomb.png").write_bytes(_png_claiming(50_000, 50_000))
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(50_000, 50_000))  # PIL's own limit
+    (tmp_path / "big.png").write_bytes(_png_claiming(8_000, 6_000))  # ours: 48 MP > 40 MP
     proc = run(["reprotune", "predict", str(tmp_path / "empty.png"), str(tmp_path / "bomb.png"),
-                str(folder / "exact.png")], pipeline, check=False)
+                str(tmp_path / "big.png"), str(folder / "exact.png")], pipeline, check=False)
     assert proc.returncode == 1
     errors = proc.stderr.strip().splitlines()
     assert errors[0] == f"reprotune: error: {tmp_path / 'empty.png'}: not a readable image"
-    assert errors[1].startswith(f"reprotune: error: {tmp_path / 'bomb.png'}: 50000x50000 pixels is more than")
+    for line, name in zip(errors[1:], ("bomb.png", "big.png"), strict=True):
+        assert line == f"reprotune: error: {tmp_path / name}: too large to decode (more than 40,000,000 pixels)"
     assert list(_lines(proc.stdout)) == ["exact.png"]

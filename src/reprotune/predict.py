@@ -60,11 +60,12 @@ def load_image(path: Path, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
-                    raise ReprotuneError(f"{path}: {image.width}x{image.height} pixels is more than the "
-                                         f"{MAX_PIXELS:,} reprotune decodes")
+                    raise Image.DecompressionBombError(f"{image.width}x{image.height}")
                 image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, far less work
                 rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ReprotuneError(f"{path}: too large to decode (more than {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
         raise ReprotuneError(f"{path}: not a readable image") from None
     except OSError as exc:
         raise ReprotuneError(f"{path}: cannot read image ({exc.strerror or exc})") from None
