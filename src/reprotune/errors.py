@@ -14,8 +14,11 @@ class ReprotuneError(Exception):
 def run_cli(main: Callable[[], object]) -> None:
     """Run a CLI entry point; turn any failure into one stderr line and exit 1 (130 on Ctrl-C).
 
-    Set REPROTUNE_DEBUG=1 to get the full traceback instead.
+    `--debug` anywhere on the command line, or REPROTUNE_DEBUG=1, shows the full traceback instead.
     """
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+        os.environ["REPROTUNE_DEBUG"] = "1"
     try:
         main()
     except SystemExit:
@@ -28,6 +31,6 @@ def run_cli(main: Callable[[], object]) -> None:
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
         if not isinstance(exc, ReprotuneError):
-            message = f"unexpected {type(exc).__name__}: {message} (REPROTUNE_DEBUG=1 shows the traceback)"
+            message = f"unexpected {type(exc).__name__}: {message} (--debug shows the traceback)"
         print(f"reprotune: error: {message}", file=sys.stderr)
         sys.exit(1)

@@ -7,6 +7,7 @@ then cache. Temporaries sit beside the target so the final rename stays on one f
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -20,12 +21,33 @@ import torch
 from reprotune.errors import ReprotuneError
 
 
+def _prepare(path: Path) -> None:
+    """Create `path`'s directory and clear stale temporaries beside it, or say why not."""
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ReprotuneError(f"{path}: cannot write: {parent} is not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReprotuneError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    _clear_stale(path)
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove temporaries a killed earlier write left beside `path` (DVC runs one stage at a time)."""
+    for stale in [*path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), path.with_name(f".{path.name}.old")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
     path = Path(path)
+    _prepare(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise ReprotuneError(f"{path}: cannot write: {exc.strerror or exc}") from None
@@ -44,19 +66,22 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; it replaces `path` if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _prepare(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise ReprotuneError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
         yield tmp
         # Two renames: the old directory is moved aside first, so a crash between them leaves the
         # new one complete under its temporary name and the old one whole beside it.
         old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise ReprotuneError(f"{path}: cannot write: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

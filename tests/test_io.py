@@ -1,0 +1,64 @@
+"""Atomic outputs: a failed or killed write keeps the previous output and leaves no torn file."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run
+from reprotune import io
+from reprotune.errors import ReprotuneError
+
+
+def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    io.write_json(target, {"acc": 0.5})
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(ReprotuneError, match=r"metrics.json: cannot write: No space left on device"):
+        io.write_json(target, {"acc": 0.9})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"acc": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_failed_directory_write_keeps_the_previous_directory(tmp_path):
+    target = tmp_path / "processed"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "train.pt").write_text("old")
+    with pytest.raises(RuntimeError), io.atomic_dir(target) as tmp:
+        (tmp / "train.pt").write_text("half")
+        raise RuntimeError("killed halfway")
+    assert (target / "train.pt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed"]
+
+
+def test_an_unwritable_output_location_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "metrics"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(ReprotuneError, match=r"metrics/train.json: cannot write: .*/metrics is not a directory"):
+        io.write_json(blocker / "train.json", {})
+
+
+def test_temporaries_left_by_a_killed_write_are_cleared_next_time(tmp_path):
+    target = tmp_path / "model.pt"
+    (tmp_path / ".model.pt.abc123.tmp").write_text("torn")
+    (tmp_path / ".processed.xyz.tmp").mkdir()
+    io.write_text(target, "whole")
+    with io.atomic_dir(tmp_path / "processed"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "processed"]
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {lr: -1}\n")
+    plain = run(["python", str(REPO / "stages/finetune.py")], tmp_path, check=False)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    debug = run(["python", str(REPO / "stages/finetune.py"), "--debug"], tmp_path, check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "train.lr" in debug.stderr
