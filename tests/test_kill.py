@@ -1,0 +1,64 @@
+"""SIGKILL every stage at a random point: no output is ever torn, and the next `dvc repro` completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import onnx
+import pandas as pd
+import torch
+
+from conftest import env, make_project, run
+from reprotune.data import read_archive
+
+STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
+
+
+def assert_whole(root: Path) -> None:
+    """Every output that exists under its final name is complete and readable."""
+    checks = {
+        "data/raw/cifar-10-python.tar.gz": read_archive,
+        "models/model.pt": lambda p: torch.load(p, weights_only=True)["state_dict"],
+        "models/model.onnx": onnx.load,
+        "models/model.int8.onnx": onnx.load,
+        "models/model.torchscript.pt": torch.jit.load,
+    }
+    for name in ("train", "val", "test"):
+        checks[f"data/processed/{name}.pt"] = lambda p: torch.load(p, weights_only=True)["images"]
+    for path in (root / "metrics").glob("*.json"):
+        checks[str(path.relative_to(root))] = lambda p: json.loads(Path(p).read_text())
+    for path in (root / "metrics").glob("*.csv"):
+        checks[str(path.relative_to(root))] = pd.read_csv
+    checks["models/model_card.json"] = lambda p: json.loads(Path(p).read_text())
+    for relative, load in checks.items():
+        if (root / relative).exists():
+            load(root / relative)  # raises on a torn file
+
+
+def test_sigkill_at_random_points_never_tears_an_output(tmp_path):
+    root = make_project(tmp_path / "project", {"train.epochs": 3})
+    run(["dvc", "repro"], root)
+    rng = random.Random(20261129)
+    killed = []
+    for stage in STAGES:
+        delay = rng.uniform(1.0, 7.0)  # each forced stage takes ~4-12 s here, DVC's start included
+        proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=root, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # DVC and the stage's python, mid-whatever
+            proc.wait()
+            killed.append(stage)
+        assert_whole(root)
+    assert len(killed) >= 3, f"only {killed} were killed before finishing: the test tested little"
+    run(["dvc", "repro"], root)
+    assert json.loads(run(["dvc", "status", "--json"], root).stdout) == {}
+    assert_whole(root)
+    leftovers = [p for p in root.rglob("*.tmp") if ".dvc" not in p.parts and ".git" not in p.parts]
+    assert leftovers == []
