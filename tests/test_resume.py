@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -39,17 +41,51 @@ def _finetune(root: Path) -> subprocess.CompletedProcess:
     return run(["python", str(REPO / "stages/finetune.py")], root)
 
 
-def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path):
-    reference = _workspace(tmp_path / "uninterrupted")
-    _finetune(reference)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    root = _workspace(tmp_path_factory.mktemp("uninterrupted"))
+    _finetune(root)
+    return root
 
-    resumed = _workspace(tmp_path / "killed")
-    checkpoint = resumed / "runs/finetune.live/checkpoint.pt"
-    proc = subprocess.Popen(["python", str(REPO / "stages/finetune.py")], cwd=resumed, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def _same_weights(reference: Path, resumed: Path) -> None:
+    expected = torch.load(reference / "models/model.pt", weights_only=True)["state_dict"]
+    got = torch.load(resumed / "models/model.pt", weights_only=True)["state_dict"]
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key  # bitwise, on CPU in deterministic mode
+
+
+def _start(root: Path) -> tuple[subprocess.Popen, Path]:
+    """Start the finetune stage; return it once its first epoch's checkpoint exists."""
+    checkpoint = root / "runs/finetune.live/checkpoint.pt"
+    proc = subprocess.Popen(["python", str(REPO / "stages/finetune.py")], cwd=root, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    return proc, checkpoint
+
+
+def test_ctrl_c_checkpoints_mid_epoch_and_the_rerun_matches(tmp_path, reference):
+    root = _workspace(tmp_path)
+    proc, checkpoint = _start(root)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert re.fullmatch(r"reprotune: interrupted in epoch \d after step \d+ of 15: checkpoint saved in "
+                        r"runs/finetune.live; run the stage again to resume", stderr.strip().splitlines()[-1])
+    saved = torch.load(checkpoint, weights_only=True)
+    assert 0 < saved["progress"]["step"] < 15 and not (root / "models/model.pt").exists()
+    assert "resuming" in _finetune(root).stdout
+    _same_weights(reference, root)
+
+
+def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path, reference):
+
+    resumed = _workspace(tmp_path / "killed")
+    proc, checkpoint = _start(resumed)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -60,10 +96,7 @@ def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path):
     assert f"resuming after epoch {killed_at}" in out
     assert not (resumed / "runs/finetune.live").exists()  # cleaned up once published
 
-    expected = torch.load(reference / "models/model.pt", weights_only=True)["state_dict"]
-    got = torch.load(resumed / "models/model.pt", weights_only=True)["state_dict"]
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key  # bitwise, on CPU in deterministic mode
+    _same_weights(reference, resumed)
 
     timing = ["seconds", "images_per_second", "achieved_tflops"]
     history = [pd.read_csv(root / "metrics/train_history.csv").drop(columns=timing) for root in (reference, resumed)]

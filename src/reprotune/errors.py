@@ -10,6 +10,14 @@ from collections.abc import Callable
 class ReprotuneError(Exception):
     """A failure the user can act on; its message is the whole story, printed on one line."""
 
+    exit_code = 1
+
+
+class Interrupted(ReprotuneError):
+    """The user stopped the run (Ctrl-C) and it wound down cleanly."""
+
+    exit_code = 130
+
 
 def run_cli(main: Callable[[], object]) -> None:
     """Run a CLI entry point; turn any failure into one stderr line and exit 1 (130 on Ctrl-C).
@@ -32,5 +40,5 @@ def run_cli(main: Callable[[], object]) -> None:
         message = " ".join(str(exc).split()) or type(exc).__name__
         if not isinstance(exc, ReprotuneError):
             message = f"unexpected {type(exc).__name__}: {message} (--debug shows the traceback)"
-        print(f"reprotune: error: {message}", file=sys.stderr)
-        sys.exit(1)
+        print(f"reprotune: {'' if isinstance(exc, Interrupted) else 'error: '}{message}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 1))

@@ -12,8 +12,11 @@ import contextlib
 import copy
 import math
 import re
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +31,7 @@ from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, TrainConfig
 from reprotune.data import Split, augment, to_float
 from reprotune.device import amp_dtype, select_device
-from reprotune.errors import ReprotuneError
+from reprotune.errors import Interrupted, ReprotuneError
 from reprotune.evaluate import loss_and_accuracy, predict
 from reprotune.model import Classifier, apply_strategy, build_model, frozen_stages
 from reprotune.optim import make_optimizer, make_scheduler
@@ -60,21 +63,43 @@ def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig) -> tuple[
     return norm, fired
 
 
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: its shuffle, the next step and device-side sums read once at the end."""
+
+    order: torch.Tensor  # the epoch's permutation of the training images
+    sums: torch.Tensor  # (5,) loss * images, correct, finite grad norms summed, their count, clipped steps
+    step: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls, images: torch.Tensor, generator: torch.Generator) -> EpochProgress:
+        order = torch.randperm(len(images), device=images.device, generator=generator)
+        return cls(order, torch.zeros(5, device=images.device))
+
+    def to_dict(self) -> dict:
+        return {"order": self.order, "sums": self.sums, "step": self.step, "seen": self.seen, "seconds": self.seconds}
+
+    def summary(self, steps: int, scaler: torch.amp.GradScaler) -> dict[str, float]:
+        """The epoch's averages. note: .tolist() is the epoch's one CPU-GPU sync point."""
+        loss, correct, norms, finite, clipped = self.sums.tolist()
+        return {"train_loss": loss / self.seen, "train_acc": correct / self.seen, "grad_norm": norms / max(1.0, finite),
+                "clip_fraction": clipped / steps, "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
+
+
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     ema: AveragedModel | None, images: torch.Tensor, labels: torch.Tensor,
                     cfg: TrainConfig, autocast: torch.dtype | None, generator: torch.Generator,
-                    steps: int, bar: tqdm) -> dict[str, float]:
-    """One pass of `steps` full batches over a fresh shuffle; returns the epoch's averages."""
+                    steps: int, progress: EpochProgress, bar: tqdm, stop: Callable[[], bool]) -> bool:
+    """Run the epoch's remaining steps; return False if `stop()` asked to pause after a step."""
     model.train()
     device = images.device
     params = [p for p in model.parameters() if p.requires_grad]
-    order = torch.randperm(len(images), device=device, generator=generator)
-    # Device-side accumulators: summed every step, read once at the end of the epoch.
-    loss_sum, correct, norm_sum, finite_norms, clipped = torch.zeros(5, device=device).unbind()
-    seen = 0
-    for step in range(steps):
-        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+    loss_sum, correct, norm_sum, finite_norms, clipped = progress.sums.unbind()  # views: summed in place
+    while progress.step < steps:
+        idx = progress.order[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
         x = to_float(augment(images[idx], cfg.random_crop, cfg.hflip, generator))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -97,14 +122,36 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         clipped += fired
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
-        seen += len(idx)
+        progress.seen += len(idx)
+        progress.step += 1
         bar.update(len(idx))
-        if not bar.disable and (step + 1) % BAR_LOSS_EVERY == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)  # note: a sync point
-    # note: the .item() calls below are the epoch's one CPU-GPU sync point
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-            "grad_norm": norm_sum.item() / max(1.0, finite_norms.item()), "clip_fraction": clipped.item() / steps,
-            "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
+        if not bar.disable and progress.step % BAR_LOSS_EVERY == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / progress.seen:.4f}", refresh=False)  # note: a sync point
+        if stop() and progress.step < steps:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def pause_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """Yield `requested()`: the first Ctrl-C asks the loop to pause after its current step (to
+    checkpoint); a second one interrupts at once. Only the main thread can take signals."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        tqdm.write("interrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def training_flops_per_image(model: Classifier, image_size: int, device: torch.device) -> float:
@@ -153,7 +200,8 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints)
         _log_setup(writer, params, model, train, device, autocast, flops_per_image)
     train_model = torch.compile(model) if cfg.compile else model
 
-    with writer:
+    paused = state.get("progress") if state else None
+    with writer, pause_on_ctrl_c() as stop_requested:
         for epoch in range(run["epoch"] + 1, cfg.epochs + 1):
             if run["stale_epochs"] and run["stale_epochs"] >= cfg.early_stop_patience > 0:
                 break
@@ -161,15 +209,24 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints)
             if frozen != model.frozen:
                 apply_strategy(model, frozen)
                 tqdm.write(f"epoch {epoch}: frozen now {', '.join(frozen) or 'nothing'}")
+            progress = EpochProgress(**paused) if paused else EpochProgress.start(images, generator)
+            paused = None
             started = time.perf_counter()
-            with tqdm(total=per_epoch, unit="img", unit_scale=True, desc=f"epoch {epoch}/{cfg.epochs}",
-                      leave=False, disable=None) as bar, warnings.catch_warnings():
+            with tqdm(total=per_epoch, initial=progress.seen, unit="img", unit_scale=True,
+                      desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None) as bar, \
+                    warnings.catch_warnings():
                 # GradScaler skips the optimizer step when fp16 gradients overflow (always at its
                 # first, too-high scale); torch then warns the scheduler stepped "first". Expected.
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-                row = train_one_epoch(train_model, optimizer, scheduler, scaler, ema, images, labels,
-                                      cfg, autocast, generator, steps, bar)
-            seconds = time.perf_counter() - started
+                finished = train_one_epoch(train_model, optimizer, scheduler, scaler, ema, images, labels, cfg,
+                                           autocast, generator, steps, progress, bar, stop_requested)
+            progress.seconds += time.perf_counter() - started
+            if not finished:
+                checkpoints.save({**_snapshot(run, model, optimizer, scheduler, scaler, ema, generator),
+                                  "progress": progress.to_dict()})
+                raise Interrupted(f"interrupted in epoch {epoch} after step {progress.step} of {steps}: "
+                                  f"checkpoint saved in {checkpoints.directory}; run the stage again to resume")
+            row, seconds = progress.summary(steps, scaler), progress.seconds
             if not math.isfinite(row["train_loss"]):
                 raise ReprotuneError(f"training loss became {row['train_loss']} in epoch {epoch}: lower "
                                      f"train.lr or set train.grad_clip (the checkpoint of epoch {epoch - 1} "
