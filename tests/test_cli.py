@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import REPO, make_project, run
 
 
@@ -27,6 +29,7 @@ def test_demo_runs_the_whole_dag_offline_and_leaves_params_unchanged(tmp_path):
     assert params["data"]["dataset"] == "synthetic" and params["model"]["weights"] == "none"
 
 
+@pytest.mark.reliability
 def test_unexpected_failures_are_one_line_unless_debugging(tmp_path):
     # A params file that is a directory: an OSError nobody anticipated by name.
     (tmp_path / "params.yaml").mkdir()
@@ -35,6 +38,7 @@ def test_unexpected_failures_are_one_line_unless_debugging(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "reprotune: error:" in proc.stderr
 
 
+@pytest.mark.reliability
 def test_missing_inputs_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     proc = run(["python", str(REPO / "stages/preprocess.py")], tmp_path, check=False)

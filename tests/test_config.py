@@ -27,6 +27,7 @@ def _write(tmp_path, params: dict):
     return path
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("params, message", [
     ({"train": {"learning_rate": 0.1}}, r"unknown key 'train.learning_rate' \(did you mean 'train.lr'\?\)"),
     ({"trian": {}}, r"unknown key 'trian' \(did you mean 'train'\?\)"),
@@ -47,6 +48,7 @@ def test_bad_params_name_the_file_and_key(tmp_path, params, message):
     assert str(error.value).startswith(f"{path}: ")
 
 
+@pytest.mark.reliability
 def test_missing_and_unparsable_files(tmp_path):
     with pytest.raises(ReprotuneError, match="no such params file"):
         load_params(tmp_path / "absent.yaml")
@@ -55,6 +57,7 @@ def test_missing_and_unparsable_files(tmp_path):
         load_params(tmp_path / "broken.yaml")
 
 
+@pytest.mark.reliability
 def test_a_stage_with_bad_params_prints_one_line_and_exits_1(tmp_path):
     path = _write(tmp_path, {"train": {"learning_rate": 0.1}})
     proc = run(["python", str(REPO / "stages/finetune.py"), "--params", str(path)], tmp_path, check=False)

@@ -92,6 +92,7 @@ def test_download_from_a_local_copy(archive, tmp_path, style):
     assert hashlib.md5((cwd / "data/raw/cifar-10-python.tar.gz").read_bytes()).hexdigest() == md5
 
 
+@pytest.mark.reliability
 def test_md5_mismatch_is_refused_and_leaves_no_file(archive, http_server, tmp_path):
     path, _ = archive
     cwd = _stage_dir(tmp_path, url=f"{http_server}/{path.name}", md5="0" * 32)
@@ -104,6 +105,7 @@ def test_md5_mismatch_is_refused_and_leaves_no_file(archive, http_server, tmp_pa
     assert not (cwd / "metrics/download.json").exists()
 
 
+@pytest.mark.reliability
 def test_md5_mismatch_keeps_the_previous_archive(archive, tmp_path):
     path, md5 = archive
     dest = tmp_path / "cifar.tar.gz"
@@ -113,6 +115,7 @@ def test_md5_mismatch_keeps_the_previous_archive(archive, tmp_path):
     assert dest.read_bytes() == path.read_bytes()
 
 
+@pytest.mark.reliability
 def test_unreachable_server_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "BACKOFF_SECONDS", 0.0)
     expected = r"cannot download http://127\.0\.0\.1:9/x\.tar\.gz after 5 attempts \(.*refused\).*data\.url.*make demo"
@@ -121,6 +124,7 @@ def test_unreachable_server_says_what_to_do(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.reliability
 def test_no_dns_fails_at_once_with_the_offline_hint(tmp_path, monkeypatch):
     def no_dns(*args, **kwargs):
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
@@ -159,6 +163,7 @@ class _RunsCode:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.reliability
 def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     members = _good_members()
@@ -169,6 +174,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.pop("test_batch"), "test_batch is missing"),
     (lambda m: m.update(data_batch_2=pickle.dumps({"labels": [0], "data": np.zeros((1, 100), np.uint8)})),
@@ -185,6 +191,7 @@ def test_malformed_batches_are_named(tmp_path, change, message):
         data.read_archive(_archive_with(tmp_path, members))
 
 
+@pytest.mark.reliability
 def test_not_a_gzip_archive(tmp_path):
     path = tmp_path / "x.tar.gz"
     path.write_text("hello")
@@ -230,6 +237,7 @@ def test_augment_crops_and_flips_on_the_device_without_changing_pixels():
     assert any(not torch.equal(c, images) for c in crops)
 
 
+@pytest.mark.reliability
 def test_links_and_escaping_members_are_never_followed_or_written(tmp_path):
     members = _good_members()
     del members["data_batch_4"]
@@ -251,6 +259,7 @@ def test_links_and_escaping_members_are_never_followed_or_written(tmp_path):
     assert not (tmp_path.parent / "escaped").exists() and not Path("/tmp/absolute-escape").exists()
 
 
+@pytest.mark.reliability
 def test_an_archive_with_too_many_entries_is_refused_early(tmp_path):
     path = tmp_path / "many.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
@@ -261,9 +270,19 @@ def test_an_archive_with_too_many_entries_is_refused_early(tmp_path):
         data.read_archive(path)
 
 
+@pytest.mark.reliability
 def test_a_truncated_archive_is_reported(archive, tmp_path):
     path, _ = archive
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ReprotuneError, match="not a readable CIFAR-10 tar.gz archive"):
         data.read_archive(cut)
+
+
+@pytest.mark.reliability
+def test_a_member_larger_than_any_cifar_batch_is_not_read(archive, monkeypatch):
+    path, _ = archive
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 1000)  # stands in for 512 MiB: the same check
+    with pytest.raises(ReprotuneError, match=r"batches.meta is \d+ bytes, more than a CIFAR batch can be|"
+                                             r"data_batch_1 is \d+ bytes, more than a CIFAR batch can be"):
+        data.read_archive(path)

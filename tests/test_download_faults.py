@@ -12,6 +12,8 @@ import pytest
 from reprotune import data
 from reprotune.errors import ReprotuneError
 
+pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
+
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
 

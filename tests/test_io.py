@@ -12,6 +12,8 @@ from conftest import REPO, run
 from reprotune import io
 from reprotune.errors import ReprotuneError
 
+pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
+
 
 def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "metrics.json"

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import onnx
 import pandas as pd
+import pytest
 import torch
 
 from conftest import env, make_project, run
 from reprotune.data import read_archive
+
+pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 
 STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
 

@@ -46,6 +46,7 @@ def test_imagenet_weights_come_through_torchvision_and_torch_home(weights_file, 
     assert _same_backbone(model, torch.load(weights_file, weights_only=True))
 
 
+@pytest.mark.reliability
 def test_imagenet_weights_offline_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
@@ -58,6 +59,7 @@ def test_imagenet_weights_offline_gives_a_clear_error(tmp_path, monkeypatch):
         build_model(ModelConfig(weights="imagenet"), 10, MEAN, STD)
 
 
+@pytest.mark.reliability
 def test_weights_that_do_not_fit(tmp_path):
     path = tmp_path / "w.pt"
     torch.save({"conv1.weight": torch.zeros(1, 1, 1, 1)}, path)
@@ -70,6 +72,7 @@ def test_weights_that_do_not_fit(tmp_path):
         build_model(ModelConfig(weights=str(tmp_path / "missing.pt")), 10, MEAN, STD)
 
 
+@pytest.mark.reliability
 def test_weights_file_that_runs_code_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -122,6 +125,7 @@ def test_saved_model_round_trips(tmp_path):
         load_model(tmp_path / "other.pt")
 
 
+@pytest.mark.reliability
 def test_device_choice():
     assert select_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():

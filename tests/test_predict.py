@@ -54,6 +54,7 @@ def test_predicts_png_and_jpeg_of_any_size(pipeline, images):
     assert best["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
 
 
+@pytest.mark.reliability
 def test_a_directory_is_classified_and_a_fake_png_is_named(pipeline, images, tmp_path):
     folder, _ = images
     mixed = tmp_path / "mixed"
@@ -72,6 +73,7 @@ def test_torchscript_and_int8_exports_classify_too(pipeline, images):
         assert len(_lines(proc.stdout)["exact.png"]["top_k"]) == 2
 
 
+@pytest.mark.reliability
 def test_missing_or_foreign_models_are_refused(pipeline, images, tmp_path):
     folder, _ = images
     image = str(folder / "exact.png")
@@ -96,6 +98,7 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(png)
 
 
+@pytest.mark.reliability
 def test_empty_and_enormous_images_are_refused_without_decoding(pipeline, images, tmp_path):
     folder, _ = images
     (tmp_path / "empty.png").write_bytes(b"")

@@ -17,6 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO, env, run, set_params
 from reprotune import data
 
+pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
+
 EPOCHS = 4
 
 

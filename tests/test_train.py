@@ -209,6 +209,7 @@ def test_early_stopping_after_patience_epochs_without_improvement(splits, tmp_pa
     assert accs[best - 1] == max(accs) and max(accs[best:]) <= accs[best - 1]
 
 
+@pytest.mark.reliability
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_checkpoint(splits, tmp_path, monkeypatch):
     real = train.train_one_epoch
     calls = []
