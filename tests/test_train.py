@@ -211,15 +211,15 @@ def test_early_stopping_after_patience_epochs_without_improvement(splits, tmp_pa
 
 @pytest.mark.reliability
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_checkpoint(splits, tmp_path, monkeypatch):
-    real = train.train_one_epoch
+    real = train.EpochProgress.summary
     calls = []
 
-    def diverge_in_epoch_2(*args, **kwargs):
-        row = real(*args, **kwargs)
+    def diverge_in_epoch_2(self, *args, **kwargs):
+        row = real(self, *args, **kwargs)
         calls.append(1)
         return {**row, "train_loss": float("nan")} if len(calls) == 2 else row
 
-    monkeypatch.setattr(train, "train_one_epoch", diverge_in_epoch_2)
+    monkeypatch.setattr(train.EpochProgress, "summary", diverge_in_epoch_2)
     with pytest.raises(ReprotuneError, match=r"training loss became nan in epoch 2.*checkpoint of epoch 1 is kept"):
         _fit(_params(epochs=3), splits, tmp_path, "nan")
     saved = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
