@@ -100,7 +100,8 @@ def main() -> None:
               "rounds": args.rounds, "results": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = ["| format | batch-1 latency (ms) | batch-256 throughput (images/s) | latency vs eager | throughput vs eager |",
+    table = ["| format | batch-1 latency (ms) | batch-256 throughput (images/s) | latency vs eager "
+             "| throughput vs eager |",
              "| --- | ---: | ---: | ---: | ---: |"]
     table += [f"| {r['format']} | {r['latency_ms']:.3f} | {r['throughput_images_per_s']:,.0f} | "
               f"{r['latency_speedup_vs_eager']:.2f}x | {r['throughput_speedup_vs_eager']:.2f}x |" for r in rows]

@@ -100,7 +100,7 @@ def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path, refe
 
     _same_weights(reference, resumed)
 
-    timing = ["seconds", "images_per_second", "achieved_tflops"]
+    timing = ["seconds", "images_per_second", "achieved_tflops", "peak_rss_mb"]
     history = [pd.read_csv(root / "metrics/train_history.csv").drop(columns=timing) for root in (reference, resumed)]
     pd.testing.assert_frame_equal(*history)
 

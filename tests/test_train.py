@@ -158,7 +158,7 @@ def test_training_is_seeded_learns_and_keeps_the_best_epoch(splits, tmp_path):
     first, second = (_fit(_params(deterministic=True, epochs=3), splits, tmp_path, name) for name in ("a", "b"))
     for key, value in first.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[key]), key
-    timing = ("seconds", "images_per_second", "achieved_tflops")
+    timing = ("seconds", "images_per_second", "achieved_tflops", "peak_rss_mb")
     assert [{k: v for k, v in row.items() if k not in timing} for row in first.history] == \
            [{k: v for k, v in row.items() if k not in timing} for row in second.history]
     assert first.metrics["best_val_acc"] == max(row["val_acc"] for row in first.history)

@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from reprotune.model import Classifier, apply_strategy, build_model, frozen_stag
 from reprotune.optim import make_optimizer, make_scheduler
 
 BAR_LOSS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
+GRAD_NORM_EVERY = 10  # without clipping, the logged gradient norm is sampled every this many steps
 PREDICTION_IMAGES = 16  # validation images shown with their predictions each epoch
 
 
@@ -49,9 +51,16 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one row per epoch
 
 
-def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip (unscaled) gradients by norm or value; return (norm before clipping, whether it clipped)."""
+def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig, measure: bool = True
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Clip (unscaled) gradients by norm or value; return (norm before clipping, whether it clipped).
+
+    Without clipping the norm is only for the log: with `measure` False it is skipped (None, None),
+    saving a pass over every gradient (~2 ms a step for ResNet18 on 2 CPU cores).
+    """
     grads = [p.grad for p in params if p.grad is not None]
+    if cfg.grad_clip == 0 and not measure:
+        return None, None
     norm = torch.nn.utils.get_total_norm(grads)
     if cfg.grad_clip == 0:
         return norm, torch.zeros((), dtype=torch.bool, device=norm.device)
@@ -110,16 +119,17 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip and measure the true gradients, not fp16-scaled ones
-        norm, fired = clip_gradients(params, cfg)
+        norm, fired = clip_gradients(params, cfg, measure=progress.step % GRAD_NORM_EVERY == 0)
         scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
         scaler.update()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
-        finite = torch.isfinite(norm)
-        norm_sum += torch.where(finite, norm, 0.0)
-        finite_norms += finite
-        clipped += fired
+        if norm is not None:
+            finite = torch.isfinite(norm)
+            norm_sum += torch.where(finite, norm, 0.0)
+            finite_norms += finite
+            clipped += fired
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         progress.seen += len(idx)
@@ -152,6 +162,14 @@ def pause_on_ctrl_c() -> Iterator[Callable[[], bool]]:
         yield requested.is_set
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it restarts at exec)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
+    return float("nan")  # not Linux
 
 
 def training_flops_per_image(model: Classifier, image_size: int, device: torch.device) -> float:
@@ -238,7 +256,8 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints)
             row = {"epoch": epoch, "step": epoch * steps, **_lrs(optimizer), **row,
                    "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
                    "images_per_second": per_epoch / seconds,
-                   "achieved_tflops": flops_per_image * per_epoch / seconds / 1e12}
+                   "achieved_tflops": flops_per_image * per_epoch / seconds / 1e12,
+                   "peak_rss_mb": peak_memory_mib()}
             run["history"].append(row)
             _log_epoch(writer, model, row, params, val, val_logits)
             tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
