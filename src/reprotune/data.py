@@ -332,13 +332,20 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images (N, 3, H, W), on the [0, 1] scale."""
-    flat = images.transpose(1, 0, 2, 3).reshape(3, -1)
-    mean = flat.mean(axis=1, dtype=np.float64) / 255
-    # Var = E[x^2] - E[x]^2 in float64 over uint8 values: exact enough, no float copy of the data.
-    sq = np.einsum("ij,ij->i", flat.astype(np.float32), flat.astype(np.float32), dtype=np.float64)
-    std = np.sqrt(sq / flat.shape[1] / 255**2 - mean**2)
-    return mean.tolist(), std.tolist()
+    """Per-channel mean and std of uint8 images (N, 3, H, W), on the [0, 1] scale.
+
+    Exact, from each channel's 256-bin histogram: no float copy of the data (a float32 copy of
+    CIFAR-10's training set alone is 550 MB; this peaks at one 46 MB channel).
+    """
+    values = np.arange(256, dtype=np.float64)
+    mean, std = [], []
+    for c in range(images.shape[1]):
+        counts = np.bincount(images[:, c].ravel(), minlength=256)
+        n = counts.sum()
+        m = (counts @ values) / n
+        mean.append(m / 255)
+        std.append(float(np.sqrt(max(0.0, (counts @ values**2) / n - m * m))) / 255)
+    return [float(m) for m in mean], std
 
 
 def make_splits(raw: RawData, val_fraction: float, seed: int) -> dict[str, Split]:

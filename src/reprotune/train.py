@@ -65,8 +65,12 @@ def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig, measure: 
     if cfg.grad_clip == 0:
         return norm, torch.zeros((), dtype=torch.bool, device=norm.device)
     if cfg.grad_clip_mode == "norm":
-        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
-        return norm, norm > cfg.grad_clip
+        fired = norm > cfg.grad_clip
+        # On the CPU reading `fired` costs nothing, and skips a pass over every gradient when the
+        # norm is within bounds; on a GPU it would be a sync point, so scale unconditionally there.
+        if norm.device.type != "cpu" or fired:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
+        return norm, fired
     fired = torch.stack([g.abs().amax() for g in grads]).amax() > cfg.grad_clip
     torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
     return norm, fired
