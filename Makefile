@@ -27,6 +27,7 @@ demo: install
 # Benchmarks print figures and write bench/results/ (never timed assertions in tests).
 bench: install
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/training.py
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs
