@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,3 +86,12 @@ def pipeline(tmp_path_factory) -> Path:
     root = make_project(tmp_path_factory.mktemp("pipeline") / "project")
     run(["dvc", "repro"], root)
     return root
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A ResNet18 state dict with a 1000-class head, like torchvision's ImageNet file."""
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path

@@ -16,15 +16,6 @@ from reprotune.model import apply_strategy, build_model, frozen_stages, load_mod
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """A ResNet18 state dict with a 1000-class head, like torchvision's ImageNet file."""
-    torch.manual_seed(123)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
-
-
 def _same_backbone(model, state):
     return all(torch.equal(model.net.state_dict()[k], v) for k, v in state.items() if not k.startswith("fc."))
 

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from reprotune import data, train
 from reprotune.checkpoint import Checkpoints
@@ -255,10 +254,3 @@ def test_head_initialization(init, check):
     head = build_model(ModelConfig(weights="none", head_init=init), 10, MEAN, STD).net.fc[1]
     assert check(head.weight) and torch.equal(head.bias, torch.zeros(10))
 
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    torch.manual_seed(123)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
