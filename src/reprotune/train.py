@@ -188,8 +188,7 @@ def training_flops_per_image(model: Classifier, image_size: int, device: torch.d
 def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints) -> FitResult:
     """Fine-tune per `params` on `train`, validate each epoch on `val`, resume if interrupted."""
     cfg = params.train
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(cfg.deterministic)  # set both ways: no leak between runs in one process
     device = select_device(cfg.device)
     autocast = amp_dtype(cfg.amp, device)
     torch.manual_seed(params.seed)  # the new head's initial weights, and dropout
