@@ -139,13 +139,16 @@ def test_missing_http_file_is_reported(http_server, tmp_path):
         data.fetch_archive(f"{http_server}/nothing.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
 
 
-def _archive_with(tmp_path: Path, members: dict[str, bytes]) -> Path:
+def _archive_with(tmp_path: Path, members: dict[str, bytes], extra: tuple[tarfile.TarInfo, ...] = ()) -> Path:
+    """A tar.gz of CIFAR batch members, plus `extra` raw entries (links, hostile paths, ...)."""
     path = tmp_path / "bad.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
         for name, payload in members.items():
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+        for info in extra:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
     return path
 
 
@@ -241,19 +244,12 @@ def test_augment_crops_and_flips_on_the_device_without_changing_pixels():
 def test_links_and_escaping_members_are_never_followed_or_written(tmp_path):
     members = _good_members()
     del members["data_batch_4"]
-    path = tmp_path / "links.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-        link = tarfile.TarInfo("cifar-10-batches-py/data_batch_4")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
-        for hostile in ("../escaped", "/tmp/absolute-escape"):
-            info = tarfile.TarInfo(hostile)
-            info.size = 1
-            tar.addfile(info, io.BytesIO(b"x"))
+    link = tarfile.TarInfo("cifar-10-batches-py/data_batch_4")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    hostile = [tarfile.TarInfo(name) for name in ("../escaped", "/tmp/absolute-escape")]
+    for info in hostile:
+        info.size = 1
+    path = _archive_with(tmp_path, members, (link, *hostile))
     with pytest.raises(ReprotuneError, match="data_batch_4 is a link or special file"):
         data.read_archive(path)
     assert not (tmp_path.parent / "escaped").exists() and not Path("/tmp/absolute-escape").exists()
