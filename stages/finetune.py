@@ -1,10 +1,16 @@
-"""DVC stage `finetune`: fine-tune ResNet18 on the cached splits, keep the best epoch, resume if killed."""
+"""DVC stage `finetune`: fine-tune ResNet18 on the cached splits, keep the best epoch, resume if killed.
+
+With train.nproc x train.nnodes > 1 the script relaunches itself through torchrun (DDP); rank 0
+writes every output. On the other machines of a multi-node run: `python stages/finetune.py --node-rank N`.
+"""
 
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
+import typer
 
-from reprotune import tb
+from reprotune import distributed, tb
 from reprotune.checkpoint import Checkpoints, run_key
 from reprotune.cli import ParamsFile, run_stage
 from reprotune.config import load_params
@@ -18,11 +24,19 @@ MODEL = Path("models/model.pt")
 WORK = Path("runs/finetune.live")  # checkpoint + live log; not a DVC output, so a rerun resumes
 
 
-def main(params: ParamsFile = Path("params.yaml")) -> None:
+def main(params: ParamsFile = Path("params.yaml"),
+         node_rank: Annotated[int, typer.Option(help="This machine's place in a multi-node run "
+                                                      "(0 runs `dvc repro`).")] = 0) -> None:
     cfg = load_params(params)
-    train, val = (load_split(path) for path in SPLITS)
-    checkpoints = Checkpoints(WORK, run_key(cfg, SPLITS))
-    result = finetune(cfg, train, val, checkpoints)
+    if distributed.needs_launch(cfg.train, node_rank):
+        distributed.launch(cfg.train, [distributed.script_path(__file__), "--params", str(params)], node_rank)
+        return
+    with distributed.process_group(cfg.train) as group:
+        train, val = (load_split(path) for path in SPLITS)
+        checkpoints = Checkpoints(WORK, run_key(cfg, SPLITS))
+        result = finetune(cfg, train, val, checkpoints, group)
+    if result is None:
+        return  # not rank 0: rank 0 writes the outputs
     tb.publish(checkpoints.logdir, "runs/finetune")
     save_model(MODEL, result.model, cfg.model, train.classes,
                {"best_epoch": result.metrics["best_epoch"], "val_acc": result.metrics["best_val_acc"],

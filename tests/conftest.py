@@ -43,9 +43,11 @@ def env() -> dict[str, str]:
     return environ
 
 
-def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 600,
+        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command in `cwd`; on an unexpected exit code, fail with its output."""
-    proc = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

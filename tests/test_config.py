@@ -40,6 +40,10 @@ def _write(tmp_path, params: dict):
     ({"train": {"optimizer": "lbfgs"}}, r"train.optimizer: Input should be 'sgd', 'adam', 'adamw' or 'rmsprop'"),
     ({"train": {"strategy": "linear"}, "model": {"weights": "none"}}, r"model.weights=none leaves them random"),
     ({"train": {"strategy": "partial"}, "model": {"stem": "cifar"}}, r"model.stem=cifar"),
+    ({"train": {"nproc": 3}}, r"train.batch_size=128 is the global batch and must divide evenly among "
+                              r"train.nproc x train.nnodes = 3 processes"),
+    ({"train": {"nproc": 2, "device": "cuda:1"}}, r"train.device=cuda:1 names one GPU, but 2 processes train"),
+    ({"train": {"nnodes": 2, "rdzv_endpoint": "node0"}}, r"train.rdzv_endpoint: must be host:port"),
 ])
 def test_bad_params_name_the_file_and_key(tmp_path, params, message):
     path = _write(tmp_path, params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import socket
 import subprocess
 import time
@@ -241,23 +242,39 @@ def test_the_real_tensorboard_server_shows_runs_scalars_layout_and_hparams(pipel
         server.wait(timeout=30)
 
 
-def test_strategy_experiments_side_by_side(pipeline):
+def test_a_queued_sweep_runs_in_parallel_and_compares_side_by_side(pipeline):
     # A ResNet18 state dict standing in for pretrained weights, loaded through model.weights.
     torch.manual_seed(7)
     torch.save(torchvision.models.resnet18().state_dict(), pipeline / "backbone.pt")
     run(["git", "add", "-A"], pipeline)
     run(["git", "commit", "-q", "-m", "backbone weights"], pipeline)
     for strategy in ("linear", "full"):
-        run(["dvc", "exp", "run", "-n", f"strategy-{strategy}", "-S", f"train.strategy={strategy}",
-             "-S", "model.weights=backbone.pt"], pipeline)
+        out = run(["dvc", "exp", "run", "--queue", "-n", f"strategy-{strategy}", "-S", f"train.strategy={strategy}",
+                   "-S", "model.weights=backbone.pt"], pipeline).stdout
+        assert "Queued experiment" in out
+    run(["dvc", "queue", "start", "-j", "2"], pipeline)  # two workers: both experiments at once
+    try:
+        deadline = time.monotonic() + 600
+        while re.search(r"\b(Queued|Running)\b", status := run(["dvc", "queue", "status"], pipeline).stdout):
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+    finally:
+        run(["dvc", "queue", "stop"], pipeline, check=False)
+    assert len(re.findall(r"strategy-\w+ .*\bSuccess\b", status)) == 2, status
+
     shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
     found = {}
     for exp in (e for rev in shown for e in (rev.get("experiments") or [])):
         if exp.get("name", "").startswith("strategy-"):
             data = exp["revs"][0]["data"]
             found[exp["name"]] = (data["params"]["params.yaml"]["data"]["train"]["strategy"],
-                                  data["metrics"]["metrics/train.json"]["data"]["flops_per_image"])
+                                  data["metrics"]["metrics/train.json"]["data"])
     assert found["strategy-linear"][0] == "linear" and found["strategy-full"][0] == "full"
-    assert found["strategy-linear"][1] < found["strategy-full"][1]  # no backward through a frozen backbone
+    linear, full = found["strategy-linear"][1], found["strategy-full"][1]
+    assert linear["flops_per_image"] < full["flops_per_image"]  # no backward through a frozen backbone
+    assert linear["final_train_loss"] != full["final_train_loss"]
     table = run(["dvc", "exp", "show", "--only-changed", "--md"], pipeline).stdout
     assert "strategy-linear" in table and "strategy-full" in table
+    plots = json.loads(run(["dvc", "plots", "diff", "strategy-linear", "strategy-full", "--json"], pipeline).stdout)
+    revisions = {point["rev"] for point in plots["data"]["Accuracy"][0]["content"]["data"]["values"]}
+    assert revisions == {"strategy-linear", "strategy-full"}

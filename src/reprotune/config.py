@@ -66,7 +66,7 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     """Passes over the training split (fewer if early stopping fires)."""
     batch_size: int = Field(128, ge=1)
-    """Images per optimizer step."""
+    """Images per optimizer step, in all: with N processes each one takes batch_size / N."""
     lr: float = Field(0.01, gt=0)
     """Peak learning rate of the head (per batch of `batch_size`)."""
     backbone_lr_mult: float = Field(1.0, gt=0, le=1)
@@ -124,7 +124,18 @@ class TrainConfig(Section):
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bitwise-repeatable runs, sometimes slower."""
     device: str = "auto"
-    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`."""
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`. With several processes per node,
+    `auto` and `cuda` give each process its own GPU (`cuda:LOCAL_RANK`)."""
+    nproc: int = Field(1, ge=1)
+    """Training processes per node (one per GPU). Above 1, or with `nnodes` above 1, the finetune
+    stage launches itself through torchrun and trains with DistributedDataParallel."""
+    nnodes: int = Field(1, ge=1)
+    """Machines taking part in training; the one running `dvc repro` is node 0 (see the README)."""
+    rdzv_endpoint: str = "localhost:29500"
+    """host:port of node 0, where the other nodes meet it (only used when `nnodes` > 1)."""
+    sync_bn: bool = False
+    """SyncBatchNorm: BatchNorm statistics over the global batch rather than each process's share
+    (CUDA only)."""
 
     @field_validator("device")
     @classmethod
@@ -133,6 +144,19 @@ class TrainConfig(Section):
         if value in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
             return value
         raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint_spelling(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return value
+        raise ValueError("must be host:port, e.g. node0.example.com:29500")
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: `nproc` per node times `nnodes`."""
+        return self.nproc * self.nnodes
 
 
 class LogConfig(Section):
@@ -192,6 +216,13 @@ class Params(Section):
         if self.train.warmup_epochs >= self.train.epochs:
             raise ValueError(f"train.warmup_epochs={self.train.warmup_epochs} must be less than "
                              f"train.epochs={self.train.epochs}")
+        world = self.train.world_size
+        if self.train.batch_size % world:
+            raise ValueError(f"train.batch_size={self.train.batch_size} is the global batch and must divide "
+                             f"evenly among train.nproc x train.nnodes = {world} processes")
+        if world > 1 and self.train.device.startswith("cuda:"):
+            raise ValueError(f"train.device={self.train.device} names one GPU, but {world} processes "
+                             "train: use auto or cuda, and each process takes the GPU of its local rank")
         if frozen and self.model.stem == "cifar":
             raise ValueError(f"model.stem=cifar replaces the first conv with an untrained one, which "
                              f"train.strategy={self.train.strategy} would freeze: use strategy full")

@@ -377,21 +377,29 @@ def load_split(path: Path) -> Split:
 # --------------------------------------------------------------------------- augmentation
 
 
-def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding `padding` px) and horizontal flip of a uint8 batch, on its device."""
+def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator,
+            part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Random crop (zero padding `padding` px) and horizontal flip of a uint8 batch, on its device.
+
+    `part=(k, n)`: `images` is the k-th of n equal slices of a larger batch (one rank's share of a
+    global batch). The random draws are made for the whole batch, so each slice gets exactly the
+    crops and flips it would get augmented as one batch, and every rank's generator stays in step.
+    """
     n, c, h, w = images.shape
     device = images.device
+    k, parts = part
+    mine = slice(k * n, (k + 1) * n)
     if padding:
         padded = F.pad(images, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        dy = torch.randint(0, 2 * padding + 1, (n * parts, 1), device=device, generator=generator)[mine]
+        dx = torch.randint(0, 2 * padding + 1, (n * parts, 1), device=device, generator=generator)[mine]
         rows = (dy + torch.arange(h, device=device))[:, None, :, None]  # (N, 1, H, 1)
         cols = (dx + torch.arange(w, device=device))[:, None, None, :]  # (N, 1, 1, W)
         batch = torch.arange(n, device=device)[:, None, None, None]
         channel = torch.arange(c, device=device)[None, :, None, None]
         images = padded[batch, channel, rows, cols]  # one gather: (N, C, H, W)
     if hflip:
-        flip = torch.rand(n, device=device, generator=generator) < 0.5
+        flip = torch.rand(n * parts, device=device, generator=generator)[mine] < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
     return images
 

@@ -7,18 +7,25 @@ import torch
 from reprotune.errors import ReprotuneError
 
 
-def select_device(spec: str) -> torch.device:
-    """`auto` -> CUDA when present else CPU; `cuda`/`cuda:N` must exist, or a clear error."""
+def select_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """`auto` -> CUDA when present else CPU; `cuda`/`cuda:N` must exist, or a clear error.
+
+    Under torchrun (`local_rank` given) `auto` and `cuda` mean this process's own GPU, cuda:local_rank.
+    """
+    asked = spec
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and local_rank is not None:
+        spec = f"cuda:{local_rank}"
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ReprotuneError(f"train.device={spec} but this machine has no CUDA device "
+            raise ReprotuneError(f"train.device={asked} but this machine has no CUDA device "
                                  "(use auto or cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ReprotuneError(f"train.device={spec} but only {torch.cuda.device_count()} "
-                                 "CUDA device(s) exist")
+                                 "CUDA device(s) exist" + (" (one GPU per process: lower train.nproc)"
+                                                          if local_rank is not None else ""))
     return device
 
 

@@ -32,6 +32,7 @@ from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, TrainConfig
 from reprotune.data import Split, augment, to_float
 from reprotune.device import amp_dtype, select_device
+from reprotune.distributed import ONE_PROCESS, Group
 from reprotune.errors import Interrupted, ReprotuneError
 from reprotune.evaluate import loss_and_accuracy, predict
 from reprotune.model import Classifier, apply_strategy, build_model, frozen_stages
@@ -105,15 +106,20 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     ema: AveragedModel | None, images: torch.Tensor, labels: torch.Tensor,
                     cfg: TrainConfig, autocast: torch.dtype | None, generator: torch.Generator,
-                    steps: int, progress: EpochProgress, bar: tqdm, stop: Callable[[], bool]) -> bool:
-    """Run the epoch's remaining steps; return False if `stop()` asked to pause after a step."""
+                    steps: int, progress: EpochProgress, bar: tqdm, stop: Callable[[], bool],
+                    group: Group = ONE_PROCESS) -> bool:
+    """Run the epoch's remaining steps; return False if `stop()` asked to pause after a step.
+
+    Each step takes the next global batch of the epoch's shuffle; this rank trains on its slice.
+    """
     model.train()
     device = images.device
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, correct, norm_sum, finite_norms, clipped = progress.sums.unbind()  # views: summed in place
     while progress.step < steps:
-        idx = progress.order[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
-        x = to_float(augment(images[idx], cfg.random_crop, cfg.hflip, generator))
+        batch = progress.order[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
+        idx = group.part(batch)
+        x = to_float(augment(images[idx], cfg.random_crop, cfg.hflip, generator, (group.rank, group.world)))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
@@ -134,13 +140,13 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             norm_sum += torch.where(finite, norm, 0.0)
             finite_norms += finite
             clipped += fired
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += loss.detach() * len(idx)  # this rank's share; the ranks' sums add up at the epoch's end
         correct += (logits.argmax(1) == y).sum()
-        progress.seen += len(idx)
+        progress.seen += len(batch)  # images trained by all ranks together
         progress.step += 1
-        bar.update(len(idx))
-        if not bar.disable and progress.step % BAR_LOSS_EVERY == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / progress.seen:.4f}", refresh=False)  # note: a sync point
+        bar.update(len(batch))
+        if not bar.disable and progress.step % BAR_LOSS_EVERY == 0:  # this rank's running loss; a sync point
+            bar.set_postfix(loss=f"{loss_sum.item() * group.world / progress.seen:.4f}", refresh=False)
         if stop() and progress.step < steps:
             return False
     return True
@@ -185,97 +191,126 @@ def training_flops_per_image(model: Classifier, image_size: int, device: torch.d
     return counter.get_total_flops() / 2
 
 
-def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints) -> FitResult:
-    """Fine-tune per `params` on `train`, validate each epoch on `val`, resume if interrupted."""
+def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
+             group: Group = ONE_PROCESS) -> FitResult | None:
+    """Fine-tune per `params` on `train`, validate each epoch on `val`, resume if interrupted.
+
+    Under DDP every rank calls this; rank 0 alone validates, checkpoints and logs, and gets the
+    result (the other ranks get None).
+    """
     cfg = params.train
+    main = group.is_main
     torch.use_deterministic_algorithms(cfg.deterministic)  # set both ways: no leak between runs in one process
-    device = select_device(cfg.device)
+    device = select_device(cfg.device, group.local_rank if group.distributed else None)
     autocast = amp_dtype(cfg.amp, device)
-    torch.manual_seed(params.seed)  # the new head's initial weights, and dropout
+    torch.manual_seed(params.seed)  # the new head's initial weights (the same on every rank), and dropout
     model = build_model(params.model, len(train.classes), train.mean, train.std).to(device)
+    if group.distributed:
+        torch.manual_seed(params.seed + 1000 * (group.rank + 1))  # each rank its own dropout masks
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     apply_strategy(model, frozen_stages(cfg.strategy, cfg.unfreeze_from, cfg.unfreeze_after, 1))
-    flops_per_image = training_flops_per_image(model, train.images.shape[-1], device)
+    flops_per_image = training_flops_per_image(model, train.images.shape[-1], device) if main else 0.0
+    if cfg.sync_bn and group.distributed:
+        if device.type != "cuda":
+            raise ReprotuneError("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): "
+                                 "set it to false to train on CPUs")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     images, labels = train.images.to(device), train.labels.to(device)
     val_images, val_labels = val.images.to(device), val.labels
-    # Full batches only: a trailing batch of one image would break BatchNorm, and every
+    # Full global batches only: a trailing batch of one image would break BatchNorm, and every
     # image is still seen across epochs because each epoch reshuffles.
     steps = max(1, len(images) // cfg.batch_size)
-    per_epoch = min(len(images), steps * cfg.batch_size)  # images trained on each epoch
+    per_epoch = min(len(images), steps * cfg.batch_size)  # images trained on each epoch, all ranks together
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None
-    generator = torch.Generator(device).manual_seed(params.seed)
+    generator = torch.Generator(device).manual_seed(params.seed)  # in step on every rank: same shuffles
     run = {"epoch": 0, "history": [], "best": None, "stale_epochs": 0, "train_seconds": 0.0}
 
-    state = checkpoints.resume()
+    state = group.share(checkpoints.resume() if main else None)  # rank 0 reads; multi-node ranks cannot
     if state is not None:
-        run = _restore(state, model, optimizer, scheduler, scaler, ema, generator)
-        tqdm.write(f"resuming after epoch {run['epoch']} from {checkpoints.directory}")
-    writer = tb.open_writer(checkpoints.logdir, purge_step=run["epoch"] * steps + 1 if state else None)
-    if state is None:
-        _log_setup(writer, params, model, train, device, autocast, flops_per_image)
-    train_model = torch.compile(model) if cfg.compile else model
+        run = _restore(state, model, optimizer, scheduler, scaler, ema, generator, group)
+        if main:
+            tqdm.write(f"resuming after epoch {run['epoch']} from {checkpoints.directory}")
+    writer = None
+    if main:
+        writer = tb.open_writer(checkpoints.logdir, purge_step=run["epoch"] * steps + 1 if state else None)
+        if state is None:
+            _log_setup(writer, params, model, train, device, autocast, flops_per_image, group.world)
+    train_model = _trainable(model, cfg, group, device)
 
     paused = state.get("progress") if state else None
-    with writer, pause_on_ctrl_c() as stop_requested:
+    # Under DDP a Ctrl-C reaches every rank at a different step, and pausing needs them in step:
+    # the ranks stop at once and a rerun resumes from the last complete epoch.
+    pausing = pause_on_ctrl_c() if not group.distributed else contextlib.nullcontext(lambda: False)
+    with writer or contextlib.nullcontext(), pausing as stop_requested:
         for epoch in range(run["epoch"] + 1, cfg.epochs + 1):
             if run["stale_epochs"] and run["stale_epochs"] >= cfg.early_stop_patience > 0:
                 break
             frozen = frozen_stages(cfg.strategy, cfg.unfreeze_from, cfg.unfreeze_after, epoch)
             if frozen != model.frozen:
                 apply_strategy(model, frozen)
-                tqdm.write(f"epoch {epoch}: frozen now {', '.join(frozen) or 'nothing'}")
+                train_model = _trainable(model, cfg, group, device)  # DDP hooks only the parameters that train
+                if main:
+                    tqdm.write(f"epoch {epoch}: frozen now {', '.join(frozen) or 'nothing'}")
             progress = EpochProgress(**paused) if paused else EpochProgress.start(images, generator)
             paused = None
             started = time.perf_counter()
             with tqdm(total=per_epoch, initial=progress.seen, unit="img", unit_scale=True,
-                      desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None) as bar, \
+                      desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if main else True) as bar, \
                     warnings.catch_warnings():
                 # GradScaler skips the optimizer step when fp16 gradients overflow (always at its
                 # first, too-high scale); torch then warns the scheduler stepped "first". Expected.
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 finished = train_one_epoch(train_model, optimizer, scheduler, scaler, ema, images, labels, cfg,
-                                           autocast, generator, steps, progress, bar, stop_requested)
+                                           autocast, generator, steps, progress, bar, stop_requested, group)
             progress.seconds += time.perf_counter() - started
             if not finished:
-                checkpoints.save({**_snapshot(run, model, optimizer, scheduler, scaler, ema, generator),
+                checkpoints.save({**_snapshot(run, model, optimizer, scheduler, scaler, ema, generator, group),
                                   "progress": progress.to_dict()})
                 raise Interrupted(f"interrupted in epoch {epoch} after step {progress.step} of {steps}: "
                                   f"checkpoint saved in {checkpoints.directory}; run the stage again to resume")
+            group.sum_(progress.sums[:2])  # loss and correct counts over all ranks (grad norms are shared)
             row, seconds = progress.summary(steps, scaler), progress.seconds
             if not math.isfinite(row["train_loss"]):
                 raise ReprotuneError(f"training loss became {row['train_loss']} in epoch {epoch}: lower "
                                      f"train.lr or set train.grad_clip (the checkpoint of epoch {epoch - 1} "
                                      f"is kept in {checkpoints.directory})")
             evaluated = ema.module if ema is not None else model
-            val_logits = predict(evaluated, val_images, cfg.batch_size, autocast)
-            val_loss, val_acc = loss_and_accuracy(val_logits, val_labels)
+            val_logits = predict(evaluated, val_images, cfg.batch_size, autocast) if main else None
+            # Rank 0 validates; every rank needs the score, to stop early at the same epoch.
+            val_loss, val_acc = group.share(loss_and_accuracy(val_logits, val_labels) if main else None)
             run["train_seconds"] += seconds
-            row = {"epoch": epoch, "step": epoch * steps, **_lrs(optimizer), **row,
-                   "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
-                   "images_per_second": per_epoch / seconds,
-                   "achieved_tflops": flops_per_image * per_epoch / seconds / 1e12,
-                   "peak_rss_mb": peak_memory_mib()}
-            run["history"].append(row)
-            _log_epoch(writer, model, row, params, val, val_logits)
-            tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-                       f"  val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_second']:.0f} img/s")
             score = val_acc if cfg.early_stop_metric == "val_acc" else -val_loss
             if run["best"] is None or score > run["best"]["score"]:
-                run["best"] = {"score": score, "epoch": epoch,
-                               "state": {k: v.detach().clone() for k, v in evaluated.state_dict().items()}}
+                run["best"] = {"score": score, "epoch": epoch, "state": None if not main else
+                               {k: v.detach().clone() for k, v in evaluated.state_dict().items()}}
                 run["stale_epochs"] = 0
             else:
                 run["stale_epochs"] += 1
             run["epoch"] = epoch
-            checkpoints.save(_snapshot(run, model, optimizer, scheduler, scaler, ema, generator))
+            if main:
+                row = {"epoch": epoch, "step": epoch * steps, **_lrs(optimizer), **row,
+                       "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
+                       "images_per_second": per_epoch / seconds,
+                       "achieved_tflops": flops_per_image * per_epoch / seconds / 1e12,
+                       "peak_rss_mb": peak_memory_mib()}
+                run["history"].append(row)
+                _log_epoch(writer, model, row, params, val, val_logits)
+                tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc "
+                           f"{row['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}  "
+                           f"{row['images_per_second']:.0f} img/s")
+            snapshot = _snapshot(run, model, optimizer, scheduler, scaler, ema, generator, group)  # all ranks
+            if main:
+                checkpoints.save(snapshot)
 
-        metrics = _metrics(run, cfg, per_epoch, flops_per_image)
+        if not main:
+            return None
+        metrics = _metrics(run, cfg, per_epoch, flops_per_image, group.world)
         if params.log.graph:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and shape notices
@@ -286,13 +321,19 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints)
     return FitResult(model.cpu().eval(), metrics, run["history"])
 
 
+def _trainable(model: Classifier, cfg: TrainConfig, group: Group, device: torch.device) -> torch.nn.Module:
+    """The module the loop calls: `model`, wrapped in DDP when distributed, compiled if asked."""
+    wrapped = group.wrap(model, device)
+    return torch.compile(wrapped) if cfg.compile else wrapped
+
+
 def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """The learning rate now in effect for the head and for the backbone."""
     lrs = {group["name"].split("/")[0]: group["lr"] for group in optimizer.param_groups}
     return {"lr": lrs["head"], "lr_backbone": lrs.get("backbone", lrs["head"])}
 
 
-def _metrics(run: dict, cfg: TrainConfig, per_epoch: int, flops_per_image: float) -> dict:
+def _metrics(run: dict, cfg: TrainConfig, per_epoch: int, flops_per_image: float, processes: int) -> dict:
     history, best = run["history"], run["best"]
     last, best_row = history[-1], history[best["epoch"] - 1]
     images_per_second = len(history) * per_epoch / run["train_seconds"]
@@ -301,39 +342,44 @@ def _metrics(run: dict, cfg: TrainConfig, per_epoch: int, flops_per_image: float
             "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
             "epochs": len(history), "stopped_early": len(history) < cfg.epochs,
             "train_seconds": run["train_seconds"], "images_per_second": images_per_second,
-            "flops_per_image": flops_per_image, "achieved_tflops": flops_per_image * images_per_second / 1e12}
+            "processes": processes, "flops_per_image": flops_per_image,
+            "achieved_tflops": flops_per_image * images_per_second / 1e12}
 
 
-def _snapshot(run: dict, model, optimizer, scheduler, scaler, ema, generator) -> dict:
-    """Everything needed to continue exactly where this epoch ended."""
-    cuda = torch.cuda.is_available() and generator.device.type == "cuda"
+def _snapshot(run: dict, model, optimizer, scheduler, scaler, ema, generator, group: Group) -> dict:
+    """Everything needed to continue exactly where this epoch ended. Collective under DDP: each
+    rank's own random state (its dropout stream) is gathered for rank 0 to save."""
+    cuda = generator.device.type == "cuda"
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(generator.device) if cuda else None}
     return {**run, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state(generator.device) if cuda else None}}
+            "rng": {"ranks": group.gather(rng), "generator": generator.get_state()}}
 
 
-def _restore(state: dict, model, optimizer, scheduler, scaler, ema, generator) -> dict:
+def _restore(state: dict, model, optimizer, scheduler, scaler, ema, generator, group: Group) -> dict:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["rng"]["torch"])
+    rng = state["rng"]["ranks"][group.rank]
+    torch.set_rng_state(rng["torch"])
     generator.set_state(state["rng"]["generator"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], generator.device)
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], generator.device)
     return {k: state[k] for k in ("epoch", "history", "best", "stale_epochs", "train_seconds")}
 
 
 def _log_setup(writer: SummaryWriter, params: Params, model: Classifier, train: Split,
-               device: torch.device, autocast: torch.dtype | None, flops_per_image: float) -> None:
+               device: torch.device, autocast: torch.dtype | None, flops_per_image: float, processes: int) -> None:
     """What the run is: device, precision, trainable parameters, cost, an augmented sample batch."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    writer.add_text("run/setup", f"device {device}, autocast {autocast or 'off'}, strategy "
+    where = f"{processes} DDP processes ({params.train.batch_size // processes} images each per step) on " \
+        if processes > 1 else ""
+    writer.add_text("run/setup", f"{where}device {device}, autocast {autocast or 'off'}, strategy "
                     f"{params.train.strategy}: {trainable:,} of {total:,} parameters train, "
                     f"frozen: {', '.join(model.frozen) or 'nothing'}; {flops_per_image / 1e9:.3f} GFLOPs "
                     "per training image (forward + backward)", 0)
