@@ -155,27 +155,33 @@ def test_two_processes_train_what_one_process_trains(project, one_process, tmp_p
     assert run(["dvc", "status", "finetune"], project).stdout.strip() == "Data and pipelines are up to date."
 
 
-def test_a_killed_ddp_run_resumes_to_the_same_weights(project, one_process, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_stopped_ddp_run_resumes_to_the_same_weights(project, one_process, monkeypatch, sig):
     set_params(project / "params.yaml", {"model.weights": "none", "train.strategy": "full"})
     checkpoint = project / "runs/finetune.live/checkpoint.pt"
     proc = subprocess.Popen(["python", "stages/finetune.py"], cwd=project, env={**env(), **ONE_THREAD},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, as `kill -9`, a CI timeout or the OOM killer would
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    # torchrun starts each rank in a session of its own: they must die with their launcher, not train on.
+    # SIGKILL: the launcher dies as under `kill -9`, a CI timeout or the OOM killer. SIGINT: Ctrl-C.
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    else:
+        assert proc.returncode == 130, stderr
+        assert stderr.strip().splitlines() == ["reprotune: training stopped by signal SIGINT; run the stage "
+                                               "again to resume from the last complete epoch"]
+    # torchrun starts each rank in a session of its own: they must stop with their launcher.
     deadline = time.monotonic() + 10
     while _running_in(project) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _running_in(project) == []
-    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert killed_at == 1
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
 
     out = run(["python", "stages/finetune.py"], project, extra_env=ONE_THREAD).stdout
-    assert f"resuming after epoch {killed_at}" in out
+    assert "resuming after epoch 1" in out
     _assert_close(one_process(True, monkeypatch), project / "models/model.pt")
 
 

@@ -18,6 +18,7 @@ processes is the run with one, split N ways:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import signal
@@ -127,6 +128,10 @@ def launch(cfg: TrainConfig, script: list[str], node_rank: int = 0) -> None:
     # torchrun would give each process one thread; share this machine's cores among them instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
     os.environ[LAUNCHER_PID] = str(os.getpid())  # torchrun's agent runs in this process
+    if os.environ.get("REPROTUNE_DEBUG") != "1":  # --debug keeps torchrun's own progress and warnings
+        for name in list(logging.root.manager.loggerDict):  # torch gives each module's logger its own level
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.ERROR)
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as exc:
