@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,16 +25,18 @@ import torch
 import torchvision
 
 from conftest import env, make_project, run, set_params
+from reprotune import device
 from reprotune import model as model_module
 from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, load_params
 from reprotune.data import load_split
-from reprotune.device import select_device
+from reprotune.device import claim_gpu, select_device
 from reprotune.distributed import torchrun_args
 from reprotune.errors import ReprotuneError
 from reprotune.train import finetune
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+TWO_PROCESSES = {"train.nproc": 2, "train.nnodes": 1}  # each test sets how it launches: tests share a project
 
 # Installed in every training process through PYTHONPATH: records each write-like filesystem call
 # inside the project (open for writing, mkdir, rename, remove) to a per-rank log outside it.
@@ -82,7 +86,8 @@ def one_process(project, tmp_path_factory):
     done = {}
 
     def reference(ghost_batchnorm: bool, monkeypatch) -> dict[str, torch.Tensor]:
-        key = ((project / "params.yaml").read_text(), ghost_batchnorm)
+        launch = {"train": {"nproc", "nnodes", "rdzv_endpoint"}}  # how the processes start, not what they compute
+        key = (load_params(project / "params.yaml").model_dump_json(exclude=launch), ghost_batchnorm)
         if key not in done:
             done[key] = _one_process(project, tmp_path_factory.mktemp("single"), ghost_batchnorm, monkeypatch)
         return done[key]
@@ -138,7 +143,7 @@ def test_two_processes_train_what_one_process_trains(project, one_process, tmp_p
     overrides = {"train.strategy": strategy}
     if strategy == "linear":  # frozen layers need real weights; the full run trains from scratch
         overrides["model.weights"] = "backbone.pt"
-    set_params(project / "params.yaml", {"model.weights": "none", **overrides})
+    set_params(project / "params.yaml", {"model.weights": "none", **overrides, **TWO_PROCESSES})
     out = _train_ddp(project, tmp_path / "audit").stdout
 
     assert "$ torchrun --standalone --nproc-per-node 2" in out
@@ -157,7 +162,7 @@ def test_two_processes_train_what_one_process_trains(project, one_process, tmp_p
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_stopped_ddp_run_resumes_to_the_same_weights(project, one_process, monkeypatch, sig):
-    set_params(project / "params.yaml", {"model.weights": "none", "train.strategy": "full"})
+    set_params(project / "params.yaml", {"model.weights": "none", "train.strategy": "full", **TWO_PROCESSES})
     checkpoint = project / "runs/finetune.live/checkpoint.pt"
     proc = subprocess.Popen(["python", "stages/finetune.py"], cwd=project, env={**env(), **ONE_THREAD},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -185,8 +190,31 @@ def test_a_stopped_ddp_run_resumes_to_the_same_weights(project, one_process, mon
     _assert_close(one_process(True, monkeypatch), project / "models/model.pt")
 
 
+def test_two_machines_on_one_host(project, one_process, tmp_path, monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    set_params(project / "params.yaml", {"model.weights": "none", "train.strategy": "full", "train.nproc": 1,
+                                         "train.nnodes": 2, "train.rdzv_endpoint": f"127.0.0.1:{port}"})
+    other = tmp_path / "node1"  # the second machine's checkout, data pulled
+    shutil.copytree(project, other, ignore=shutil.ignore_patterns("runs", "models", "metrics"))
+    before = sorted(p for p in other.rglob("*") if ".git" not in p.parts)
+    node1 = subprocess.Popen(["python", "stages/finetune.py", "--node-rank", "1"], cwd=other,
+                             env={**env(), **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = run(["python", "stages/finetune.py"], project, extra_env=ONE_THREAD).stdout
+    finally:
+        node1_out, _ = node1.communicate(timeout=120)
+    assert node1.returncode == 0, node1_out
+    assert (f"$ torchrun --nnodes 2 --node-rank 0 --rdzv-backend static --rdzv-endpoint 127.0.0.1:{port} "
+            "--nproc-per-node 1") in out
+    assert "--node-rank 1" in node1_out and "epoch" not in node1_out  # node 1 trains silently
+    assert sorted(p for p in other.rglob("*") if ".git" not in p.parts) == before  # and writes nothing
+    _assert_close(one_process(True, monkeypatch), project / "models/model.pt")  # the same run as 2 processes
+
+
 def test_a_failing_rank_ends_in_one_line(project):
-    set_params(project / "params.yaml", {"train.sync_bn": True})
+    set_params(project / "params.yaml", {"train.sync_bn": True, **TWO_PROCESSES})
     try:
         proc = run(["python", "stages/finetune.py"], project, check=False)
     finally:
@@ -232,3 +260,19 @@ def test_each_process_takes_the_gpu_of_its_local_rank():
     if not torch.cuda.is_available():
         with pytest.raises(ReprotuneError, match="train.device=cuda but this machine has no CUDA device"):
             select_device("cuda", local_rank=1)
+
+
+def test_runs_side_by_side_claim_different_gpus(tmp_path):
+    holder = subprocess.Popen(["python", "-c", "import sys; from reprotune.device import claim_gpu; "
+                               f"print(claim_gpu(3, {str(tmp_path)!r}), flush=True); sys.stdin.read()"],
+                              env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        assert [claim_gpu(3, tmp_path), claim_gpu(3, tmp_path)] == [1, 2]
+        assert claim_gpu(3, tmp_path) == 0  # every GPU held: share the first
+    finally:
+        holder.communicate("")  # the holder exits, and the kernel releases its lock
+    assert claim_gpu(3, tmp_path) == 0
+    for fd in device._HELD:
+        os.close(fd)
+    device._HELD.clear()

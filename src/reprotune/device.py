@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 
 from reprotune.errors import ReprotuneError
@@ -11,12 +16,16 @@ def select_device(spec: str, local_rank: int | None = None) -> torch.device:
     """`auto` -> CUDA when present else CPU; `cuda`/`cuda:N` must exist, or a clear error.
 
     Under torchrun (`local_rank` given) `auto` and `cuda` mean this process's own GPU, cuda:local_rank.
+    Otherwise, on a machine with several GPUs, they mean a GPU no other reprotune run holds, so that
+    queued experiments running side by side (`dvc queue start -j N`) spread over the GPUs.
     """
     asked = spec
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda" and local_rank is not None:
         spec = f"cuda:{local_rank}"
+    elif spec == "cuda" and torch.cuda.device_count() > 1:
+        spec = f"cuda:{claim_gpu(torch.cuda.device_count())}"
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -34,3 +43,30 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.float16 if device.type == "cuda" else None
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
+
+
+_HELD: list[int] = []  # descriptors of the GPU lock files this process holds, until it exits
+
+
+def claim_gpu(count: int, lock_dir: Path | None = None) -> int:
+    """The first of `count` GPUs that no other reprotune process holds, now held by this one (an
+    exclusive flock, which the kernel releases when the process ends, however it ends). When every
+    GPU is held, GPU 0, shared."""
+    import fcntl  # POSIX; only reached on machines with several GPUs
+
+    lock_dir = Path(lock_dir or tempfile.gettempdir())
+    for index in range(count):
+        try:
+            fd = os.open(lock_dir / f"reprotune-gpu{index}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # e.g. another user's lock file: treat that GPU as held
+            continue
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666)  # other users' runs must be able to lock it too
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _HELD.append(fd)
+        return index
+    return 0
