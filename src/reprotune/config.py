@@ -124,8 +124,9 @@ class TrainConfig(Section):
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bitwise-repeatable runs, sometimes slower."""
     device: str = "auto"
-    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`. With several processes per node,
-    `auto` and `cuda` give each process its own GPU (`cuda:LOCAL_RANK`)."""
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`. On a machine with several GPUs, `auto`
+    and `cuda` take one that no other reprotune run holds; under DDP each process takes its own
+    (`cuda:LOCAL_RANK`)."""
     nproc: int = Field(1, ge=1)
     """Training processes per node (one per GPU). Above 1, or with `nnodes` above 1, the finetune
     stage launches itself through torchrun and trains with DistributedDataParallel."""
