@@ -1,9 +1,9 @@
 """DDP on CPU: the finetune stage with train.nproc=2 launches through torchrun (gloo backend).
 
 What two processes must compute: with BatchNorm frozen (strategy linear) exactly what one process
-computes with the same global batch; with BatchNorm training, what one process computes when each
-rank's half of the batch is normalized by its own statistics and rank 0's running statistics are
-kept. Both comparisons run on one thread per process, since a different thread count reorders float
+computes with the same global batch; with BatchNorm training (full, and partial with gradual
+unfreezing, which rebuilds DDP mid-run), what one process computes when each rank's half of the
+batch is normalized by its own statistics and rank 0's running statistics are kept. Both comparisons run on one thread per process, since a different thread count reorders float
 sums and a from-scratch run amplifies that rounding. Stated tolerance: 1e-5 on every weight and buffer
 (measured: equal to the last bit for full, 3e-8 for linear).
 """
@@ -37,6 +37,7 @@ from reprotune.train import finetune
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TWO_PROCESSES = {"train.nproc": 2, "train.nnodes": 1}  # each test sets how it launches: tests share a project
+FULL = {"train.strategy": "full", "model.weights": "none", "train.unfreeze_after": 0}  # from scratch
 
 # Installed in every training process through PYTHONPATH: records each write-like filesystem call
 # inside the project (open for writing, mkdir, rename, remove) to a per-rank log outside it.
@@ -64,7 +65,8 @@ if _rank is not None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A tiny project with processed data and a stand-in pretrained backbone, training on 2 processes."""
-    root = make_project(tmp_path_factory.mktemp("ddp") / "project", {"train.nproc": 2})
+    root = make_project(tmp_path_factory.mktemp("ddp") / "project",
+                        {"data.synthetic_train": 320, "data.synthetic_test": 100, "log.graph": False})
     torch.manual_seed(7)
     torch.save(torchvision.models.resnet18().state_dict(), root / "backbone.pt")
     run(["dvc", "repro", "preprocess"], root)
@@ -138,17 +140,21 @@ def _assert_close(expected: dict[str, torch.Tensor], path: Path) -> None:
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize("strategy", ["linear", "full"])
+@pytest.mark.parametrize("strategy", ["linear", "full", "gradual"])
 def test_two_processes_train_what_one_process_trains(project, one_process, tmp_path, strategy, monkeypatch):
-    overrides = {"train.strategy": strategy}
-    if strategy == "linear":  # frozen layers need real weights; the full run trains from scratch
-        overrides["model.weights"] = "backbone.pt"
-    set_params(project / "params.yaml", {"model.weights": "none", **overrides, **TWO_PROCESSES})
+    overrides = {
+        "linear": {"train.strategy": "linear", "model.weights": "backbone.pt"},  # BatchNorm frozen throughout
+        "full": FULL,
+        # layer4 and the head, then layer3 too from epoch 2: DDP is rebuilt for the new parameters
+        "gradual": {"train.strategy": "partial", "train.unfreeze_from": "layer4", "train.unfreeze_after": 1,
+                    "model.weights": "backbone.pt"},
+    }[strategy]
+    set_params(project / "params.yaml", {"train.unfreeze_after": 0, **overrides, **TWO_PROCESSES})
     out = _train_ddp(project, tmp_path / "audit").stdout
 
     assert "$ torchrun --standalone --nproc-per-node 2" in out
     assert out.count("epoch 2/2 ") == 1  # rank 0 alone reports
-    _assert_close(one_process(strategy == "full", monkeypatch), project / "models/model.pt")
+    _assert_close(one_process(strategy != "linear", monkeypatch), project / "models/model.pt")
 
     # Rank 0 wrote the outputs; rank 1 wrote nothing at all inside the project.
     rank0 = (tmp_path / "audit/rank0.log").read_text()
@@ -162,7 +168,7 @@ def test_two_processes_train_what_one_process_trains(project, one_process, tmp_p
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_stopped_ddp_run_resumes_to_the_same_weights(project, one_process, monkeypatch, sig):
-    set_params(project / "params.yaml", {"model.weights": "none", "train.strategy": "full", **TWO_PROCESSES})
+    set_params(project / "params.yaml", {**FULL, **TWO_PROCESSES})
     checkpoint = project / "runs/finetune.live/checkpoint.pt"
     proc = subprocess.Popen(["python", "stages/finetune.py"], cwd=project, env={**env(), **ONE_THREAD},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -194,8 +200,8 @@ def test_two_machines_on_one_host(project, one_process, tmp_path, monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    set_params(project / "params.yaml", {"model.weights": "none", "train.strategy": "full", "train.nproc": 1,
-                                         "train.nnodes": 2, "train.rdzv_endpoint": f"127.0.0.1:{port}"})
+    set_params(project / "params.yaml", {**FULL, "train.nproc": 1, "train.nnodes": 2,
+                                         "train.rdzv_endpoint": f"127.0.0.1:{port}"})
     other = tmp_path / "node1"  # the second machine's checkout, data pulled
     shutil.copytree(project, other, ignore=shutil.ignore_patterns("runs", "models", "metrics"))
     before = sorted(p for p in other.rglob("*") if ".git" not in p.parts)

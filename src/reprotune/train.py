@@ -231,7 +231,8 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
     generator = torch.Generator(device).manual_seed(params.seed)  # in step on every rank: same shuffles
     run = {"epoch": 0, "history": [], "best": None, "stale_epochs": 0, "train_seconds": 0.0}
 
-    state = group.share(checkpoints.resume() if main else None)  # rank 0 reads; multi-node ranks cannot
+    # Rank 0 reads the checkpoint and sends it on: ranks on other machines have no file to read.
+    state = group.share(checkpoints.resume() if main else None)
     if state is not None:
         run = _restore(state, model, optimizer, scheduler, scaler, ema, generator, group)
         if main:
@@ -254,7 +255,8 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
             frozen = frozen_stages(cfg.strategy, cfg.unfreeze_from, cfg.unfreeze_after, epoch)
             if frozen != model.frozen:
                 apply_strategy(model, frozen)
-                train_model = _trainable(model, cfg, group, device)  # DDP hooks only the parameters that train
+                if group.distributed:  # DDP hooks only the parameters that train: wrap again
+                    train_model = _trainable(model, cfg, group, device)
                 if main:
                     tqdm.write(f"epoch {epoch}: frozen now {', '.join(frozen) or 'nothing'}")
             progress = EpochProgress(**paused) if paused else EpochProgress.start(images, generator)
