@@ -150,7 +150,7 @@ def launch(cfg: TrainConfig, script: list[str], node_rank: int = 0) -> None:
 def process_group(cfg: TrainConfig) -> Iterator[Group]:
     """Join the training processes torchrun started (a one-process Group when there are none)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
-        yield Group()
+        yield ONE_PROCESS
         return
     group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
                   int(os.environ["LOCAL_WORLD_SIZE"]))
