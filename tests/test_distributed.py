@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import env, make_project, run, set_params
+from conftest import env, free_port, make_project, run, set_params
 from reprotune import device
 from reprotune import model as model_module
 from reprotune.checkpoint import Checkpoints
@@ -200,9 +199,7 @@ def test_a_stopped_ddp_run_resumes_to_the_same_weights(project, one_process, mon
 
 
 def test_two_machines_on_one_host(project, one_process, tmp_path, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     set_params(project / "params.yaml", {**FULL, "train.nproc": 1, "train.nnodes": 2,
                                          "train.rdzv_endpoint": f"127.0.0.1:{port}"})
     other = tmp_path / "node1"  # the second machine's checkout, data pulled

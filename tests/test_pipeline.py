@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,7 +19,7 @@ import torchvision
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import env, run
+from conftest import env, free_port, run
 from reprotune.data import load_split, to_float
 from reprotune.model import load_model
 
@@ -198,12 +197,6 @@ def test_dvc_plots_renders_curves_and_the_confusion_matrix(pipeline):
     assert len(confusion["data"]["values"]) == 200  # one point per test image
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(url: str, body: dict | None = None):
     request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
@@ -212,7 +205,7 @@ def _get(url: str, body: dict | None = None):
 
 
 def test_the_real_tensorboard_server_shows_runs_scalars_layout_and_hparams(pipeline):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(["tensorboard", "--logdir", str(pipeline / "runs"), "--host", "127.0.0.1",
                                "--port", str(port), "--load_fast", "false"], env=env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -44,7 +44,6 @@ class Group:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    local_world: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -94,11 +93,16 @@ ONE_PROCESS = Group()
 LAUNCHER_PID = "REPROTUNE_LAUNCHER_PID"  # set by `launch` for its ranks: the process they must not outlive
 
 
+def _under_torchrun() -> bool:
+    """torchrun started this process (it sets RANK, WORLD_SIZE, LOCAL_RANK and this)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def needs_launch(cfg: TrainConfig, node_rank: int = 0) -> bool:
     """More than one process is asked for and this process was not started by torchrun."""
     if not 0 <= node_rank < cfg.nnodes:
         raise ReprotuneError(f"--node-rank {node_rank} is outside 0..{cfg.nnodes - 1} (train.nnodes={cfg.nnodes})")
-    return cfg.world_size > 1 and "TORCHELASTIC_RUN_ID" not in os.environ
+    return cfg.world_size > 1 and not _under_torchrun()
 
 
 def torchrun_args(cfg: TrainConfig, script: list[str], node_rank: int) -> list[str]:
@@ -149,11 +153,10 @@ def launch(cfg: TrainConfig, script: list[str], node_rank: int = 0) -> None:
 @contextlib.contextmanager
 def process_group(cfg: TrainConfig) -> Iterator[Group]:
     """Join the training processes torchrun started (a one-process Group when there are none)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+    if not _under_torchrun():
         yield ONE_PROCESS
         return
-    group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
-                  int(os.environ["LOCAL_WORLD_SIZE"]))
+    group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if group.world != cfg.world_size:
         raise ReprotuneError(f"torchrun started {group.world} processes but train.nproc x train.nnodes = "
                              f"{cfg.world_size}: set them to match (they are recorded with the run)")
