@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from reprotune import data, tb
-from reprotune.cli import ParamsFile, run_stage
+from reprotune.stage import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.io import write_json
 
@@ -13,7 +13,7 @@ ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     with tb.stage_writer("runs/download") as writer:
-        info = data.download(cfg.data, cfg.seed, ARCHIVE, writer)
+        info = data.download(cfg.data, ARCHIVE, writer)
     write_json("metrics/download.json", info)
     print(f"{ARCHIVE}: {info['bytes']:,} bytes, md5 {info['md5']}")
 

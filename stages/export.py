@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from reprotune import tb
-from reprotune.cli import ParamsFile, run_stage
+from reprotune.stage import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.data import load_split
 from reprotune.export import ExportPaths, export_all, lineage, log_export, model_card

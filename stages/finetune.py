@@ -12,7 +12,7 @@ import typer
 
 from reprotune import distributed, tb
 from reprotune.checkpoint import Checkpoints, run_key
-from reprotune.cli import ParamsFile, run_stage
+from reprotune.stage import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.data import load_split
 from reprotune.io import atomic_file, write_json

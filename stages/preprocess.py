@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from reprotune import data, tb
-from reprotune.cli import ParamsFile, run_stage
+from reprotune.stage import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.io import atomic_dir, write_json
 

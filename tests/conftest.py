@@ -90,11 +90,30 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     return root
 
 
+# Installed through PYTHONPATH in the stage processes of the `pipeline` fixture: when a process
+# exits, it records which reprotune modules it loaded (tests/test_lineage.py compares with dvc.yaml).
+IMPORT_AUDIT = """
+import atexit, json, os, sys
+
+def _record():
+    loaded = sorted(n for n in sys.modules if n.split(".")[0] == "reprotune")
+    if loaded:
+        with open(os.path.join(os.environ["REPROTUNE_IMPORT_AUDIT"], f"{os.getpid()}.json"), "w") as f:
+            json.dump({"argv": sys.argv, "modules": loaded}, f)
+
+atexit.register(_record)
+"""
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
-    """A tiny project after one real `dvc repro` of all five stages."""
+    """A tiny project after one real `dvc repro` of all five stages. Each stage process's loaded
+    reprotune modules are recorded in `<project>/../imports/<pid>.json`."""
     root = make_project(tmp_path_factory.mktemp("pipeline") / "project")
-    run(["dvc", "repro"], root)
+    audit = root.parent / "imports"
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(IMPORT_AUDIT)
+    run(["dvc", "repro"], root, extra_env={"PYTHONPATH": str(audit), "REPROTUNE_IMPORT_AUDIT": str(audit)})
     return root
 
 

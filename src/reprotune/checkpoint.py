@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from reprotune.config import Params
@@ -23,11 +24,14 @@ KEY = "key"
 
 
 def run_key(params: Params, inputs: list[Path]) -> str:
-    """sha256 over the params that shape training, the input files and reprotune's own code."""
+    """sha256 over the params that shape training, the input files and the reprotune code this
+    process has loaded (the finetune stage's code deps in dvc.yaml, no more: editing `predict.py`
+    does not throw away a paused run)."""
     digest = hashlib.sha256()
     sections = {"seed": params.seed, **{s: getattr(params, s).model_dump() for s in ("model", "train", "log")}}
     digest.update(json.dumps(sections, sort_keys=True).encode())
-    code = sorted(Path(__file__).parent.glob("*.py"))
+    code = sorted(Path(module.__file__) for name, module in list(sys.modules.items())
+                  if name.split(".")[0] == "reprotune" and getattr(module, "__file__", None))
     for path in [*inputs, *code]:
         with path.open("rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())

@@ -7,22 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from reprotune.errors import ReprotuneError, run_cli
-
-# The option every stage script and command takes: `--params params.yaml`.
-ParamsFile = Annotated[Path, typer.Option("--params", help="Params file.")]
-
-
-def run_stage(main: Callable[..., None]) -> None:
-    """Run a stage script's `main` as a CLI, with reprotune's one-line error reporting."""
-    run_cli(lambda: typer.run(main))
-
+from reprotune.stage import ParamsFile
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="reprotune: a reproducible fine-tuning pipeline (run the stages with `dvc repro`).")

@@ -38,6 +38,9 @@ class DataConfig(Section):
     """Training images in the synthetic archive (CIFAR-10 has 50,000)."""
     synthetic_test: int = Field(10_000, ge=10)
     """Test images in the synthetic archive (CIFAR-10 has 10,000)."""
+    synthetic_seed: int = 0
+    """Seeds the synthetic archive's images. Apart from `seed`, so that a training-seed sweep
+    (`dvc exp run -S seed=1`) reuses the archive instead of rerunning the download stage."""
 
     @field_validator("md5")
     @classmethod

@@ -413,10 +413,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- stage entry points
 
 
-def download(cfg: DataConfig, seed: int, dest: Path, writer: SummaryWriter) -> dict:
+def download(cfg: DataConfig, dest: Path, writer: SummaryWriter) -> dict:
     """The download stage: fetch `cfg.url` (md5-checked) or synthesize, then log what arrived."""
     if cfg.dataset == "synthetic":
-        info = write_synthetic_archive(dest, cfg.synthetic_train, cfg.synthetic_test, seed)
+        info = write_synthetic_archive(dest, cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_seed)
     else:
         info = fetch_archive(cfg.url, cfg.md5, dest)
     info["dataset"] = cfg.dataset
