@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # DVC runs each stage's `python stages/...` through the shell: put the venv first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install test repro demo tensorboard bench clean
+.PHONY: install test repro demo tensorboard bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,19 @@ demo: install
 bench: install
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/training.py
+
+# For a lent GPU machine (no network, its own Python and torch): first, here, `make gpu-wheels`
+# fetches the packages its image lacks into .whl/; there, `make gpu-check` (or bash bench/gpu_check.sh)
+# runs the GPU tests and benchmark. See the README's "On a GPU".
+GPU_WHEELS := tensorboardX pydantic pydantic_core annotated-types typing-inspection typing_extensions
+gpu-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $$(grep -iE '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==' constraints.txt)
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs

@@ -31,7 +31,19 @@ TINY = {
     "export.calibration_images": 64,
     "export.int8_min_agreement": 0.5,  # a 2-epoch model has small margins for int8 to keep
     "export.latency_runs": 5,
+    # The same run on every host: CUDA's path is what the `gpu`-marked tests (make gpu-check) take.
+    "train.device": "cpu",
 }
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need CUDA: skipped, with the reason, on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (`make gpu-check` runs these on a machine with one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def env() -> dict[str, str]:

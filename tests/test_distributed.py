@@ -38,7 +38,9 @@ from reprotune.errors import ReprotuneError
 from reprotune.train import finetune
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-TWO_PROCESSES = {"train.nproc": 2, "train.nnodes": 1}  # each test sets how it launches: tests share a project
+# Each test sets how it launches (tests share a project). On the CPU whatever the host has: these
+# tests compare gloo runs with one process; a machine with one GPU could not give two ranks each a GPU.
+TWO_PROCESSES = {"train.nproc": 2, "train.nnodes": 1, "train.device": "cpu"}
 FULL = {"train.strategy": "full", "model.weights": "none", "train.unfreeze_after": 0}  # from scratch
 
 # Installed in every training process through PYTHONPATH: records each write-like filesystem call
@@ -68,7 +70,8 @@ if _rank is not None:
 def project(tmp_path_factory) -> Path:
     """A tiny project with processed data and a stand-in pretrained backbone, training on 2 processes."""
     root = make_project(tmp_path_factory.mktemp("ddp") / "project",
-                        {"data.synthetic_train": 320, "data.synthetic_test": 100, "log.graph": False})
+                        {"data.synthetic_train": 320, "data.synthetic_test": 100, "log.graph": False,
+                         "train.device": "cpu"})
     torch.manual_seed(7)
     torch.save(torchvision.models.resnet18().state_dict(), root / "backbone.pt")
     run(["dvc", "repro", "preprocess"], root)
@@ -261,11 +264,17 @@ def test_torchrun_command_lines():
 
 
 def test_each_process_takes_the_gpu_of_its_local_rank():
-    assert select_device("auto", local_rank=1) == torch.device("cpu")  # no GPU here: CPU for every rank
     assert select_device("cpu", local_rank=1) == torch.device("cpu")
-    if not torch.cuda.is_available():
+    gpus = torch.cuda.device_count()
+    if gpus == 0:  # no GPU: CPU for every rank under auto, and cuda is refused
+        assert select_device("auto", local_rank=1) == torch.device("cpu")
         with pytest.raises(ReprotuneError, match="train.device=cuda but this machine has no CUDA device"):
             select_device("cuda", local_rank=1)
+    else:
+        assert select_device("auto", local_rank=gpus - 1) == torch.device(f"cuda:{gpus - 1}")
+        with pytest.raises(ReprotuneError, match=rf"train.device=cuda:{gpus} but only {gpus} CUDA device\(s\) "
+                                                 r"exist \(one GPU per process: lower train.nproc\)"):
+            select_device("cuda", local_rank=gpus)
 
 
 def test_runs_side_by_side_claim_different_gpus(tmp_path):

@@ -119,10 +119,51 @@ def test_saved_model_round_trips(tmp_path):
 @pytest.mark.reliability
 def test_device_choice():
     assert select_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        assert select_device("auto") == torch.device("cpu")
-        with pytest.raises(ReprotuneError, match="train.device=cuda:1 but this machine has no CUDA device"):
-            select_device("cuda:1")
+    assert select_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    missing = torch.cuda.device_count()  # one past the last GPU (cuda:0 on a machine without any)
+    with pytest.raises(ReprotuneError, match=rf"train.device=cuda:{missing} but (this machine has no CUDA device"
+                                             rf"|only {missing} CUDA device\(s\) exist)"):
+        select_device(f"cuda:{missing}")
     assert amp_dtype("auto", torch.device("cpu")) is None
     assert amp_dtype("auto", torch.device("cuda")) is torch.float16
     assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+# Backward nodes of the ops torch's docs list as having no deterministic CUDA kernel (they raise
+# under torch.use_deterministic_algorithms) among those a vision model might use.
+NO_DETERMINISTIC_CUDA_BACKWARD = {
+    "AdaptiveAvgPool2DBackward0", "AdaptiveMaxPool2DBackward0", "AvgPool3DBackward0", "FractionalMaxPool2DBackward0",
+    "UpsampleLinear1DBackward0", "UpsampleBilinear2DBackward0", "UpsampleBicubic2DBackward0",
+    "UpsampleTrilinear3DBackward0", "ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "GridSampler2DBackward0",
+    "NllLoss2DBackward0",
+}
+
+
+def _backward_ops(tensor: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_training_graph_has_no_op_without_a_deterministic_cuda_backward(stem, image_size, channels_last):
+    # Why train.deterministic can hold on CUDA: the resize to model.image_size acts on the input
+    # images, which need no gradient, so bilinear resizing's backward never runs; and ResNet's
+    # adaptive average pooling to 1x1 is computed by torch as a mean over H and W (MeanBackward),
+    # on every device. The graph is built the same way on CPU and CUDA, so the CPU shows it.
+    model = build_model(ModelConfig(weights="none", stem=stem, image_size=image_size), 10, MEAN, STD).train()
+    images = torch.rand(2, 3, 32, 32)
+    if channels_last:
+        model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+    loss = torch.nn.functional.cross_entropy(model(images), torch.tensor([1, 2]), label_smoothing=0.1)
+    ops = _backward_ops(loss)
+    assert "ConvolutionBackward0" in ops and "MeanBackward1" in ops  # the walk sees the whole network
+    assert ops & NO_DETERMINISTIC_CUDA_BACKWARD == set()

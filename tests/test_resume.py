@@ -1,4 +1,9 @@
-"""Kill the finetune stage mid-run, rerun it, and get exactly what an uninterrupted run gets."""
+"""Kill the finetune stage mid-run, rerun it, and get exactly what an uninterrupted run gets.
+
+Each test runs on the CPU, and again on CUDA where there is a GPU (`pytest -m gpu`, run by
+`make gpu-check`): there the paused epoch's tensors must go back to the GPU, and deterministic
+mode must hold with cuBLAS, cuDNN and fp16 autocast with its GradScaler.
+"""
 
 from __future__ import annotations
 
@@ -20,22 +25,32 @@ from reprotune import data
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 
 EPOCHS = 4
+TRAIN_IMAGES = 480
+# Optimizer steps per epoch: more on a GPU, whose epochs are so short that a Ctrl-C sent when the
+# first checkpoint appears could otherwise land after the last step.
+STEPS = {"cpu": 15, "cuda": 60}
 
 
-def _workspace(root: Path) -> Path:
-    """Processed splits and params for a 4-epoch deterministic CPU run."""
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    return request.param
+
+
+def _workspace(root: Path, device: str = "cpu") -> Path:
+    """Processed splits and params for a 4-epoch deterministic run on `device`."""
     (root / "data/processed").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(600) % 10)
+    labels = rng.permutation(np.arange(TRAIN_IMAGES * 5 // 4) % 10)
     raw = data.RawData(data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
                        np.zeros((10, 3, 32, 32), np.uint8), np.arange(10), data.SYNTHETIC_CLASSES)
     for name, split in data.make_splits(raw, 0.2, seed=0).items():
         torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": EPOCHS, "train.batch_size": 32,
+    set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": EPOCHS,
+                                      "train.batch_size": TRAIN_IMAGES // STEPS[device],
                                       "train.lr": 0.05, "train.deterministic": True, "train.ema_decay": 0.9,
                                       "train.warmup_epochs": 0.5, "model.dropout": 0.2, "log.graph": False,
-                                      "log.histograms": False})
+                                      "log.histograms": False, "train.device": device})
     return root
 
 
@@ -44,9 +59,9 @@ def _finetune(root: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(tmp_path_factory, device) -> Path:
     """The uninterrupted run every interrupted one must reproduce."""
-    root = _workspace(tmp_path_factory.mktemp("uninterrupted"))
+    root = _workspace(tmp_path_factory.mktemp("uninterrupted"), device)
     _finetune(root)
     return root
 
@@ -55,7 +70,7 @@ def _same_weights(reference: Path, resumed: Path) -> None:
     expected = torch.load(reference / "models/model.pt", weights_only=True)["state_dict"]
     got = torch.load(resumed / "models/model.pt", weights_only=True)["state_dict"]
     for key, value in expected.items():
-        assert torch.equal(got[key], value), key  # bitwise, on CPU in deterministic mode
+        assert torch.equal(got[key], value), key  # bitwise, in deterministic mode
 
 
 def _start(root: Path) -> tuple[subprocess.Popen, Path]:
@@ -69,24 +84,25 @@ def _start(root: Path) -> tuple[subprocess.Popen, Path]:
     return proc, checkpoint
 
 
-def test_ctrl_c_checkpoints_mid_epoch_and_the_rerun_matches(tmp_path, reference):
-    root = _workspace(tmp_path)
+def test_ctrl_c_checkpoints_mid_epoch_and_the_rerun_matches(tmp_path, reference, device):
+    root = _workspace(tmp_path, device)
     proc, checkpoint = _start(root)
-    time.sleep(0.3)  # into epoch 2
+    if device == "cpu":
+        time.sleep(0.3)  # into epoch 2
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
+    steps = STEPS[device]
     assert proc.returncode == 130, stderr
-    assert re.fullmatch(r"reprotune: interrupted in epoch \d after step \d+ of 15: checkpoint saved in "
+    assert re.fullmatch(rf"reprotune: interrupted in epoch \d after step \d+ of {steps}: checkpoint saved in "
                         r"runs/finetune.live; run the stage again to resume", stderr.strip().splitlines()[-1])
     saved = torch.load(checkpoint, weights_only=True)
-    assert 0 < saved["progress"]["step"] < 15 and not (root / "models/model.pt").exists()
+    assert 0 < saved["progress"]["step"] < steps and not (root / "models/model.pt").exists()
     assert "resuming" in _finetune(root).stdout
     _same_weights(reference, root)
 
 
-def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path, reference):
-
-    resumed = _workspace(tmp_path / "killed")
+def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path, reference, device):
+    resumed = _workspace(tmp_path / "killed", device)
     proc, checkpoint = _start(resumed)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -110,7 +126,7 @@ def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path, refe
         acc.Reload()
         logs.append({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("train/loss", "val/acc")})
     assert logs[0] == logs[1]  # every step once, same values: the log continued cleanly
-    assert [step for step, _ in logs[1]["val/acc"]] == [15 * e for e in range(1, EPOCHS + 1)]
+    assert [step for step, _ in logs[1]["val/acc"]] == [STEPS[device] * e for e in range(1, EPOCHS + 1)]
 
 
 def test_changed_params_start_fresh_instead_of_resuming(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 
 import numpy as np
 import pytest
@@ -11,8 +13,9 @@ import torch
 from reprotune import data, train
 from reprotune.checkpoint import Checkpoints
 from reprotune.config import ModelConfig, Params, TrainConfig
+from reprotune.device import set_deterministic
 from reprotune.errors import ReprotuneError
-from reprotune.model import build_model, frozen_stages
+from reprotune.model import Classifier, build_model, frozen_stages
 from reprotune.optim import make_optimizer, make_scheduler, param_groups
 from reprotune.train import clip_gradients, finetune
 
@@ -29,9 +32,10 @@ def splits():
 
 
 def _params(model=None, **train_cfg) -> Params:
+    # On the CPU whatever the host has: these tests pin CPU semantics (tests/test_gpu.py has CUDA's).
     return Params.model_validate({"model": {"weights": "none", **(model or {})},
                                   "log": {"graph": False, "images": 4, "histograms": False},
-                                  "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, **train_cfg}})
+                                  "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "device": "cpu", **train_cfg}})
 
 
 def _fit(params, splits, tmp_path, name="run"):
@@ -208,21 +212,69 @@ def test_early_stopping_after_patience_epochs_without_improvement(splits, tmp_pa
     assert accs[best - 1] == max(accs) and max(accs[best:]) <= accs[best - 1]
 
 
+def _with_steps(splits, per_epoch_steps: int, batch_size: int = 8):
+    """The splits, with the training split cut to exactly `per_epoch_steps` batches."""
+    train_split = splits["train"]
+    n = per_epoch_steps * batch_size
+    return {**splits, "train": data.Split(train_split.images[:n], train_split.labels[:n], train_split.classes,
+                                          train_split.mean, train_split.std)}
+
+
 @pytest.mark.reliability
-def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_checkpoint(splits, tmp_path, monkeypatch):
-    real = train.EpochProgress.summary
-    calls = []
+def test_a_diverging_run_stops_within_a_bounded_number_of_steps(splits, tmp_path):
+    # An absurd LR, no clipping: the loss is NaN or infinite after a step or two, yet the check
+    # reads the device only every CHECK_EVERY steps. It must stop at the first check, long before
+    # the epoch's end (40 steps), with nothing kept.
+    with pytest.raises(ReprotuneError) as error:
+        _fit(_params(lr=1e12, grad_clip=0, batch_size=8, epochs=1), _with_steps(splits, 40), tmp_path, "nan")
+    message = str(error.value)
+    assert re.fullmatch(rf"training loss became (nan|inf) in epoch 1 at step {train.CHECK_EVERY} of 40: lower "
+                        r"train.lr or set train.grad_clip \(no epoch had finished, so no checkpoint was kept\)",
+                        message), message
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
 
-    def diverge_in_epoch_2(self, *args, **kwargs):
-        row = real(self, *args, **kwargs)
-        calls.append(1)
-        return {**row, "train_loss": float("nan")} if len(calls) == 2 else row
 
-    monkeypatch.setattr(train.EpochProgress, "summary", diverge_in_epoch_2)
-    with pytest.raises(ReprotuneError, match=r"training loss became nan in epoch 2.*checkpoint of epoch 1 is kept"):
-        _fit(_params(epochs=3), splits, tmp_path, "nan")
+@pytest.mark.reliability
+def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(splits, tmp_path, monkeypatch):
+    # A schedule that multiplies the LR by 1e12 from the first step of epoch 2: a real divergence
+    # through the real loop, at a known step.
+    def exploding(optimizer, cfg, steps_per_epoch):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < steps_per_epoch else 1e12)
+
+    monkeypatch.setattr(train, "make_scheduler", exploding)
+    with pytest.raises(ReprotuneError, match=rf"training loss became (nan|inf) in epoch 2 at step "
+                                             rf"{train.CHECK_EVERY} of 40: .*\(the checkpoint of epoch 1 is kept"):
+        _fit(_params(grad_clip=0, batch_size=8, epochs=3), _with_steps(splits, 40), tmp_path, "nan")
     saved = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
-    assert saved["epoch"] == 1
+    assert saved["epoch"] == 1 and "progress" not in saved
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.dtype.is_floating_point)
+
+
+class _NoDeterministicBackward(torch.autograd.Function):
+    """Identity whose backward uses an op torch has no deterministic kernel for, on any device
+    (`Tensor.put_`): what adaptive pooling's or bilinear resizing's backward is on CUDA."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.zeros(2).put_(torch.tensor([0]), torch.ones(1))
+        return grad
+
+
+@pytest.mark.reliability
+def test_deterministic_mode_refuses_an_op_without_a_deterministic_kernel_before_training(
+        splits, tmp_path, monkeypatch):
+    forward = Classifier.forward
+    monkeypatch.setattr(Classifier, "forward", lambda self, x: _NoDeterministicBackward.apply(forward(self, x)))
+    with pytest.raises(ReprotuneError) as error:
+        _fit(_params(deterministic=True, epochs=1), splits, tmp_path, "refused")
+    assert str(error.value) == ("train.deterministic=true, but put_ has no deterministic implementation on "
+                                "this device: set train.deterministic to false")
+    assert not (tmp_path / "refused").exists()  # refused before training: not even a checkpoint directory
+    _fit(_params(deterministic=False, epochs=1), splits, tmp_path, "allowed")  # the same model trains without it
 
 
 def test_torch_compile_trains_the_same_model_object(splits, tmp_path):
@@ -254,3 +306,28 @@ def test_head_initialization(init, check):
     head = build_model(ModelConfig(weights="none", head_init=init), 10, MEAN, STD).net.fc[1]
     assert check(head.weight) and torch.equal(head.bias, torch.zeros(10))
 
+
+
+def test_a_paused_epoch_resumes_on_the_training_device():
+    # A checkpoint is read onto the CPU. On a GPU the paused epoch's order and running sums must go
+    # back to the GPU, or the first resumed step adds CUDA losses into CPU sums and fails (as every
+    # rerun would, since the checkpoint still matches). On CPU this shows the restore moves every
+    # tensor to the device it is handed, here PyTorch's "meta" device standing in for a GPU;
+    # tests/test_gpu.py interrupts and resumes a real CUDA run.
+    saved = {"order": torch.randperm(10), "sums": torch.zeros(5), "step": 3, "seen": 96, "seconds": 1.5}
+    progress = train.EpochProgress.restore(saved, torch.device("meta"))
+    assert progress.order.device.type == "meta" and progress.sums.device.type == "meta"
+    assert (progress.step, progress.seen, progress.seconds) == (3, 96, 1.5)
+
+
+def test_deterministic_mode_sets_the_cublas_workspace_before_cuda_starts(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        set_deterministic(True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice is kept
+        set_deterministic(True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()

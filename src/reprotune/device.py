@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from reprotune.errors import ReprotuneError
+
+# cuBLAS is deterministic only with a fixed workspace, which it reads from the environment when it
+# starts (torch refuses matmuls in deterministic mode without it). ":4096:8" is 8 buffers of 4 MiB.
+CUBLAS_DETERMINISTIC = ":4096:8"
 
 
 def select_device(spec: str, local_rank: int | None = None) -> torch.device:
@@ -36,6 +42,36 @@ def select_device(spec: str, local_rank: int | None = None) -> torch.device:
                                  "CUDA device(s) exist" + (" (one GPU per process: lower train.nproc)"
                                                           if local_rank is not None else ""))
     return device
+
+
+def set_deterministic(on: bool) -> None:
+    """`train.deterministic`: torch's deterministic algorithms, set both ways so the setting never
+    leaks between runs in one process. Call before the run's first CUDA work: on CUDA, cuBLAS also
+    needs CUBLAS_WORKSPACE_CONFIG, which is set here unless the user chose a value already."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    torch.use_deterministic_algorithms(on)
+
+
+def check_deterministic(step: Callable[[], None]) -> None:
+    """Run one trial training `step` (on a copy of the model) under deterministic mode, so that an
+    op without a deterministic kernel on this device stops the run before it trains, with one line
+    naming the op and the setting, rather than raising mid-epoch."""
+    try:
+        step()
+    except RuntimeError as exc:
+        message = str(exc)
+        if "deterministic" not in message.lower():
+            raise
+        op = re.search(r"(\S+) does not have a deterministic implementation", message)
+        if op:
+            raise ReprotuneError(f"train.deterministic=true, but {op.group(1)} has no deterministic "
+                                 "implementation on this device: set train.deterministic to false") from None
+        if "CUBLAS_WORKSPACE_CONFIG" in message:
+            raise ReprotuneError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC} "
+                                 "(or :16:8) in the environment; it is "
+                                 f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG')!r}") from None
+        raise ReprotuneError(f"train.deterministic=true: {' '.join(message.split())[:300]}") from None
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

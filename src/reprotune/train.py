@@ -31,14 +31,17 @@ from reprotune import tb
 from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, TrainConfig
 from reprotune.data import Split, augment, to_float
-from reprotune.device import amp_dtype, select_device
+from reprotune.device import amp_dtype, check_deterministic, select_device, set_deterministic
 from reprotune.distributed import ONE_PROCESS, Group
 from reprotune.errors import Interrupted, ReprotuneError
 from reprotune.evaluate import loss_and_accuracy, predict
 from reprotune.model import Classifier, apply_strategy, build_model, frozen_stages
 from reprotune.optim import make_optimizer, make_scheduler
 
-BAR_LOSS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
+# Steps between reads of the running loss: each one waits for the device (a sync point), and it
+# both updates the progress bar and catches a diverged loss within this many steps, before NaN
+# weights train on (and poison the EMA) for the rest of the epoch.
+CHECK_EVERY = 20
 GRAD_NORM_EVERY = 10  # without clipping, the logged gradient norm is sampled every this many steps
 PREDICTION_IMAGES = 16  # validation images shown with their predictions each epoch
 
@@ -92,6 +95,12 @@ class EpochProgress:
         order = torch.randperm(len(images), device=images.device, generator=generator)
         return cls(order, torch.zeros(5, device=images.device))
 
+    @classmethod
+    def restore(cls, saved: dict, device: torch.device) -> EpochProgress:
+        """A paused epoch from a checkpoint (read onto the CPU), its tensors on the training device:
+        the sums must live where the losses they add up are computed."""
+        return cls(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()})
+
     def to_dict(self) -> dict:
         return {"order": self.order, "sums": self.sums, "step": self.step, "seen": self.seen, "seconds": self.seconds}
 
@@ -100,6 +109,10 @@ class EpochProgress:
         loss, correct, norms, finite, clipped = self.sums.tolist()
         return {"train_loss": loss / self.seen, "train_acc": correct / self.seen, "grad_norm": norms / max(1.0, finite),
                 "clip_fraction": clipped / steps, "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
+
+
+class Diverged(Exception):
+    """The running training loss is no longer finite."""
 
 
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -111,6 +124,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """Run the epoch's remaining steps; return False if `stop()` asked to pause after a step.
 
     Each step takes the next global batch of the epoch's shuffle; this rank trains on its slice.
+    Raises Diverged within CHECK_EVERY steps of the loss turning NaN or infinite. A step that
+    GradScaler skipped because fp16 gradients overflowed is not that: its loss was finite.
     """
     model.train()
     device = images.device
@@ -145,8 +160,13 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         progress.seen += len(batch)  # images trained by all ranks together
         progress.step += 1
         bar.update(len(batch))
-        if not bar.disable and progress.step % BAR_LOSS_EVERY == 0:  # this rank's running loss; a sync point
-            bar.set_postfix(loss=f"{loss_sum.item() * group.world / progress.seen:.4f}", refresh=False)
+        if progress.step % CHECK_EVERY == 0:
+            # The running sum of losses is finite exactly while every loss so far was. Under DDP
+            # the ranks agree on it (one tiny all-reduce), so that all of them stop at this step.
+            running = group.sum_(loss_sum.detach().clone().reshape(1)).item()  # note: a sync point
+            if not math.isfinite(running):
+                raise Diverged(running)
+            bar.set_postfix(loss=f"{running / progress.seen:.4f}", refresh=False)
         if stop() and progress.step < steps:
             return False
     return True
@@ -182,6 +202,21 @@ def peak_memory_mib() -> float:
     return float("nan")  # not Linux
 
 
+def trial_step(model: Classifier, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+               autocast: torch.dtype | None) -> None:
+    """One forward and backward pass as the loop takes them, on a copy of the model and 2 images,
+    leaving the model and every random stream as they were."""
+    device = images.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = copy.deepcopy(model).train()
+        x = to_float(augment(images[:2], cfg.random_crop, cfg.hflip, torch.Generator(device)))
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = F.cross_entropy(probe(x), labels[:2], label_smoothing=cfg.label_smoothing)
+        loss.backward()
+
+
 def training_flops_per_image(model: Classifier, image_size: int, device: torch.device) -> float:
     """FLOPs of one forward + backward pass per image, counted by torch on a copy of the model."""
     probe = copy.deepcopy(model).eval()  # eval: counting must not touch BatchNorm statistics
@@ -200,7 +235,7 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
     """
     cfg = params.train
     main = group.is_main
-    torch.use_deterministic_algorithms(cfg.deterministic)  # set both ways: no leak between runs in one process
+    set_deterministic(cfg.deterministic)  # before the run's first CUDA work
     device = select_device(cfg.device, group.local_rank if group.distributed else None)
     autocast = amp_dtype(cfg.amp, device)
     torch.manual_seed(params.seed)  # the new head's initial weights (the same on every rank), and dropout
@@ -210,6 +245,9 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     apply_strategy(model, frozen_stages(cfg.strategy, cfg.unfreeze_from, cfg.unfreeze_after, 1))
+    if cfg.deterministic:  # an op with no deterministic kernel here stops the run now, not mid-epoch
+        check_deterministic(lambda: trial_step(model, train.images[:2].to(device), train.labels[:2].to(device),
+                                               cfg, autocast))
     flops_per_image = training_flops_per_image(model, train.images.shape[-1], device) if main else 0.0
     if cfg.sync_bn and group.distributed:
         if device.type != "cuda":
@@ -259,7 +297,7 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
                     train_model = _trainable(model, cfg, group, device)
                 if main:
                     tqdm.write(f"epoch {epoch}: frozen now {', '.join(frozen) or 'nothing'}")
-            progress = EpochProgress(**paused) if paused else EpochProgress.start(images, generator)
+            progress = EpochProgress.restore(paused, device) if paused else EpochProgress.start(images, generator)
             paused = None
             started = time.perf_counter()
             with tqdm(total=per_epoch, initial=progress.seen, unit="img", unit_scale=True,
@@ -268,8 +306,13 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
                 # GradScaler skips the optimizer step when fp16 gradients overflow (always at its
                 # first, too-high scale); torch then warns the scheduler stepped "first". Expected.
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-                finished = train_one_epoch(train_model, optimizer, scheduler, scaler, ema, images, labels, cfg,
-                                           autocast, generator, steps, progress, bar, stop_requested, group)
+                try:
+                    finished = train_one_epoch(train_model, optimizer, scheduler, scaler, ema, images, labels,
+                                               cfg, autocast, generator, steps, progress, bar, stop_requested, group)
+                except Diverged as exc:
+                    raise _diverged(exc.args[0], epoch, f"step {progress.step} of {steps}", checkpoints) from None
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the epoch's time must include its queued GPU work
             progress.seconds += time.perf_counter() - started
             if not finished:
                 checkpoints.save({**_snapshot(run, model, optimizer, scheduler, scaler, ema, generator, group),
@@ -279,9 +322,7 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
             group.sum_(progress.sums[:2])  # loss and correct counts over all ranks (grad norms are shared)
             row, seconds = progress.summary(steps, scaler), progress.seconds
             if not math.isfinite(row["train_loss"]):
-                raise ReprotuneError(f"training loss became {row['train_loss']} in epoch {epoch}: lower "
-                                     f"train.lr or set train.grad_clip (the checkpoint of epoch {epoch - 1} "
-                                     f"is kept in {checkpoints.directory})")
+                raise _diverged(row["train_loss"], epoch, "its end", checkpoints)
             evaluated = ema.module if ema is not None else model
             val_logits = predict(evaluated, val_images, cfg.batch_size, autocast) if main else None
             # Rank 0 validates; every rank needs the score, to stop early at the same epoch.
@@ -321,6 +362,13 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
                                                   ("best_val_acc", "final_val_loss", "final_train_loss")})
     model.load_state_dict(run["best"]["state"])
     return FitResult(model.cpu().eval(), metrics, run["history"])
+
+
+def _diverged(loss: float, epoch: int, where: str, checkpoints: Checkpoints) -> ReprotuneError:
+    kept = f"the checkpoint of epoch {epoch - 1} is kept in {checkpoints.directory}" if epoch > 1 \
+        else "no epoch had finished, so no checkpoint was kept"
+    return ReprotuneError(f"training loss became {loss} in epoch {epoch} at {where}: lower train.lr "
+                          f"or set train.grad_clip ({kept})")
 
 
 def _trainable(model: Classifier, cfg: TrainConfig, group: Group, device: torch.device) -> torch.nn.Module:
