@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # DVC runs each stage's `python stages/...` through the shell: put the venv first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install test repro demo tensorboard bench gpu-wheels gpu-check clean
+.PHONY: install test repro demo experiments review tensorboard bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,15 @@ repro: install
 
 demo: install
 	$(BIN)/reprotune demo
+
+# Experiments side by side: name, params that differ, headline metrics
+experiments: install
+	$(BIN)/reprotune experiments
+
+# What changed against a git revision, as Markdown: make review BASE=main
+BASE ?= HEAD
+review: install
+	$(BIN)/reprotune review $(BASE)
 
 # Benchmarks print figures and write bench/results/ (never timed assertions in tests).
 bench: install
@@ -42,8 +51,9 @@ gpu-wheels:
 gpu-check:
 	bash bench/gpu_check.sh
 
+# Every experiment's runs side by side, plus the workspace's: http://127.0.0.1:6006
 tensorboard: install
-	$(BIN)/tensorboard --logdir runs
+	$(BIN)/reprotune tensorboard
 
 clean:
 	rm -rf $(VENV)

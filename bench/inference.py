@@ -26,14 +26,9 @@ import onnxruntime
 import torch
 
 from reprotune.config import ModelConfig
-from reprotune.export import (
-    export_onnx,
-    export_torchscript,
-    onnx_runner,
-    quantize_int8,
-    torchscript_runner,
-)
+from reprotune.export import export_onnx, export_torchscript, quantize_int8
 from reprotune.model import build_model, load_model
+from reprotune.runtime import onnx_runner, torchscript_runner
 
 RESULTS = Path(__file__).parent / "results"
 

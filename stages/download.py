@@ -3,9 +3,9 @@
 from pathlib import Path
 
 from reprotune import data, tb
-from reprotune.stage import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.io import write_json
+from reprotune.stage import ParamsFile, run_stage
 
 ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
 

@@ -3,12 +3,12 @@
 from pathlib import Path
 
 from reprotune import tb
-from reprotune.stage import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.data import load_split
 from reprotune.evaluate import evaluate_model
 from reprotune.io import atomic_file, write_json
 from reprotune.model import load_model
+from reprotune.stage import ParamsFile, run_stage
 
 MODEL = Path("models/model.pt")
 TEST = Path("data/processed/test.pt")
@@ -19,7 +19,8 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
     model, _ = load_model(MODEL)
     with tb.stage_writer("runs/evaluate") as writer:
         result = evaluate_model(model, load_split(TEST), cfg.evaluate, writer)
-    for name, frame in (("confusion", result.confusion), ("reliability", result.reliability)):
+    for name, frame in (("classes", result.per_class), ("confusion", result.confusion),
+                        ("reliability", result.reliability)):
         with atomic_file(f"metrics/{name}.csv") as tmp:
             frame.to_csv(tmp, index=False)
     write_json("metrics/evaluate.json", result.metrics)

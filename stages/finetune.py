@@ -12,11 +12,11 @@ import typer
 
 from reprotune import distributed, tb
 from reprotune.checkpoint import Checkpoints, run_key
-from reprotune.stage import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.data import load_split
 from reprotune.io import atomic_file, write_json
 from reprotune.model import save_model
+from reprotune.stage import ParamsFile, run_stage
 from reprotune.train import finetune
 
 SPLITS = [Path("data/processed/train.pt"), Path("data/processed/val.pt")]
@@ -31,7 +31,7 @@ def main(params: ParamsFile = Path("params.yaml"),
     if distributed.needs_launch(cfg.train, node_rank):
         distributed.launch(cfg.train, [distributed.script_path(__file__), "--params", str(params)], node_rank)
         return
-    with distributed.process_group(cfg.train) as group:
+    with distributed.process_group(cfg) as group:
         train, val = (load_split(path) for path in SPLITS)
         checkpoints = Checkpoints(WORK, run_key(cfg, SPLITS))
         result = finetune(cfg, train, val, checkpoints, group)

@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 
 from reprotune import data, tb
-from reprotune.stage import ParamsFile, run_stage
 from reprotune.config import load_params
 from reprotune.io import atomic_dir, write_json
+from reprotune.stage import ParamsFile, run_stage
 
 ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
 PROCESSED = Path("data/processed")

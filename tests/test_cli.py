@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from conftest import REPO, make_project, run
+import reprotune
+from conftest import REPO, run
 
 
-def test_demo_runs_the_whole_dag_offline_and_leaves_params_unchanged(tmp_path):
-    root = make_project(tmp_path / "demo", overrides={})
-    # The demo applies its own overrides on top of the shipped (real-job) params.
-    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    run(["git", "commit", "-qam", "shipped params"], root)
-    before = (root / "params.yaml").read_bytes()
-    proc = run(["reprotune", "demo"], root, timeout=900)
-    assert (root / "params.yaml").read_bytes() == before
-    assert "params.yaml is unchanged" in proc.stdout
-    evaluate = json.loads((root / "metrics/evaluate.json").read_text())
-    assert evaluate["test_acc"] > 0.5  # 10 classes: chance is 0.1
-    for stage in ("download", "preprocess", "finetune", "evaluate", "export"):
-        assert list((root / "runs" / stage).glob("events.out.tfevents.*")), stage
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
-    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
-    (demo,) = experiments
-    params = demo["revs"][0]["data"]["params"]["params.yaml"]["data"]
-    assert params["data"]["dataset"] == "synthetic" and params["model"]["weights"] == "none"
+@pytest.mark.reliability
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "No such option: --bogus"),
+    (["predict", "x.png", "--top-k", "0"], "Invalid value for '--top-k': Input should be greater than or equal to 1"),
+    (["predict"], "Missing argument 'images'."),
+    (["review", "HEAD", "--plots"], "Option '--plots' requires an argument."),
+])
+def test_command_line_mistakes_are_one_line_like_every_other_failure(tmp_path, args, message):
+    proc = run(["reprotune", *args], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"reprotune: error: {message}"]
+
+
+@pytest.mark.reliability
+def test_a_stage_script_with_a_bad_option_is_one_line_too(tmp_path):
+    proc = run(["python", str(REPO / "stages/finetune.py"), "--node-rank", "x"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "reprotune: error: Invalid value for '--node-rank': Input should be a valid integer, unable to parse "
+        "string as an integer"]
+
+
+def test_version(tmp_path):
+    proc = run(["reprotune", "--version"], tmp_path)
+    assert proc.stdout.strip() == f"reprotune {reprotune.__version__}"
 
 
 @pytest.mark.reliability

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, run
+from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, load_params
+from reprotune.data import Split
 from reprotune.errors import ReprotuneError
+from reprotune.train import finetune
 
 
 def test_shipped_params_are_the_documented_defaults():
     # The config classes' defaults document params.yaml; they must not drift apart.
-    assert load_params(REPO / "params.yaml") == Params()
+    assert load_params(REPO / "params.yaml").model_dump() == Params().model_dump()
 
 
 def test_shipped_params_describe_the_real_job():
@@ -56,9 +62,35 @@ def test_bad_params_name_the_file_and_key(tmp_path, params, message):
 def test_missing_and_unparsable_files(tmp_path):
     with pytest.raises(ReprotuneError, match="no such params file"):
         load_params(tmp_path / "absent.yaml")
-    (tmp_path / "broken.yaml").write_text("train: [unclosed")
-    with pytest.raises(ReprotuneError, match="cannot read params"):
+    (tmp_path / "broken.yaml").write_text("seed: 0\ntrain:\n  lr: [0.1\n  epochs: 2\n")
+    with pytest.raises(ReprotuneError) as error:  # PyYAML's own position of the problem is kept
         load_params(tmp_path / "broken.yaml")
+    assert str(error.value) == (f"{tmp_path / 'broken.yaml'}: line 4, column 9: not valid YAML: "
+                                "expected ',' or ']', but got ':'")
+
+
+@pytest.mark.reliability
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.5\n")
+    with pytest.raises(ReprotuneError) as error:
+        load_params(path)
+    assert str(error.value) == f"{path}: key 'lr' appears twice in one section, at lines 2 and 4"
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "batch_size", "512", "Input should be a valid integer"),
+    ("train", "lr", "0.01", "Input should be a valid number"),
+    ("train", "epochs", 2.0, "Input should be a valid integer"),
+    ("train", "hflip", "yes", "Input should be a valid boolean"),
+])
+def test_types_are_strict(tmp_path, section, key, value, message):
+    # YAML already gives numbers and booleans their types: a quoted value is a mistake, not a hint.
+    with pytest.raises(ReprotuneError, match=rf"{section}.{key}: {message} \(got {value!r}\)"):
+        load_params(_write(tmp_path, {section: {key: value}}))
+    params = load_params(_write(tmp_path, {"train": {"lr": 1, "betas": [0.8, 0.9]}}))  # what is right is taken
+    assert params.train.lr == 1.0 and params.train.betas == (0.8, 0.9)
 
 
 @pytest.mark.reliability
@@ -69,3 +101,14 @@ def test_a_stage_with_bad_params_prints_one_line_and_exits_1(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"reprotune: error: {path}: unknown key 'train.learning_rate' (did you mean 'train.lr'?)"]
     assert list(tmp_path.iterdir()) == [path]  # nothing written
+
+
+@pytest.mark.reliability
+def test_a_gpu_that_is_not_there_is_refused_naming_the_file_and_key(tmp_path):
+    missing = torch.cuda.device_count()  # one past the last GPU: cuda:0 on a machine without any
+    path = _write(tmp_path, {"train": {"device": f"cuda:{missing}"}})
+    split = Split(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.arange(4) % 2, ["a", "b"], [0.5] * 3, [0.2] * 3)
+    with pytest.raises(ReprotuneError) as error:
+        finetune(load_params(path), split, split, Checkpoints(tmp_path / "work", "key"))
+    assert re.fullmatch(rf"{re.escape(str(path))}: train.device=cuda:{missing} but (this machine has no CUDA "
+                        rf"device \(use auto or cpu\)|only {missing} CUDA device\(s\) exist)", str(error.value))

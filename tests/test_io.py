@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,20 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert plain.returncode == 1 and "Traceback" not in plain.stderr
     debug = run(["python", str(REPO / "stages/finetune.py"), "--debug"], tmp_path, check=False)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "train.lr" in debug.stderr
+
+
+def test_outputs_get_the_modes_a_plain_write_gets(tmp_path):
+    # Temporaries are created owner-only; renamed into place they must not stay so, or a teammate or
+    # a TensorBoard service could not read them (DVC's own checkouts give 0666/0777 less the umask).
+    previous = os.umask(0o027)
+    try:
+        io.write_json(tmp_path / "a/metrics.json", {})
+        with io.atomic_dir(tmp_path / "runs") as tmp:
+            (tmp / "events").write_text("x")
+        plain = tmp_path / "plain"
+        plain.write_text("")
+        assert stat.S_IMODE((tmp_path / "a/metrics.json").stat().st_mode) == 0o640 == stat.S_IMODE(
+            plain.stat().st_mode)
+        assert stat.S_IMODE((tmp_path / "runs").stat().st_mode) == 0o750
+    finally:
+        os.umask(previous)

@@ -28,7 +28,7 @@ def assert_whole(root: Path) -> None:
         "data/raw/cifar-10-python.tar.gz": read_archive,
         "models/model.pt": lambda p: torch.load(p, weights_only=True)["state_dict"],
         "models/model.onnx": onnx.load,
-        "models/model.int8.onnx": onnx.load,
+        "models/int8/model.int8.onnx": onnx.load,
         "models/model.torchscript.pt": torch.jit.load,
     }
     for name in ("train", "val", "test"):

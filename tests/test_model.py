@@ -162,7 +162,8 @@ def test_the_training_graph_has_no_op_without_a_deterministic_cuda_backward(stem
     model = build_model(ModelConfig(weights="none", stem=stem, image_size=image_size), 10, MEAN, STD).train()
     images = torch.rand(2, 3, 32, 32)
     if channels_last:
-        model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     loss = torch.nn.functional.cross_entropy(model(images), torch.tensor([1, 2]), label_smoothing=0.1)
     ops = _backward_ops(loss)
     assert "ConvolutionBackward0" in ops and "MeanBackward1" in ops  # the walk sees the whole network

@@ -68,7 +68,7 @@ def test_a_directory_is_classified_and_a_fake_png_is_named(pipeline, images, tmp
 
 def test_torchscript_and_int8_exports_classify_too(pipeline, images):
     folder, _ = images
-    for model in ("models/model.torchscript.pt", "models/model.int8.onnx"):
+    for model in ("models/model.torchscript.pt", "models/int8/model.int8.onnx"):
         proc = run(["reprotune", "predict", str(folder / "exact.png"), "--model", model, "--top-k", "2"], pipeline)
         assert len(_lines(proc.stdout)["exact.png"]["top_k"]) == 2
 
@@ -103,12 +103,63 @@ def test_empty_and_enormous_images_are_refused_without_decoding(pipeline, images
     folder, _ = images
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "bomb.png").write_bytes(_png_claiming(50_000, 50_000))  # PIL's own limit
-    (tmp_path / "big.png").write_bytes(_png_claiming(8_000, 6_000))  # ours: 48 MP > 40 MP
+    (tmp_path / "big.png").write_bytes(_png_claiming(10_000, 8_000))  # ours: 80 MP to decode > 64 MP
     proc = run(["reprotune", "predict", str(tmp_path / "empty.png"), str(tmp_path / "bomb.png"),
                 str(tmp_path / "big.png"), str(folder / "exact.png")], pipeline, check=False)
     assert proc.returncode == 1
     errors = proc.stderr.strip().splitlines()
     assert errors[0] == f"reprotune: error: {tmp_path / 'empty.png'}: not a readable image"
     for line, name in zip(errors[1:], ("bomb.png", "big.png"), strict=True):
-        assert line == f"reprotune: error: {tmp_path / name}: too large to decode (more than 40,000,000 pixels)"
+        assert line == f"reprotune: error: {tmp_path / name}: too large to decode (more than 64,000,000 pixels)"
     assert list(_lines(proc.stdout)) == ["exact.png"]
+
+
+def _probabilities(stdout: str) -> dict[str, dict[str, float]]:
+    return {name: {e["label"]: e["probability"] for e in result["top_k"]} for name, result in _lines(stdout).items()}
+
+
+def test_real_photos_orientation_size_and_transparency(pipeline, images, tmp_path):
+    folder, test = images
+    upright = Image.fromarray(test.images[3].permute(1, 2, 0).numpy()).resize((320, 240), Image.Resampling.BICUBIC)
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    # A phone photo shot turned: pixels stored rotated, EXIF orientation 6 says "rotate 90 cw to view".
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.rotate(90, expand=True).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    # 48 megapixels (8000 x 6000): decoded at 1/8 scale in draft mode, classified rather than refused.
+    upright.resize((8000, 6000), Image.Resampling.BICUBIC).save(tmp_path / "phone48mp.jpg", quality=90)
+    # Transparency: the same picture with an all-opaque alpha gives the same answer; a fully
+    # transparent one is the stated white background.
+    rgba = upright.convert("RGBA")
+    rgba.save(tmp_path / "opaque.png")
+    rgba.putalpha(0)
+    rgba.save(tmp_path / "transparent.png")
+    Image.new("RGB", (320, 240), (255, 255, 255)).save(tmp_path / "white.png")
+    names = ["upright.jpg", "turned.jpg", "phone48mp.jpg", "opaque.png", "transparent.png", "white.png"]
+    proc = run(["reprotune", "predict", *(str(tmp_path / n) for n in names), "--top-k", "10"], pipeline)
+    got = _probabilities(proc.stdout)
+    assert set(got) == set(names)
+    for name in ("turned.jpg", "phone48mp.jpg"):  # same classes, probabilities within JPEG noise
+        assert max(got[name], key=got[name].get) == max(got["upright.jpg"], key=got["upright.jpg"].get), name
+        assert max(abs(got[name][c] - p) for c, p in got["upright.jpg"].items()) < 0.1, name
+    assert got["transparent.png"] == pytest.approx(got["white.png"], abs=1e-6)
+
+
+@pytest.mark.reliability
+def test_a_directory_without_images_is_one_error(pipeline, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("no images here")
+    for folder in ("empty", "texts"):
+        proc = run(["reprotune", "predict", str(tmp_path / folder)], pipeline, check=False)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.startswith(f"reprotune: error: {tmp_path / folder}: no image files in this directory")
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_onnx_prediction_does_not_import_torch(pipeline, images):
+    folder, _ = images
+    probe = ("import sys; from reprotune.cli import app; sys.argv = ['reprotune', 'predict', "
+             f"{str(folder / 'exact.png')!r}]\ntry:\n    app()\nfinally:\n    print('torch' in sys.modules)")
+    proc = run(["python", "-c", probe], pipeline)
+    assert proc.stdout.strip().splitlines()[-1] == "False"

@@ -12,20 +12,30 @@ from typing import Annotated
 
 import typer
 
+from reprotune import __version__
 from reprotune.errors import ReprotuneError, run_cli
-from reprotune.stage import ParamsFile
+from reprotune.stage import ParamsFile, invoke
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="reprotune: a reproducible fine-tuning pipeline (run the stages with `dvc repro`).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"reprotune {__version__}")
+        raise typer.Exit()
+
+
 @cli.callback()
-def _main() -> None:
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
     """reprotune: a reproducible fine-tuning pipeline (run the stages with `dvc repro`)."""
 
 
-# The offline demo: the synthetic dataset, random initial weights and a CPU-sized run, applied
-# with `dvc exp run -S` so the real job in params.yaml stays as it is.
+# The offline demo: the synthetic dataset, random initial weights and a CPU-sized run. `dvc exp run
+# -S` writes them into params.yaml, where they stay: the next `dvc exp run -S train.lr=0.01` builds on
+# the demo, offline, and `dvc status` agrees with what was run. `git checkout params.yaml` returns
+# to the real job.
 DEMO_OVERRIDES = [
     "data.dataset=synthetic",
     "data.synthetic_train=5000",  # images; CIFAR-10 has 50,000
@@ -39,23 +49,80 @@ DEMO_OVERRIDES = [
 
 @cli.command()
 def demo(params: ParamsFile = Path("params.yaml")) -> None:
-    """Run the whole DAG offline on the synthetic dataset as a DVC experiment."""
+    """Run the whole DAG offline on the synthetic dataset, as a DVC experiment named demo."""
+    from reprotune.config import load_params  # keeps `reprotune --version` light
+
     dvc = shutil.which("dvc", path=_venv_path())
     if dvc is None:
         raise ReprotuneError("dvc is not installed in this environment (run `make install`)")
-    original = params.read_bytes() if params.exists() else None
-    command = [dvc, "exp", "run", *(arg for o in DEMO_OVERRIDES for arg in ("-S", o))]
-    print("$ dvc exp run " + " ".join(f"-S {o}" for o in DEMO_OVERRIDES), flush=True)
-    try:
-        # DVC runs each stage's `python` through the shell: this environment's must come first.
-        code = subprocess.call(command, env={**os.environ, "PATH": _venv_path()})
-    finally:
-        if original is not None and params.read_bytes() != original:
-            params.write_bytes(original)  # the experiment's values stay recorded by `dvc exp show`
+    current = load_params(params)
+    # Already offline (an earlier demo, or a team's committed demo baseline): run params.yaml as it is.
+    offline = current.data.dataset == "synthetic" and current.model.weights != "imagenet"
+    overrides = [] if offline else DEMO_OVERRIDES
+    name = _free_experiment_name(dvc, "demo")
+    command = [dvc, "exp", "run", "-n", name, *(arg for o in overrides for arg in ("-S", o))]
+    print("$ dvc exp run -n " + name + "".join(f" -S {o}" for o in overrides), flush=True)
+    # DVC runs each stage's `python` through the shell: this environment's must come first.
+    code = subprocess.call(command, env={**os.environ, "PATH": _venv_path()})
     if code != 0:
         raise ReprotuneError(f"dvc exp run failed (exit {code}); see its output above")
-    print("demo done: results in metrics/, models/, runs/ (`make tensorboard`), and `dvc exp show`; "
-          f"{params} is unchanged")
+    print(f"demo done: experiment {name}; results in metrics/, models/, runs/ (`make tensorboard`).")
+    if overrides:
+        print(f"{params} now holds the demo's settings (`git diff {params}`), so experiments build on the demo, "
+              f"offline: `dvc exp run -S train.lr=0.01`, then `dvc exp show --only-changed`. "
+              f"`git checkout {params}` returns to the real job.")
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def experiments(ctx: typer.Context) -> None:
+    """Experiments side by side: name, the params that differ, the headline metrics (dvc exp show)."""
+    from reprotune.review import headline_view
+
+    dvc = shutil.which("dvc", path=_venv_path())
+    if dvc is None:
+        raise ReprotuneError("dvc is not installed in this environment (run `make install`)")
+    code = subprocess.call([dvc, "exp", "show", *headline_view(), *ctx.args], env={**os.environ, "PATH": _venv_path()})
+    if code != 0:
+        raise typer.Exit(code)
+
+
+@cli.command()
+def review(
+    base: Annotated[str, typer.Argument(help="The git revision to compare with (a branch, tag or commit).")] = "HEAD",
+    plots: Annotated[Path, typer.Option(help="Where `dvc plots diff` renders the plots.")] = Path("dvc_plots"),
+) -> None:
+    """Markdown report of the workspace against BASE: params, metrics (headline first), plots."""
+    from reprotune.review import review as make_report
+
+    dvc = shutil.which("dvc", path=_venv_path())
+    if dvc is None:
+        raise ReprotuneError("dvc is not installed in this environment (run `make install`)")
+    print(make_report(dvc, base, plots, {**os.environ, "PATH": _venv_path()}), end="")
+
+
+@cli.command()
+def tensorboard(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 6006,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default: nothing leaves this machine).")]
+    = "127.0.0.1",
+) -> None:
+    """TensorBoard over every DVC experiment's runs and the workspace's, side by side."""
+    from reprotune.board import serve
+
+    board = shutil.which("tensorboard", path=_venv_path())
+    if board is None:
+        raise ReprotuneError("tensorboard is not installed in this environment (run `make install`)")
+    code = serve(Path.cwd(), host, port, board)
+    if code not in (0, -15):
+        raise ReprotuneError(f"tensorboard exited with status {code}")
+
+
+def _free_experiment_name(dvc: str, base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ...: the first name no experiment in this repository has."""
+    listed = subprocess.run([dvc, "exp", "list", "--all-commits", "--name-only"], capture_output=True, text=True,
+                            env={**os.environ, "PATH": _venv_path()})
+    taken = set(listed.stdout.split()) if listed.returncode == 0 else set()
+    return next(n for n in (base, *(f"{base}-{i}" for i in range(2, 10_000))) if n not in taken)
 
 
 @cli.command()
@@ -88,4 +155,4 @@ def _venv_path() -> str:
 
 def app() -> None:
     """Console-script entry point."""
-    run_cli(cli)
+    run_cli(lambda: invoke(cli))

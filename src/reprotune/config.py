@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from reprotune.errors import ReprotuneError
 
@@ -21,8 +30,13 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
 class Section(BaseModel):
-    # extra="forbid": a misspelled key is an error, never a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # extra="forbid": a misspelled key is an error, never a silently ignored setting. strict: a
+    # quoted "512" is a string, not a batch size (ints still count as floats).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+
+# YAML has no tuples: a two-element list is accepted where a pair is expected.
+Pair = Annotated[tuple[float, float], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)]
 
 
 class DataConfig(Section):
@@ -80,7 +94,7 @@ class TrainConfig(Section):
     """Momentum for sgd and rmsprop."""
     nesterov: bool = False
     """Nesterov momentum (sgd)."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Pair = (0.9, 0.999)
     """Adam/AdamW moment decay rates."""
     weight_decay: float = Field(5e-4, ge=0)
     """L2 penalty (decoupled for adamw)."""
@@ -97,7 +111,9 @@ class TrainConfig(Section):
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
     """Mixed precision: auto = fp16 with a GradScaler on CUDA, off on CPU."""
     grad_clip: float = Field(1.0, ge=0)
-    """Gradient clipping threshold (0 = off); gradients are unscaled first under fp16."""
+    """Gradient clipping threshold (0 = off); gradients are unscaled first under fp16. At 1.0 nearly
+    every step is clipped (gradient norms run 3-10), which makes SGD take normalized-gradient steps:
+    measured the better recipe (bench/results/clipping.md, `python bench/clipping.py`)."""
     grad_clip_mode: Literal["norm", "value"] = "norm"
     """Clip the global L2 norm to `grad_clip`, or each gradient element to +-`grad_clip`."""
     strategy: Literal["full", "partial", "linear"] = "full"
@@ -194,6 +210,9 @@ class ExportConfig(Section):
     """Training images the int8 model's activation ranges are calibrated on."""
     int8_min_agreement: float = Field(0.9, ge=0, le=1)
     """Smallest allowed share of test images where the int8 model's class equals PyTorch's."""
+    int8: Literal["optional", "required"] = "optional"
+    """What an int8 model below `int8_min_agreement` does: `optional` leaves it out (its verdict in
+    models/int8/ and metrics/export.json, one warning line) and the stage succeeds; `required` fails."""
     latency_runs: int = Field(50, ge=1)
     """Batch-1 calls timed per export (the median is reported)."""
 
@@ -207,6 +226,12 @@ class Params(Section):
     log: LogConfig = LogConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    _source: Path | None = PrivateAttr(None)  # the file these came from, for errors found later
+
+    def error(self, message: str) -> ReprotuneError:
+        """A one-line error about these params' values, found after loading (a GPU that is not
+        there, say), naming the params file as load errors do."""
+        return ReprotuneError(f"{self._source}: {message}" if self._source else message)
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
@@ -233,21 +258,50 @@ class Params(Section):
         return self
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    silently keeps the last, so an edit above a forgotten duplicate would do nothing)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in first:
+                raise _DuplicateKey(key, first[key].start_mark.line + 1, key_node.start_mark.line + 1)
+            first[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(key, first_line, second_line)
+        self.key, self.lines = key, (first_line, second_line)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; any problem raises ReprotuneError naming file and key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ReprotuneError(f"{path}: no such params file") from None
+    except _DuplicateKey as exc:
+        raise ReprotuneError(f"{path}: key '{exc.key}' appears twice in one section, at lines {exc.lines[0]} "
+                             f"and {exc.lines[1]}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ReprotuneError(f"{path}: {where}not valid YAML: {exc.problem or exc.context}") from None
     except (OSError, yaml.YAMLError) as exc:
         raise ReprotuneError(f"{path}: cannot read params: {_first_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ReprotuneError(f"{path}: expected a mapping of sections at the top level")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         raise ReprotuneError(f"{path}: {_describe(exc.errors()[0], raw)}") from None
+    params._source = path
+    return params
 
 
 # Names other tools use for our keys, which spelling similarity alone would not suggest.

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from reprotune.config import TrainConfig
+from reprotune.config import Params, TrainConfig
 from reprotune.device import select_device
 from reprotune.errors import Interrupted, ReprotuneError
 
@@ -151,8 +151,9 @@ def launch(cfg: TrainConfig, script: list[str], node_rank: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def process_group(cfg: TrainConfig) -> Iterator[Group]:
+def process_group(params: Params) -> Iterator[Group]:
     """Join the training processes torchrun started (a one-process Group when there are none)."""
+    cfg = params.train
     if not _under_torchrun():
         yield ONE_PROCESS
         return
@@ -161,7 +162,10 @@ def process_group(cfg: TrainConfig) -> Iterator[Group]:
         raise ReprotuneError(f"torchrun started {group.world} processes but train.nproc x train.nnodes = "
                              f"{cfg.world_size}: set them to match (they are recorded with the run)")
     _die_with_launcher()
-    device = select_device(cfg.device, group.local_rank)
+    try:
+        device = select_device(cfg.device, group.local_rank)
+    except ReprotuneError as exc:
+        raise params.error(str(exc)) from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

@@ -13,6 +13,12 @@ class ReprotuneError(Exception):
     exit_code = 1
 
 
+class UsageError(ReprotuneError):
+    """The command line itself is wrong (an unknown option, a value out of range)."""
+
+    exit_code = 2
+
+
 class Interrupted(ReprotuneError):
     """The user stopped the run (Ctrl-C) and it wound down cleanly."""
 

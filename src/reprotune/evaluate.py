@@ -92,9 +92,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     def per_class(values: np.ndarray) -> dict[str, float]:
         return {name: float(v) for name, v in zip(classes, values, strict=True)}
 
-    return {"test_acc": acc, "test_top5_acc": top_k_accuracy(logits, labels, 5), "test_loss": loss,
-            "macro_f1": float(f1.mean()), "ece": ece,
-            "class_acc": per_class(recall), "class_precision": per_class(precision), "class_f1": per_class(f1)}
+    return {"test_acc": acc, "macro_f1": float(f1.mean()), "test_loss": loss,
+            "test_top5_acc": top_k_accuracy(logits, labels, 5), "ece": ece,
+            "class_acc": per_class(recall), "class_precision": per_class(precision), "class_f1": per_class(f1),
+            "class_support": {name: int(n) for name, n in zip(classes, actual, strict=True)}}
 
 
 def tta_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -112,7 +113,8 @@ def confusion_rows(logits: torch.Tensor, labels: torch.Tensor, classes: list[str
 class Evaluation:
     """What the evaluate stage writes."""
 
-    metrics: dict  # metrics/evaluate.json
+    metrics: dict  # metrics/evaluate.json: headline numbers first, then per-class accuracy (recall)
+    per_class: pd.DataFrame  # metrics/classes.csv: class, precision, recall, f1, support
     confusion: pd.DataFrame  # metrics/confusion.csv: actual, predicted per test image
     reliability: pd.DataFrame  # metrics/reliability.csv: confidence vs accuracy per bin
 
@@ -128,7 +130,12 @@ def evaluate_model(model: nn.Module, test: Split, cfg: EvaluateConfig, writer: S
     probs = logits.softmax(1)
     frame, _ = reliability(probs, test.labels, cfg.calibration_bins)
     _log_evaluation(writer, metrics, logits, test, frame, cfg.misclassified_images)
-    return Evaluation(metrics, confusion_rows(logits, test.labels, test.classes), frame)
+    # Precision, F1 and support per class are a table to read (and plot), not columns for
+    # `dvc exp show`: evaluate.json keeps the per-class accuracy only.
+    per_class = pd.DataFrame({"class": test.classes, **{key: list(metrics.pop(f"class_{key}").values())
+                                                        for key in ("precision", "f1", "support")}})
+    per_class.insert(2, "recall", list(metrics["class_acc"].values()))
+    return Evaluation(metrics, per_class, confusion_rows(logits, test.labels, test.classes), frame)
 
 
 def _log_evaluation(writer: SummaryWriter, metrics: dict, logits: torch.Tensor, test: Split,
@@ -138,7 +145,7 @@ def _log_evaluation(writer: SummaryWriter, metrics: dict, logits: torch.Tensor, 
     if "tta" in metrics:
         writer.add_scalar("test/tta_acc", metrics["tta"]["test_acc"], 0)
     for name in test.classes:
-        writer.add_scalar(f"test_class_f1/{name}", metrics["class_f1"][name], 0)
+        writer.add_scalar(f"test_class_f1/{name}", metrics["class_f1"][name], 0)  # logged before the split
     predicted = logits.argmax(1)
     matrix = confusion_matrix(test.labels.numpy(), predicted.numpy(), len(test.classes))
     tb.log_confusion(writer, "test/confusion_matrix", matrix, test.classes)

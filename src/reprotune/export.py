@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import statistics
 import tempfile
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import yaml
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -34,17 +34,21 @@ from reprotune.config import ExportConfig
 from reprotune.data import Split, to_float
 from reprotune.errors import ReprotuneError
 from reprotune.evaluate import predict
-from reprotune.io import atomic_file
+from reprotune.io import atomic_dir, atomic_file
 from reprotune.model import Classifier
+from reprotune.runtime import INPUT, OUTPUT, onnx_runner, torchscript_runner
 
-INPUT, OUTPUT = "image", "logits"
 BATCH = 256  # images per run when measuring accuracy through an export
+
+
+INT8_FILE = "model.int8.onnx"  # inside ExportPaths.int8, when the int8 model passed its gate
+INT8_REJECTED = "rejected.json"  # inside ExportPaths.int8, when it did not: the verdict, no model
 
 
 @dataclass
 class ExportPaths:
     onnx: Path
-    int8: Path
+    int8: Path  # a directory: DVC needs every declared output to exist, and the int8 model may not
     torchscript: Path
 
 
@@ -97,25 +101,6 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
-def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 images (N, 3, 32, 32) -> logits, through ONNX Runtime on the CPU."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda images: session.run([OUTPUT], {INPUT: images})[0]
-
-
-def torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 images (N, 3, 32, 32) -> logits, through a TorchScript module."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-        module = torch.jit.load(str(path), map_location="cpu")
-
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return module(torch.from_numpy(images)).numpy()
-
-    return run
-
-
 def batched(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
     """Logits for all `images`, BATCH at a time."""
     return np.concatenate([run(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])
@@ -134,48 +119,69 @@ def median_latency_ms(run: Callable[[np.ndarray], np.ndarray], image: np.ndarray
 
 def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: ExportConfig,
                paths: ExportPaths) -> dict:
-    """Export every format, verify each against PyTorch and on the test set, then rename into place."""
+    """Export every format, verify each against PyTorch and on the test set, rename what passed into place.
+
+    The fp32 exports must pass (else nothing is written). An int8 model that misses its agreement
+    gate is not shipped: unless `export.int8` is `required`, the stage still succeeds, `paths.int8`
+    holds only the verdict, and the report says why.
+    """
     model = model.eval()
     check = to_float(test.images[: cfg.check_images])
     test_images, labels = to_float(test.images).numpy(), test.labels.numpy()
     with torch.no_grad():
         reference = model(check).numpy()
     predicted = predict(model, test.images, BATCH).argmax(1).numpy()
-    report = {"check_images": len(check), "test_images": len(labels),
-              "pytorch": {"test_acc": float((predicted == labels).mean())}}
+    report = {"pytorch": {"test_acc": float((predicted == labels).mean())},
+              "verification": {"check_images": len(check), "test_images": len(labels), "opset": cfg.opset}}
+
+    def verify(run, path: Path) -> dict:
+        # Batch 1 and the whole check set: proves the batch axis is really dynamic.
+        diff = max(np.abs(run(check[:1].numpy()) - reference[:1]).max(), np.abs(run(check.numpy()) - reference).max())
+        guessed = batched(run, test_images).argmax(1)
+        return {"max_abs_diff": float(diff), "bytes": path.stat().st_size,
+                "test_acc": float((guessed == labels).mean()), "agreement": float((guessed == predicted).mean()),
+                "latency_ms": median_latency_ms(run, test_images[:1], cfg.latency_runs)}
+
     with atomic_file(paths.onnx) as onnx_tmp, atomic_file(paths.torchscript) as ts_tmp, \
-            atomic_file(paths.int8) as int8_tmp:
+            atomic_dir(paths.int8) as int8_dir:
         export_onnx(model, check[:2], onnx_tmp, cfg.opset)
         export_torchscript(model, check[:2], ts_tmp)
-        quantize_int8(onnx_tmp, int8_tmp, to_float(calibration[: cfg.calibration_images]).numpy())
-        files = {"onnx": onnx_tmp, "torchscript": ts_tmp, "onnx_int8": int8_tmp}
-        for name, path in files.items():
-            run = torchscript_runner(path) if name == "torchscript" else onnx_runner(path)
-            # Batch 1 and the whole check set: proves the batch axis is really dynamic.
-            diff = max(np.abs(run(check[:1].numpy()) - reference[:1]).max(),
-                       np.abs(run(check.numpy()) - reference).max())
-            guessed = batched(run, test_images).argmax(1)
-            entry = {"max_abs_diff": float(diff), "bytes": path.stat().st_size,
-                     "test_acc": float((guessed == labels).mean()),
-                     "agreement": float((guessed == predicted).mean()),
-                     "latency_ms": median_latency_ms(run, test_images[:1], cfg.latency_runs)}
-            _verify(name, entry, cfg)
-            report[name] = entry
-    report["onnx"]["opset"] = cfg.opset
-    report["onnx_int8"]["size_ratio"] = report["onnx_int8"]["bytes"] / report["onnx"]["bytes"]
-    report["onnx_int8"]["acc_change"] = report["onnx_int8"]["test_acc"] - report["onnx"]["test_acc"]
-    report["onnx_int8"]["speedup"] = report["onnx"]["latency_ms"] / report["onnx_int8"]["latency_ms"]
+        for name, path, runner in (("onnx", onnx_tmp, onnx_runner), ("torchscript", ts_tmp, torchscript_runner)):
+            report[name] = verify(runner(path), path)
+            if not report[name]["max_abs_diff"] <= cfg.tolerance:
+                raise ReprotuneError(f"{name} export differs from PyTorch by {report[name]['max_abs_diff']:.3g} "
+                                     f"(> export.tolerance {cfg.tolerance}); nothing was written")
+        int8 = int8_dir / INT8_FILE
+        quantize_int8(onnx_tmp, int8, to_float(calibration[: cfg.calibration_images]).numpy())
+        entry = verify(onnx_runner(int8), int8)
+        entry["shipped"] = entry["agreement"] >= cfg.int8_min_agreement
+        if not entry["shipped"]:
+            verdict = (f"int8 ONNX model agrees with PyTorch on {entry['agreement']:.3f} of test images "
+                       f"(< export.int8_min_agreement {cfg.int8_min_agreement})")
+            if cfg.int8 == "required":
+                raise ReprotuneError(f"{verdict}; export.int8 is required, so nothing was written")
+            int8.unlink()
+            (int8_dir / INT8_REJECTED).write_text(json.dumps({"verdict": verdict, **entry}, indent=2) + "\n")
+            report["warning"] = f"{verdict}: not shipped ({paths.int8 / INT8_REJECTED} says why)"
+        report["onnx_int8"] = entry
+    entry["size_ratio"] = entry["bytes"] / report["onnx"]["bytes"]
+    entry["acc_change"] = entry["test_acc"] - report["onnx"]["test_acc"]
+    entry["speedup"] = report["onnx"]["latency_ms"] / entry["latency_ms"]
     return report
 
 
-def _verify(name: str, entry: dict, cfg: ExportConfig) -> None:
-    if name == "onnx_int8":
-        if not entry["agreement"] >= cfg.int8_min_agreement:
-            raise ReprotuneError(f"int8 ONNX model agrees with PyTorch on {entry['agreement']:.3f} of test "
-                                 f"images (< export.int8_min_agreement {cfg.int8_min_agreement}); nothing was written")
-    elif not entry["max_abs_diff"] <= cfg.tolerance:
-        raise ReprotuneError(f"{name} export differs from PyTorch by {entry['max_abs_diff']:.3g} "
-                             f"(> export.tolerance {cfg.tolerance}); nothing was written")
+def export_metrics(report: dict) -> dict:
+    """What `metrics/export.json` holds: numbers about the exports' quality and speed (file sizes and
+    check counts go to the model card), parity and int8 agreement first, a reviewer's headline."""
+    fp32 = ("max_abs_diff", "test_acc", "agreement", "latency_ms")
+    int8 = ("agreement", "shipped", "test_acc", "acc_change", "size_ratio", "speedup", "max_abs_diff", "latency_ms")
+    # The headline, short enough for `dvc exp show` at 120 columns: the worst |logit difference| of
+    # any fp32 export against PyTorch, and the share of test images where int8 picks PyTorch's class.
+    return {"parity": max(report["onnx"]["max_abs_diff"], report["torchscript"]["max_abs_diff"]),
+            "int8_agree": report["onnx_int8"]["agreement"],
+            "onnx": {k: report["onnx"][k] for k in fp32},
+            "torchscript": {k: report["torchscript"][k] for k in fp32},
+            "onnx_int8": {k: report["onnx_int8"][k] for k in int8}}
 
 
 def lineage(lock: Path, model_file: Path) -> dict | None:
@@ -214,7 +220,12 @@ def model_card(saved: dict, report: dict, trace: dict | None) -> dict:
         },
         "output": {"name": OUTPUT, "shape": ["batch", len(saved["classes"])],
                    "meaning": "unnormalized logits; softmax gives class probabilities"},
-        "files": {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx", "torchscript": "model.torchscript.pt"},
+        # Paths relative to this card; the int8 model only when it passed its gate.
+        "files": {"onnx": "model.onnx", "torchscript": "model.torchscript.pt",
+                  "onnx_int8": f"int8/{INT8_FILE}" if report["onnx_int8"]["shipped"] else None},
+        "bytes": {name: report[name]["bytes"] for name in ("onnx", "torchscript", "onnx_int8")},
+        "verification": {**report["verification"], "int8_shipped": report["onnx_int8"]["shipped"],
+                         "int8_agreement": report["onnx_int8"]["agreement"]},
         "training": {"seed": saved.get("seed"), "model": saved["model"], "train": saved.get("train")},
         "metrics": {"best_epoch": saved.get("best_epoch"), "val_acc": saved.get("val_acc"),
                     **{f"{name}_test_acc": report[name]["test_acc"]

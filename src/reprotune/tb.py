@@ -45,11 +45,14 @@ def publish(logdir: str | Path, dest: str | Path) -> None:
 
 def log_layout(writer: SummaryWriter) -> None:
     """Custom-scalars layout: train and val on one chart each for loss and accuracy."""
+    # Each tag is a regular expression TensorBoard searches for: anchored, or "train/loss" would
+    # also draw train/loss_scale (the AMP loss scale) among the losses.
     writer.add_custom_scalars({
-        "train vs val": {"loss": ["Multiline", ["train/loss", "val/loss"]],
-                         "accuracy": ["Multiline", ["train/acc", "val/acc"]]},
-        "optimization": {"learning rate": ["Multiline", ["train/lr", "train/lr_backbone"]],
-                         "gradient norm": ["Multiline", ["train/grad_norm"]]},
+        "train vs val": {"loss": ["Multiline", ["^train/loss$", "^val/loss$"]],
+                         "accuracy": ["Multiline", ["^train/acc$", "^val/acc$"]]},
+        "optimization": {"learning rate": ["Multiline", ["^train/lr$", "^train/lr_backbone$"]],
+                         "gradient norm": ["Multiline", ["^train/grad_norm$"]],
+                         "loss scale": ["Multiline", ["^train/loss_scale$"]]},
     })
 
 

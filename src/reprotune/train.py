@@ -236,7 +236,10 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
     cfg = params.train
     main = group.is_main
     set_deterministic(cfg.deterministic)  # before the run's first CUDA work
-    device = select_device(cfg.device, group.local_rank if group.distributed else None)
+    try:
+        device = select_device(cfg.device, group.local_rank if group.distributed else None)
+    except ReprotuneError as exc:
+        raise params.error(str(exc)) from None
     autocast = amp_dtype(cfg.amp, device)
     torch.manual_seed(params.seed)  # the new head's initial weights (the same on every rank), and dropout
     model = build_model(params.model, len(train.classes), train.mean, train.std).to(device)
@@ -387,12 +390,13 @@ def _metrics(run: dict, cfg: TrainConfig, per_epoch: int, flops_per_image: float
     history, best = run["history"], run["best"]
     last, best_row = history[-1], history[best["epoch"] - 1]
     images_per_second = len(history) * per_epoch / run["train_seconds"]
-    return {"best_val_acc": best_row["val_acc"], "best_val_loss": best_row["val_loss"], "best_epoch": best["epoch"],
+    # Headline first: `dvc exp show` keeps the leftmost columns when the table is too wide.
+    return {"best_val_acc": best_row["val_acc"], "images_per_second": images_per_second,
+            "best_val_loss": best_row["val_loss"], "best_epoch": best["epoch"],
             "final_val_acc": last["val_acc"], "final_val_loss": last["val_loss"],
             "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
             "epochs": len(history), "stopped_early": len(history) < cfg.epochs,
-            "train_seconds": run["train_seconds"], "images_per_second": images_per_second,
-            "processes": processes, "flops_per_image": flops_per_image,
+            "train_seconds": run["train_seconds"], "processes": processes, "flops_per_image": flops_per_image,
             "achieved_tflops": flops_per_image * images_per_second / 1e12}
 
 
