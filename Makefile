@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # DVC runs each stage's `python stages/...` through the shell: put the venv first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install test repro demo experiments review tensorboard bench gpu-wheels gpu-check clean
+.PHONY: install test repro demo experiments review tensorboard bench mutants gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,15 @@ review: install
 bench: install
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/training.py
+
+# Mutation testing (not part of `make test`; about an hour on 2 cores): mutmut mutates the modules
+# listed in pyproject.toml's [tool.mutmut], runs the tests that own each, and bench/mutants.py
+# prints the kill rate per module (bench/results/mutants.md).
+mutants: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[mutation]'
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run || true
+	$(BIN)/python bench/mutants.py
 
 # For a lent GPU machine (no network, its own Python and torch): first, here, `make gpu-wheels`
 # fetches the packages its image lacks into .whl/; there, `make gpu-check` (or bash bench/gpu_check.sh)

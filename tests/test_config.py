@@ -9,8 +9,9 @@ import torch
 import yaml
 
 from conftest import REPO, run
+from reprotune import paramsdoc
 from reprotune.checkpoint import Checkpoints
-from reprotune.config import Params, load_params
+from reprotune.config import ExportConfig, Params, TrainConfig, load_params
 from reprotune.data import Split
 from reprotune.errors import ReprotuneError
 from reprotune.train import finetune
@@ -112,3 +113,27 @@ def test_a_gpu_that_is_not_there_is_refused_naming_the_file_and_key(tmp_path):
         finetune(load_params(path), split, split, Checkpoints(tmp_path / "work", "key"))
     assert re.fullmatch(rf"{re.escape(str(path))}: train.device=cuda:{missing} but (this machine has no CUDA "
                         rf"device \(use auto or cpu\)|only {missing} CUDA device\(s\) exist)", str(error.value))
+
+
+def test_params_yaml_and_the_readme_table_are_written_from_the_config_classes():
+    # One source for every default and its description: config.py. `reprotune params --write`
+    # regenerates both files after a change there.
+    assert (REPO / "params.yaml").read_text() == paramsdoc.params_yaml(), "run `reprotune params --write`"
+    readme = (REPO / "README.md").read_text()
+    assert paramsdoc.readme_with_table(readme) == readme, "run `reprotune params --write`"
+    for name, section in (("train", TrainConfig), ("export", ExportConfig)):  # and every key is in both
+        for key, field in section.model_fields.items():
+            first = field.description.split("\n\n")[0].replace("\n", " ")
+            assert f"# {first}" in (REPO / "params.yaml").read_text(), f"{name}.{key}"
+            assert f"| `{name}.{key}` |" in readme
+
+
+def test_the_params_command_writes_both_files(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 3\n")
+    (tmp_path / "README.md").write_text(f"intro\n{paramsdoc.TABLE_BEGIN}\nold\n{paramsdoc.TABLE_END}\nrest\n")
+    out = run(["reprotune", "params", "--write"], tmp_path).stdout
+    assert "params.yaml" in out and "README.md" in out
+    assert (tmp_path / "params.yaml").read_text() == paramsdoc.params_yaml()
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("intro\n") and readme.endswith("rest\n") and "| `train.lr` | `0.01` |" in readme
+    assert run(["reprotune", "params", "--write"], tmp_path).stdout == ""  # nothing left to change

@@ -239,19 +239,91 @@ def test_augment_crops_and_flips_on_the_device_without_changing_pixels():
     assert any(not torch.equal(c, images) for c in crops)
 
 
+def test_channel_statistics_are_exact_from_histograms():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 3, 8, 8), dtype=np.uint8)
+    images[:, 2] = 7  # a constant channel: mean 7/255, std 0
+    mean, std = data.channel_stats(images)
+    pixels = images.astype(np.float64) / 255
+    assert mean == pytest.approx(pixels.mean(axis=(0, 2, 3)).tolist(), abs=1e-12)
+    assert std == pytest.approx(pixels.std(axis=(0, 2, 3)).tolist(), abs=1e-12)
+    assert std[2] == 0.0 and isinstance(mean[0], float) and isinstance(std[0], float)
+
+
+def test_splits_carry_the_training_split_statistics_and_every_image_once():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(4), 10)
+    images = rng.integers(0, 256, (40, 3, 4, 4), dtype=np.uint8)
+    test_images = rng.integers(0, 256, (6, 3, 4, 4), dtype=np.uint8)
+    raw = data.RawData(images, labels, test_images, np.arange(6) % 4, ["a", "b", "c", "d"])
+    splits = data.make_splits(raw, 0.3, seed=0)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    assert (len(train.labels), len(val.labels), len(test.labels)) == (28, 12, 6)
+    train_idx, _ = data.stratified_split(labels, 0.3, seed=0)
+    expected_mean, expected_std = data.channel_stats(images[train_idx])
+    for split in (train, val, test):  # every split is normalized with the training split's statistics
+        assert split.mean == expected_mean and split.std == expected_std and split.classes == ["a", "b", "c", "d"]
+    everything = torch.cat([train.images, val.images]).flatten(1)
+    assert sorted(map(tuple, everything.tolist())) == sorted(map(tuple, torch.from_numpy(images).flatten(1).tolist()))
+    assert torch.equal(test.images, torch.from_numpy(test_images)) and train.images.dtype == torch.uint8
+    assert data.to_float(train.images).max() <= 1.0 and data.to_float(train.images).dtype == torch.float32
+
+
 @pytest.mark.reliability
-def test_links_and_escaping_members_are_never_followed_or_written(tmp_path):
+def test_a_split_that_would_leave_a_side_empty_is_refused():
+    labels = np.arange(10)  # one image per class
+    with pytest.raises(ReprotuneError, match=r"data.val_fraction=0.01 leaves an empty split of 10 training images"):
+        data.stratified_split(labels, 0.01, seed=0)  # rounds to 0 per class: no validation images
+    with pytest.raises(ReprotuneError, match=r"data.val_fraction=0.99 leaves an empty split"):
+        data.stratified_split(labels, 0.99, seed=0)  # rounds to 1 per class: no training images
+    train, val = data.stratified_split(np.repeat(np.arange(2), 2), 0.5, seed=0)
+    assert len(train) == len(val) == 2  # one of each class on each side: not too few to split
+
+
+def test_crops_use_every_offset_and_flips_about_half():
+    # 4 px of padding: 9 x 9 window positions (offsets 0..8 on each axis), every one of them drawn.
+    wide = torch.arange(1, 65, dtype=torch.uint8).view(1, 1, 8, 8).repeat(2000, 1, 1, 1)
+    crops = data.augment(wide, padding=4, hflip=False, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(wide[0, 0], (4,) * 4)
+    windows = {(y, x): padded[y:y + 8, x:x + 8] for y in range(9) for x in range(9)}
+    seen = {next(pos for pos, w in windows.items() if torch.equal(crop[0], w)) for crop in crops[:600]}
+    assert seen == set(windows)  # all 81, none outside (next() would fail on a window not among them)
+    flipped = data.augment(wide, padding=0, hflip=True, generator=torch.Generator().manual_seed(2))
+    share = (flipped[:, 0, 0, 0] == 8).float().mean().item()  # a mirrored first row starts with 8
+    assert 0.45 < share < 0.55
+    assert ((flipped[:, 0, 0, 0] == 8) | (flipped[:, 0, 0, 0] == 1)).all()
+
+
+def test_each_rank_gets_its_slice_of_the_global_batch_augmentation():
+    # Under DDP rank k of n augments the k-th slice of a global batch: it must get exactly the crops
+    # and flips that slice gets when the whole batch is augmented at once.
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    whole = data.augment(images, 2, True, torch.Generator().manual_seed(4))
+    for k in range(3):
+        part = data.augment(images[4 * k:4 * (k + 1)], 2, True, torch.Generator().manual_seed(4), part=(k, 3))
+        assert torch.equal(part, whole[4 * k:4 * (k + 1)]), k
+
+
+@pytest.mark.reliability
+def test_links_are_refused_and_other_entries_are_never_read_or_extracted(tmp_path, monkeypatch):
+    # read_archive reads the layout's own member names in memory: a link in their place is refused,
+    # entries with escaping names are never touched, and nothing is extracted to disk at all.
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("read_archive extracted a member to disk")
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", no_extraction)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", no_extraction)
     members = _good_members()
+    hostile = [tarfile.TarInfo(name) for name in ("../escaped", "/tmp/absolute-escape", "cifar-10-batches-py/../x")]
+    for info in hostile:
+        info.size = 1
+    raw = data.read_archive(_archive_with(tmp_path, members, tuple(hostile)))  # beside a whole layout: ignored
+    assert raw.train_images.shape == (100, 3, 32, 32) and raw.classes == [f"c{i}" for i in range(10)]
     del members["data_batch_4"]
     link = tarfile.TarInfo("cifar-10-batches-py/data_batch_4")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    hostile = [tarfile.TarInfo(name) for name in ("../escaped", "/tmp/absolute-escape")]
-    for info in hostile:
-        info.size = 1
-    path = _archive_with(tmp_path, members, (link, *hostile))
     with pytest.raises(ReprotuneError, match="data_batch_4 is a link or special file"):
-        data.read_archive(path)
-    assert not (tmp_path.parent / "escaped").exists() and not Path("/tmp/absolute-escape").exists()
+        data.read_archive(_archive_with(tmp_path, members, (link, *hostile)))
 
 
 @pytest.mark.reliability

@@ -194,7 +194,7 @@ def test_a_stopped_ddp_run_resumes_to_the_same_weights(project, one_process, mon
     while _running_in(project) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _running_in(project) == []
-    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+    assert torch.load(checkpoint, weights_only=True)["run"]["epoch"] == 1
 
     out = run(["python", "stages/finetune.py"], project, extra_env=ONE_THREAD).stdout
     assert "resuming after epoch 1" in out

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+from tensorboardX import SummaryWriter
 from torch import nn
 
-from reprotune.evaluate import classification_metrics, reliability, top_k_accuracy, tta_logits
+from reprotune import tb
+from reprotune.config import EvaluateConfig
+from reprotune.data import Split
+from reprotune.evaluate import (
+    classification_metrics,
+    confusion_rows,
+    evaluate_model,
+    loss_and_accuracy,
+    reliability,
+    top_k_accuracy,
+    tta_logits,
+)
 
 CLASSES = ["a", "b", "c"]
 # Four images, three classes: two right (0 and 1), image 2 (a "c") called "b", image 3 (an "a") called "c".
@@ -57,3 +71,134 @@ def test_tta_changes_predictions_only_through_flipping():
     torch.testing.assert_close(tta_logits(model, images, batch_size=2), (plain + mirrored) / 2)
     symmetric = torch.cat([images[..., :16], images[..., :16].flip(3)], dim=3)  # equal to its mirror
     torch.testing.assert_close(tta_logits(model, symmetric, batch_size=2), model(symmetric.float() / 255))
+
+
+def test_evaluate_with_tta_reports_its_keys_from_the_mirrored_logits(tmp_path):
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    test = Split(images, torch.tensor([0, 1, 0, 1, 1, 0]), ["left", "right"], [0.5] * 3, [0.25] * 3)
+    model = _Halves()
+    with SummaryWriter(str(tmp_path)) as writer:
+        result = evaluate_model(model, test, EvaluateConfig(tta=True, misclassified_images=2), writer)
+    plain = classification_metrics(model(images.float() / 255).detach(), test.labels, test.classes)
+    tta = classification_metrics(tta_logits(model, images, 4), test.labels, test.classes)
+    assert set(result.metrics["tta"]) == {"test_acc", "test_loss", "macro_f1", "acc_gain"}
+    assert result.metrics["test_acc"] == plain["test_acc"]
+    assert result.metrics["tta"]["test_acc"] == tta["test_acc"]
+    assert result.metrics["tta"]["test_loss"] == pytest.approx(tta["test_loss"])
+    assert result.metrics["tta"]["macro_f1"] == pytest.approx(tta["macro_f1"])
+    assert result.metrics["tta"]["acc_gain"] == pytest.approx(tta["test_acc"] - plain["test_acc"])
+    assert list(result.per_class.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert result.per_class.support.tolist() == [3, 3] and "class_f1" not in result.metrics
+    without = evaluate_model(model, test, EvaluateConfig(tta=False), SummaryWriter(str(tmp_path / "b")))
+    assert "tta" not in without.metrics
+
+
+def test_accuracy_counts_the_right_ones():
+    logits = torch.tensor([[3.0, 0.0], [3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    loss, acc = loss_and_accuracy(logits, labels)
+    assert acc == 0.8 and loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+
+
+def test_classes_never_present_or_never_predicted_get_zeros_not_garbage():
+    # Five classes: "d" never occurs, "e" is never predicted, "c" neither predicted nor right.
+    classes = ["a", "b", "c", "d", "e"]
+    logits = torch.tensor([[5.0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0], [0, 5.0, 0, 0, 0], [0, 0, 0, 5.0, 0],
+                           [5.0, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 1, 2, 4, 4])
+    m = classification_metrics(logits, labels, classes)
+    assert m["class_acc"] == {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0, "e": 0.0}
+    assert m["class_precision"] == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.0, "d": 0.0, "e": 0.0})
+    assert m["class_f1"] == pytest.approx({"a": 2 / 3, "b": 2 / 3, "c": 0.0, "d": 0.0, "e": 0.0})
+    assert m["class_support"] == {"a": 1, "b": 1, "c": 1, "d": 0, "e": 2}
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 5)
+
+
+def test_top5_is_top_five_not_six():
+    logits = torch.arange(10, dtype=torch.float32).flip(0).repeat(2, 1)  # class 0 highest ... 9 lowest
+    labels = torch.tensor([4, 5])  # 5th and 6th by score
+    assert top_k_accuracy(logits, labels, 5) == 0.5
+    assert classification_metrics(logits, labels, [str(i) for i in range(10)])["test_top5_acc"] == 0.5
+
+
+def test_reliability_bins_average_their_images():
+    # Two images in the 0.9 bin (one right), one in the 0.6 bin (right); 10 bins.
+    probs = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.55, 0.45]])
+    labels = torch.tensor([0, 0, 0])
+    frame, ece = reliability(probs, labels, bins=10)
+    assert frame["bin_upper"].tolist() == pytest.approx([0.1 * k for k in range(1, 11)])
+    assert frame["count"].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 2]
+    assert frame["confidence"][9] == pytest.approx(0.95) and frame["accuracy"][9] == 0.5
+    assert frame["confidence"][5] == pytest.approx(0.55) and frame["accuracy"][5] == 1.0
+    assert ece == pytest.approx((2 * 0.45 + 0.45) / 3)
+    # With more classes than bins a confidence can fall below the first bin's top: it lands in bin 1.
+    many = torch.full((1, 20), 0.05)
+    low, _ = reliability(many, torch.tensor([0]), bins=10)
+    assert low["count"].tolist()[0] == 1
+
+
+def test_confusion_rows_name_the_classes():
+    rows = confusion_rows(LOGITS, LABELS, CLASSES)
+    assert list(rows.columns) == ["actual", "predicted"]
+    assert rows.values.tolist() == [["a", "a"], ["b", "b"], ["c", "b"], ["a", "c"]]
+
+
+def test_evaluate_model_returns_every_table_it_promises(tmp_path):
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    test = Split(images, torch.tensor([0, 1] * 4), ["left", "right"], [0.5] * 3, [0.25] * 3)
+    with SummaryWriter(str(tmp_path)) as writer:
+        result = evaluate_model(_Halves(), test, EvaluateConfig(calibration_bins=4, misclassified_images=1), writer)
+    logits = _Halves()(images.float() / 255).detach()
+    frame, ece = reliability(logits.softmax(1), test.labels, 4)
+    assert result.metrics["ece"] == pytest.approx(ece) and len(result.reliability) == 4
+    assert result.reliability["count"].tolist() == frame["count"].tolist()
+    assert result.confusion.values.tolist() == confusion_rows(logits, test.labels, test.classes).values.tolist()
+    assert result.per_class["recall"].tolist() == list(result.metrics["class_acc"].values())
+
+
+class _Lookup(nn.Module):
+    """Logits chosen per image: image i carries i in its first pixel, the model returns row i of a table."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table, requires_grad=False)
+
+    def forward(self, x):
+        return self.table[(x[:, 0, 0, 0] * 255).round().long()]
+
+
+def test_tensorboard_shows_what_evaluate_reports(tmp_path, monkeypatch):
+    # Seven images, three classes, with spread confidences: three mistakes, the surest first.
+    table = torch.tensor([[4.0, 0, 0], [0, 1.5, 0], [0, 0, 0.5], [0, 6.0, 0], [1.9, 0, 0.2], [0, 0, 2.0],
+                          [0.3, 0, 0]])
+    labels = torch.tensor([0, 1, 2, 0, 2, 2, 1])  # wrong: image 3 (p .99), image 4 (p .75), image 6 (p .40)
+    images = torch.zeros(7, 3, 32, 32, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(7, dtype=torch.uint8)
+    test = Split(images, labels, CLASSES, [0.5] * 3, [0.25] * 3)
+    drawn = {}
+    for name in ("log_predictions", "log_confusion", "log_reliability"):
+        real = getattr(tb, name)
+        monkeypatch.setattr(tb, name, lambda *a, _real=real, _name=name: (drawn.__setitem__(_name, a), _real(*a)))
+    with SummaryWriter(str(tmp_path)) as writer:
+        result = evaluate_model(_Lookup(table), test, EvaluateConfig(tta=True, calibration_bins=5,
+                                                                     misclassified_images=2), writer)
+    expected = classification_metrics(table, labels, CLASSES, bins=5)
+    assert result.metrics["ece"] == pytest.approx(expected["ece"]) != classification_metrics(table, labels,
+                                                                                             CLASSES)["ece"]
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
+    assert logged == pytest.approx({"test/loss": expected["test_loss"], "test/acc": expected["test_acc"],
+                                    "test/top5_acc": 1.0, "test/macro_f1": expected["macro_f1"],
+                                    "test/ece": expected["ece"], "test/tta_acc": result.metrics["tta"]["test_acc"],
+                                    **{f"test_class_f1/{c}": expected["class_f1"][c] for c in CLASSES}}, rel=1e-6)
+    assert {"test/confusion_matrix", "test/reliability_diagram", "test/most_confident_mistakes"} <= set(
+        events.Tags()["images"])
+    for c, name in enumerate(CLASSES):  # one-vs-rest: at the lowest threshold every image of the class is a hit
+        curve = tensor_util.make_ndarray(events.Tensors(f"pr_curve/{name}")[0].tensor_proto)
+        assert curve[0, 0] == (labels == c).sum() and curve[1, 0] == (labels != c).sum()
+    _, _, mistakes, actual, predicted, classes, _ = drawn["log_predictions"]
+    assert actual.tolist() == [0, 2] and predicted.tolist() == [1, 0] and classes == CLASSES  # images 3 then 4
+    assert mistakes[:, 0, 0, 0].tolist() == [3, 4]
+    assert drawn["log_confusion"][2].tolist() == [[1, 1, 0], [1, 1, 0], [1, 0, 2]]
+    assert len(drawn["log_reliability"][2]) == 5 and drawn["log_reliability"][3] == expected["ece"]

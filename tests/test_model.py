@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.error
 
 import pytest
@@ -168,3 +169,72 @@ def test_the_training_graph_has_no_op_without_a_deterministic_cuda_backward(stem
     ops = _backward_ops(loss)
     assert "ConvolutionBackward0" in ops and "MeanBackward1" in ops  # the walk sees the whole network
     assert ops & NO_DETERMINISTIC_CUDA_BACKWARD == set()
+
+
+def _head(init: str, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(weights="none", head_init=init), 10, MEAN, STD).net.fc[1]
+
+
+def test_the_xavier_head_fills_its_whole_uniform_range():
+    # Xavier/Glorot uniform for 512 -> 10: U(-a, a), a = sqrt(6 / 522) = 0.107, std a / sqrt(3).
+    # PyTorch's own Linear default is U(-1/sqrt(512), 1/sqrt(512)) = +-0.044: it also stays within
+    # a, so the spread is what tells them apart.
+    head, bound = _head("xavier"), math.sqrt(6 / (512 + 10))
+    assert head.weight.abs().max() <= bound and head.weight.abs().max() > 0.95 * bound
+    assert head.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert torch.equal(head.bias, torch.zeros(10))  # the default bias would be uniform, not zero
+
+
+def test_the_kaiming_head_is_normal_with_he_fan_in_variance():
+    head, std = _head("kaiming"), math.sqrt(2 / 512)
+    assert head.weight.std().item() == pytest.approx(std, rel=0.05)
+    # normal, not uniform: of 5,120 weights, about 8% lie beyond Xavier's bound of 1.71 std
+    beyond = (head.weight.abs() > math.sqrt(6 / 522)).float().mean().item()
+    assert 0.05 < beyond < 0.12
+    assert torch.equal(head.bias, torch.zeros(10))
+
+
+def test_gradual_unfreezing_thaws_deepest_stages_first():
+    assert frozen_stages("linear", "layer3", 2, 1) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    assert frozen_stages("linear", "layer3", 2, 2) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    assert frozen_stages("linear", "layer3", 2, 3) == ["conv1", "bn1", "layer1", "layer2", "layer3"]
+    assert frozen_stages("partial", "layer3", 1, 3) == ["conv1", "bn1"]
+    assert frozen_stages("partial", "layer3", 1, 9) == []
+    assert frozen_stages("partial", "layer3", 0, 9) == ["conv1", "bn1", "layer1", "layer2"]
+    assert frozen_stages("full", "layer3", 0, 5) == [] and frozen_stages("full", "layer3", 2, 5) == []
+    assert frozen_stages("partial", "layer4") == ["conv1", "bn1", "layer1", "layer2", "layer3"]  # the defaults:
+    assert frozen_stages("partial", "layer4", 3, 3) == frozen_stages("partial", "layer4")  # N epochs, then thaw
+    assert frozen_stages("partial", "layer4", 3, 4) == ["conv1", "bn1", "layer1", "layer2"]
+
+
+def _state(**changes):
+    torch.manual_seed(5)
+    state = torchvision.models.resnet18().state_dict()
+    state.update(changes)
+    return state
+
+
+def test_backbone_weights_load_from_the_usual_checkpoint_shapes(tmp_path):
+    plain = _state()
+    for name, saved in (("plain", plain), ("wrapped", {"state_dict": plain, "epoch": 3}),
+                        ("ddp", {f"module.{k}": v for k, v in plain.items()})):
+        torch.save(saved, tmp_path / f"{name}.pt")
+        model = build_model(ModelConfig(weights=str(tmp_path / f"{name}.pt")), 10, MEAN, STD)
+        assert _same_backbone(model, plain), name
+
+
+@pytest.mark.reliability
+def test_weights_that_miss_or_add_keys_name_the_first_three(tmp_path):
+    state = _state()
+    missing = [k for k in state if k.startswith("layer4.")][:5]  # in the model's own order
+    for key in missing:
+        del state[key]
+    torch.save(state, tmp_path / "missing.pt")
+    with pytest.raises(ReprotuneError) as error:
+        build_model(ModelConfig(weights=str(tmp_path / "missing.pt")), 10, MEAN, STD)
+    assert str(error.value).endswith(f"weights do not fit ResNet18: missing keys {missing[:3]}")
+    torch.save(_state(**{"extra.weight": torch.zeros(1), "more.bias": torch.zeros(1)}), tmp_path / "extra.pt")
+    with pytest.raises(ReprotuneError) as error:
+        build_model(ModelConfig(weights=str(tmp_path / "extra.pt")), 10, MEAN, STD)
+    assert str(error.value).endswith("weights do not fit ResNet18: unexpected keys ['extra.weight', 'more.bias']")

@@ -66,6 +66,26 @@ def test_metrics_contract(pipeline):
 
     evaluate = json.loads((pipeline / "metrics/evaluate.json").read_text())
     assert list(evaluate)[:2] == ["test_acc", "macro_f1"]
+    # Against an independent computation: the saved model on the test split, scored by hand here.
+    model, _ = load_model(pipeline / "models/model.pt")
+    test = load_split(pipeline / "data/processed/test.pt")
+    with torch.no_grad():
+        logits = model(to_float(test.images))
+    predicted, actual = logits.argmax(1), test.labels
+    assert evaluate["test_acc"] == pytest.approx((predicted == actual).double().mean().item(), abs=1e-9)
+    assert evaluate["test_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, actual).item(), rel=1e-5)
+    f1s = []
+    for c, name in enumerate(test.classes):
+        tp = ((predicted == c) & (actual == c)).sum().item()
+        precision = tp / max(1, (predicted == c).sum().item())
+        recall = tp / (actual == c).sum().item()
+        f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+        assert evaluate["class_acc"][name] == pytest.approx(recall)
+    assert evaluate["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
+    val = load_split(pipeline / "data/processed/val.pt")
+    with torch.no_grad():
+        model_acc = (model(to_float(val.images)).argmax(1) == val.labels).double().mean().item()
+    assert train["best_val_acc"] == pytest.approx(model_acc)  # the saved weights are the best epoch's
     assert 0 <= evaluate["test_acc"] <= evaluate["test_top5_acc"] <= 1
     assert evaluate["test_loss"] > 0 and 0 <= evaluate["macro_f1"] <= 1 and 0 <= evaluate["ece"] <= 1
     assert len(evaluate["class_acc"]) == 10
@@ -121,8 +141,10 @@ def test_processed_splits_are_uint8_with_train_statistics(pipeline):
     # 64 images per class, round(0.1 * 64) = 6 of each held out: a stratified split
     assert (len(train.labels), len(val.labels), len(test.labels)) == (580, 60, 200)
     assert np.bincount(val.labels.numpy()).tolist() == [6] * 10
-    expected = train.images.double().div(255).mean(dim=(0, 2, 3))
-    assert torch.allclose(torch.tensor(train.mean, dtype=torch.float64), expected, atol=1e-6)
+    pixels = train.images.double().div(255)
+    assert torch.allclose(torch.tensor(train.mean, dtype=torch.float64), pixels.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(torch.tensor(train.std, dtype=torch.float64), pixels.std(dim=(0, 2, 3), correction=0),
+                          atol=1e-6)
     assert val.mean == train.mean and test.std == train.std
 
 
@@ -317,12 +339,16 @@ def test_a_weak_int8_model_is_left_out_and_the_rest_ships(weak_int8):
 
 
 @pytest.mark.reliability
-def test_a_required_int8_model_below_its_gate_fails_the_stage_and_writes_nothing(weak_int8):
-    set_params(weak_int8 / "params.yaml", {"export.int8": "required"})
+@pytest.mark.parametrize("setting, message", [
+    ({"export.int8": "required"}, r"int8 ONNX model agrees with PyTorch on 0\.\d+ of test images \(< "
+                                  r"export.int8_min_agreement 1.0\); export.int8 is required, so nothing was written"),
+    ({"export.tolerance": 1e-12}, r"onnx export differs from PyTorch by \S+ \(> export.tolerance 1e-12\); "
+                                  r"nothing was written"),
+])
+def test_an_export_gate_that_fails_the_stage_writes_nothing(weak_int8, setting, message):
+    set_params(weak_int8 / "params.yaml", setting)
     before = sorted(p for p in weak_int8.rglob("*"))
     proc = run(["python", str(REPO / "stages/export.py")], weak_int8, check=False)
     assert proc.returncode == 1
-    assert re.fullmatch(r"reprotune: error: int8 ONNX model agrees with PyTorch on 0\.\d+ of test images "
-                        r"\(< export.int8_min_agreement 1.0\); export.int8 is required, so nothing was written",
-                        proc.stderr.strip())
+    assert re.fullmatch(f"reprotune: error: {message}", proc.stderr.strip()), proc.stderr
     assert sorted(p for p in weak_int8.rglob("*")) == before

@@ -7,6 +7,7 @@ mode must hold with cuBLAS, cuDNN and fp16 autocast with its GradScaler.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -96,7 +97,7 @@ def test_ctrl_c_checkpoints_mid_epoch_and_the_rerun_matches(tmp_path, reference,
     assert re.fullmatch(rf"reprotune: interrupted in epoch \d after step \d+ of {steps}: checkpoint saved in "
                         r"runs/finetune.live; run the stage again to resume", stderr.strip().splitlines()[-1])
     saved = torch.load(checkpoint, weights_only=True)
-    assert 0 < saved["progress"]["step"] < steps and not (root / "models/model.pt").exists()
+    assert 0 < saved["run"]["paused"]["step"] < steps and not (root / "models/model.pt").exists()
     assert "resuming" in _finetune(root).stdout
     _same_weights(reference, root)
 
@@ -107,7 +108,7 @@ def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path, refe
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    killed_at = torch.load(checkpoint, weights_only=True)["run"]["epoch"]
     assert 1 <= killed_at < EPOCHS and not (resumed / "models/model.pt").exists()
 
     out = _finetune(resumed).stdout
@@ -119,6 +120,12 @@ def test_a_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path, refe
     timing = ["seconds", "images_per_second", "achieved_tflops", "peak_rss_mb"]
     history = [pd.read_csv(root / "metrics/train_history.csv").drop(columns=timing) for root in (reference, resumed)]
     pd.testing.assert_frame_equal(*history)
+    # train_seconds counts both sessions' training: the sum of every epoch's seconds, the killed
+    # session's epochs included (a rerun that restarted the count would report only its own)
+    seconds = pd.read_csv(resumed / "metrics/train_history.csv")["seconds"]
+    metrics = json.loads((resumed / "metrics/train.json").read_text())
+    assert metrics["train_seconds"] == pytest.approx(seconds.sum(), rel=1e-9)
+    assert metrics["train_seconds"] > seconds.iloc[killed_at:].sum()
 
     logs = []
     for root in (reference, resumed):

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from reprotune.config import Params
+from reprotune.errors import ReprotuneError
 from reprotune.io import load_torch, save_torch, write_text
 
 CHECKPOINT = "checkpoint.pt"
@@ -49,10 +50,16 @@ class Checkpoints:
         """The last complete epoch's state if this run was interrupted; else a clean directory."""
         key_file, checkpoint = self.directory / KEY, self.directory / CHECKPOINT
         if key_file.is_file() and key_file.read_text() == self.key and checkpoint.is_file():
-            state = load_torch(checkpoint, "training checkpoint")
+            try:
+                state = load_torch(checkpoint, "training checkpoint")
+            except ReprotuneError as exc:  # damaged by something other than our atomic writes
+                print(f"{exc}: starting fresh", flush=True)
+                state = None
             if isinstance(state, dict) and state.get("key") == self.key:
                 return state
-        shutil.rmtree(self.directory, ignore_errors=True)  # another run's state, or torn: start over
+        elif checkpoint.is_file():
+            print(f"{self.directory}: its checkpoint is of other params, data or code: starting fresh", flush=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True)
         write_text(self.directory / KEY, self.key)
         return None

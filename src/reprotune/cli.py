@@ -117,6 +117,19 @@ def tensorboard(
         raise ReprotuneError(f"tensorboard exited with status {code}")
 
 
+@cli.command()
+def params(write: Annotated[bool, typer.Option("--write", help="Rewrite params.yaml and the README's table.")]
+           = False) -> None:
+    """params.yaml as written from the config classes (defaults and descriptions have one source)."""
+    from reprotune import paramsdoc
+
+    if not write:
+        print(paramsdoc.params_yaml(), end="")
+        return
+    for path in paramsdoc.write(Path.cwd()):
+        print(f"rewrote {path}")
+
+
 def _free_experiment_name(dvc: str, base: str) -> str:
     """`base`, or `base-2`, `base-3`, ...: the first name no experiment in this repository has."""
     listed = subprocess.run([dvc, "exp", "list", "--all-commits", "--name-only"], capture_output=True, text=True,

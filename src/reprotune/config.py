@@ -1,8 +1,9 @@
 """Validated configuration: one pydantic model per `params.yaml` section.
 
 Unknown or misspelled keys, wrong types and out-of-range values are rejected with one line that
-names the file, the key and, for a misspelling, the closest valid key. Field defaults equal the
-shipped `params.yaml` (a test keeps the two in step); each field's docstring is its documentation.
+names the file, the key and, for a misspelling, the closest valid key. These classes are the one
+source of every default and its description: `params.yaml` and the README's parameter table are
+written from them (`reprotune params --write`, see paramsdoc.py), and a test keeps them in step.
 """
 
 from __future__ import annotations
@@ -40,21 +41,27 @@ Pair = Annotated[tuple[float, float], BeforeValidator(lambda v: tuple(v) if isin
 
 
 class DataConfig(Section):
+    """Where the images come from and how they are split."""
+
     dataset: Literal["cifar10", "synthetic"] = "cifar10"
-    """`cifar10` fetches `url`; `synthetic` generates a learnable CIFAR-format archive offline."""
+    """cifar10 (fetch `url`) | synthetic (generated offline, the same archive layout)
+
+    `synthetic` is a learnable 10-class set (5 colours x 2 stripe orientations) that runs the code
+    real data takes."""
     url: str = CIFAR10_URL
-    """Where the CIFAR-10 python archive comes from: http(s)://, file:// or a local path."""
+    """where the CIFAR-10 python archive comes from: https://, file:///path or a plain path"""
     md5: str = CIFAR10_MD5
-    """Expected md5 of the archive at `url`; a mismatch is an error."""
+    """md5 of the archive at `url` (the official one's); a mismatch fails the download"""
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    """Fraction of the training batches held out (stratified) for validation."""
+    """share of each class of the training images held out for validation (seeded)"""
     synthetic_train: int = Field(50_000, ge=10)
-    """Training images in the synthetic archive (CIFAR-10 has 50,000)."""
+    """images, synthetic dataset only (CIFAR-10 has 50,000)"""
     synthetic_test: int = Field(10_000, ge=10)
-    """Test images in the synthetic archive (CIFAR-10 has 10,000)."""
+    """images, synthetic dataset only (CIFAR-10 has 10,000)"""
     synthetic_seed: int = 0
-    """Seeds the synthetic archive's images. Apart from `seed`, so that a training-seed sweep
-    (`dvc exp run -S seed=1`) reuses the archive instead of rerunning the download stage."""
+    """seeds the synthetic images (apart from `seed`: a seed sweep keeps the archive)
+
+    So `dvc exp run -S seed=1` reuses the archive instead of rerunning the download stage."""
 
     @field_validator("md5")
     @classmethod
@@ -65,97 +72,117 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    """The network: ResNet18, its starting weights, its first layer and its new head."""
+
     arch: Literal["resnet18"] = "resnet18"
-    """torchvision architecture."""
+    """torchvision architecture"""
     weights: str = "imagenet"
-    """`imagenet` (torchvision's IMAGENET1K_V1 through $TORCH_HOME), `none`, or a state-dict path."""
+    """imagenet (torchvision IMAGENET1K_V1 via $TORCH_HOME) | none | path/to/state_dict.pt"""
     stem: Literal["imagenet", "cifar"] = "imagenet"
-    """`imagenet` keeps the 7x7/2 conv + max-pool; `cifar` uses a 3x3/1 conv and no max-pool."""
+    """imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv, no max-pool: 16x the FLOPs at 32 px)
+
+    `cifar` replaces the first conv with an untrained one, so it needs `train.strategy: full`."""
     image_size: int = Field(32, ge=16, le=512)
-    """Side in pixels the images are resized to on the device before the network."""
+    """px; images are resized on the device (224 = classic ImageNet transfer, ~49x the FLOPs)"""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout probability before the new classification head."""
+    """probability, before the new head"""
     head_init: Literal["xavier", "kaiming"] = "xavier"
-    """New head's weights: Xavier/Glorot uniform or He/Kaiming normal (fan-in); bias zero either way."""
+    """new head's weights: xavier (Glorot uniform) | kaiming (He normal, fan-in); bias 0"""
 
 
 class TrainConfig(Section):
+    """Fine-tuning: optimizer, schedule, precision, clipping, strategy, augmentation, devices."""
+
     epochs: int = Field(10, ge=1)
-    """Passes over the training split (fewer if early stopping fires)."""
+    """passes over the training split (fewer if early stopping fires)"""
     batch_size: int = Field(128, ge=1)
-    """Images per optimizer step, in all: with N processes each one takes batch_size / N."""
+    """images per optimizer step, global: each of N processes takes 1/N
+
+    A trailing partial batch is dropped; each epoch reshuffles, so every image is still seen."""
     lr: float = Field(0.01, gt=0)
-    """Peak learning rate of the head (per batch of `batch_size`)."""
+    """peak LR of the new head per batch of batch_size; fine-tuning wants ~10x less than from scratch"""
     backbone_lr_mult: float = Field(1.0, gt=0, le=1)
-    """The pretrained backbone's learning rate as a fraction of `lr` (e.g. 0.1)."""
+    """the pretrained backbone's LR as a fraction of lr (e.g. 0.1)"""
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
-    """Optimizer; `momentum` applies to sgd and rmsprop, `nesterov` to sgd, `betas` to adam/adamw."""
+    """sgd | adam | adamw (decoupled decay) | rmsprop
+
+    `momentum` applies to sgd and rmsprop, `nesterov` to sgd, `betas` to adam and adamw."""
     momentum: float = Field(0.9, ge=0, lt=1)
-    """Momentum for sgd and rmsprop."""
+    """sgd and rmsprop"""
     nesterov: bool = False
-    """Nesterov momentum (sgd)."""
+    """sgd: Nesterov momentum"""
     betas: Pair = (0.9, 0.999)
-    """Adam/AdamW moment decay rates."""
+    """adam and adamw: moment decay rates"""
     weight_decay: float = Field(5e-4, ge=0)
-    """L2 penalty (decoupled for adamw)."""
+    """L2 penalty (decoupled for adamw)"""
     decay_norm_and_bias: bool = False
-    """Also apply weight decay to BatchNorm weights and biases (usually hurts)."""
+    """also decay BatchNorm weights and biases (by default they get none; it usually hurts)"""
     scheduler: Literal["cosine", "step", "onecycle", "none"] = "cosine"
-    """LR schedule after warmup: cosine to 0, step decay, one-cycle, or constant."""
+    """per optimizer step after warmup: cosine (to 0) | step | onecycle | none
+
+    `onecycle` is torch's OneCycleLR: 30% of the steps up from lr/25, cosine down to lr/25/1e4, no
+    momentum cycling."""
     warmup_epochs: float = Field(0.0, ge=0)
-    """Linear warmup from 0 to `lr` over this many epochs (fractions allowed); not with onecycle."""
+    """linear warmup from 1% of lr over this many epochs (fractions ok; not with onecycle)"""
     step_epochs: int = Field(3, ge=1)
-    """Step scheduler: epochs between decays."""
+    """step scheduler: epochs between decays, counted after warmup"""
     step_gamma: float = Field(0.1, gt=0, le=1)
-    """Step scheduler: LR multiplier at each decay."""
+    """step scheduler: lr multiplier at each decay"""
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
-    """Mixed precision: auto = fp16 with a GradScaler on CUDA, off on CPU."""
+    """auto (fp16 + GradScaler on CUDA, off on CPU) | fp16 | bf16 | off
+
+    bf16 autocast is slow on CPUs, so auto leaves the CPU in fp32."""
     grad_clip: float = Field(1.0, ge=0)
-    """Gradient clipping threshold (0 = off); gradients are unscaled first under fp16. At 1.0 nearly
-    every step is clipped (gradient norms run 3-10), which makes SGD take normalized-gradient steps:
-    measured the better recipe (bench/results/clipping.md, `python bench/clipping.py`)."""
+    """global-norm threshold on the unscaled gradients; 0 = off (see the README on why 1.0)
+
+    At 1.0 nearly every step is clipped (gradient norms run 3-10), so SGD takes normalized-gradient
+    steps: measured the better recipe (`python bench/clipping.py`, bench/results/clipping.md)."""
     grad_clip_mode: Literal["norm", "value"] = "norm"
-    """Clip the global L2 norm to `grad_clip`, or each gradient element to +-`grad_clip`."""
+    """norm (global L2 norm <= grad_clip) | value (each element within +-grad_clip)"""
     strategy: Literal["full", "partial", "linear"] = "full"
-    """Which parameters train: all, from `unfreeze_from` on (plus head), or the head only."""
+    """full (all layers) | partial (from unfreeze_from on, plus the head) | linear (head only)
+
+    Frozen BatchNorm layers keep their running statistics."""
     unfreeze_from: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"
-    """First ResNet stage that trains under the partial strategy."""
+    """partial: the first ResNet stage that trains (layer1..layer4)"""
     unfreeze_after: int = Field(0, ge=0)
-    """Gradual unfreezing: after this many epochs, unfreeze one more frozen stage per epoch,
-    deepest first (0 = never)."""
+    """gradual unfreezing: after N epochs thaw one more stage per epoch, deepest first; 0 = never"""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    """Cross-entropy label smoothing."""
+    """cross-entropy target smoothing"""
     random_crop: int = Field(4, ge=0, le=16)
-    """Random-crop padding in pixels (0 = no crop augmentation)."""
+    """px of zero padding for random crops; 0 = off"""
     hflip: bool = True
-    """Random horizontal flips."""
+    """random horizontal flips"""
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    """Exponential moving average of the weights per step (e.g. 0.999; 0 = off). When on, the EMA
-    weights are validated and saved."""
+    """per-step EMA of the weights, validated and saved when on (e.g. 0.999); 0 = off"""
     early_stop_patience: int = Field(0, ge=0)
-    """Stop after this many epochs without improvement of `early_stop_metric` (0 = off)."""
+    """epochs without improvement of early_stop_metric before stopping; 0 = off"""
     early_stop_metric: Literal["val_acc", "val_loss"] = "val_acc"
-    """What picks the saved (best) epoch and drives early stopping."""
+    """val_acc | val_loss: picks the saved (best) epoch and drives early stopping"""
     channels_last: bool = False
-    """NHWC memory format (faster convolutions on tensor-core GPUs)."""
+    """NHWC memory format (faster convolutions on tensor-core GPUs)"""
     compile: bool = False
-    """torch.compile the model (slow to start; pays off on long GPU runs)."""
+    """torch.compile the training model: tens of seconds to compile; pays off on long GPU runs
+
+    Measured: about 40 s for ResNet18 on 2 CPU cores, cold."""
     deterministic: bool = False
-    """torch.use_deterministic_algorithms: bitwise-repeatable runs, sometimes slower."""
+    """torch.use_deterministic_algorithms: bitwise-repeatable runs, sometimes slower
+
+    See the README's "What bitwise means"."""
     device: str = "auto"
-    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`. On a machine with several GPUs, `auto`
-    and `cuda` take one that no other reprotune run holds; under DDP each process takes its own
-    (`cuda:LOCAL_RANK`)."""
+    """auto (CUDA when present; of several GPUs, one no other run holds) | cpu | cuda | cuda:N
+
+    Under DDP each process takes its own GPU (`cuda:LOCAL_RANK`)."""
     nproc: int = Field(1, ge=1)
-    """Training processes per node (one per GPU). Above 1, or with `nnodes` above 1, the finetune
-    stage launches itself through torchrun and trains with DistributedDataParallel."""
+    """training processes per machine, one per GPU; above 1 launches DDP through torchrun"""
     nnodes: int = Field(1, ge=1)
-    """Machines taking part in training; the one running `dvc repro` is node 0 (see the README)."""
+    """machines; the one running `dvc repro` is node 0 (README: "Several machines")"""
     rdzv_endpoint: str = "localhost:29500"
-    """host:port of node 0, where the other nodes meet it (only used when `nnodes` > 1)."""
+    """host:port of node 0, where the other machines join (nnodes > 1 only)"""
     sync_bn: bool = False
-    """SyncBatchNorm: BatchNorm statistics over the global batch rather than each process's share
-    (CUDA only)."""
+    """SyncBatchNorm: BatchNorm statistics over the global batch (CUDA only)
+
+    Otherwise each process normalizes its own slice of the batch."""
 
     @field_validator("device")
     @classmethod
@@ -180,46 +207,54 @@ class TrainConfig(Section):
 
 
 class LogConfig(Section):
+    """What TensorBoard gets besides the scalars."""
+
     histograms: bool = True
-    """Weight and gradient histograms each epoch."""
+    """weight and gradient histograms each epoch"""
     images: int = Field(32, ge=0, le=256)
-    """Images in the augmented-batch and per-split sample grids (0 = none)."""
+    """images per sample grid in TensorBoard; 0 = none"""
     graph: bool = True
-    """Write the model graph once."""
+    """the model graph, once"""
 
 
 class EvaluateConfig(Section):
+    """The test-set report."""
+
     batch_size: int = Field(512, ge=1)
-    """Images per forward pass."""
+    """images per forward pass"""
     tta: bool = False
-    """Also report test-time augmentation: logits averaged over each image and its mirror."""
+    """also report flip test-time augmentation (mean logits of image and mirror)"""
     calibration_bins: int = Field(15, ge=2, le=100)
-    """Confidence bins for the expected calibration error and the reliability diagram."""
+    """confidence bins for the expected calibration error and the reliability diagram"""
     misclassified_images: int = Field(16, ge=0, le=64)
-    """Most confidently misclassified test images shown in TensorBoard."""
+    """most confidently misclassified test images shown in TensorBoard"""
 
 
 class ExportConfig(Section):
+    """ONNX, int8 ONNX and TorchScript, each verified before it is written."""
+
     opset: int = Field(18, ge=13, le=23)
-    """ONNX opset version."""
+    """ONNX opset"""
     check_images: int = Field(64, ge=2)
-    """Test images the exported models are checked on against PyTorch."""
+    """test images each export is checked on against PyTorch"""
     tolerance: float = Field(1e-3, gt=0)
-    """Largest allowed absolute logit difference between an fp32 export and PyTorch."""
+    """max allowed |logit difference| between an fp32 export and PyTorch"""
     calibration_images: int = Field(256, ge=1)
-    """Training images the int8 model's activation ranges are calibrated on."""
+    """training images that calibrate the int8 model's activation ranges"""
     int8_min_agreement: float = Field(0.9, ge=0, le=1)
-    """Smallest allowed share of test images where the int8 model's class equals PyTorch's."""
+    """min share of test images where the int8 model's class equals PyTorch's"""
     int8: Literal["optional", "required"] = "optional"
-    """What an int8 model below `int8_min_agreement` does: `optional` leaves it out (its verdict in
-    models/int8/ and metrics/export.json, one warning line) and the stage succeeds; `required` fails."""
+    """optional (an int8 model below the gate is left out, with a warning) | required (fails)
+
+    Left out means `models/int8/` holds only the verdict, `rejected.json`, and `metrics/export.json`
+    records it."""
     latency_runs: int = Field(50, ge=1)
-    """Batch-1 calls timed per export (the median is reported)."""
+    """batch-1 calls timed per export (the median is reported)"""
 
 
 class Params(Section):
     seed: int = 0
-    """Seeds the split, the initial head, shuffling and augmentation."""
+    """seeds the validation split, the new head, dropout, shuffling and augmentation"""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

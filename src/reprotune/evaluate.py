@@ -42,7 +42,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy (a fraction)."""
     loss = F.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).float().mean().item()
+    return loss, (logits.argmax(1) == labels).double().mean().item()  # exact: 0.4, not 0.40000000596
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -53,7 +53,7 @@ def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of images whose class is among the k highest logits."""
     k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).double().mean().item()
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> tuple[pd.DataFrame, float]:

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ from reprotune.optim import make_optimizer, make_scheduler
 CHECK_EVERY = 20
 GRAD_NORM_EVERY = 10  # without clipping, the logged gradient norm is sampled every this many steps
 PREDICTION_IMAGES = 16  # validation images shown with their predictions each epoch
+CHECKPOINT_FORMAT = "reprotune.checkpoint/2"  # RunState + the parts' state dicts
 
 
 @dataclass
@@ -226,6 +227,51 @@ def training_flops_per_image(model: Classifier, image_size: int, device: torch.d
     return counter.get_total_flops() / 2
 
 
+@dataclass
+class RunState:
+    """Where a run stands, as a checkpoint holds it (next to the model's, optimizer's, scheduler's,
+    scaler's and EMA's own state dicts and the random states): saved after every epoch, and in the
+    middle of one (`paused`) on Ctrl-C."""
+
+    epoch: int = 0  # the last complete epoch (0: none yet)
+    history: list[dict] = field(default_factory=list)  # one row per epoch (rank 0)
+    best_epoch: int = 0  # the epoch whose weights are kept
+    best_score: float = -math.inf  # its val_acc, or -val_loss (train.early_stop_metric)
+    best_weights: dict | None = None  # its state dict (rank 0; the EMA's when EMA is on)
+    stale_epochs: int = 0  # epochs since the best one
+    train_seconds: float = 0.0  # in training steps, summed over every session
+    paused: dict | None = None  # an interrupted epoch (EpochProgress.to_dict)
+
+
+@dataclass
+class Training:
+    """What the loop works with, built once by `setup`: the model and what updates it, the data on
+    the device, and the facts of the run that do not change from epoch to epoch."""
+
+    model: Classifier
+    trained: torch.nn.Module  # what the loop calls: the model, wrapped for DDP and compiled if asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    generator: torch.Generator  # shuffles and augmentation, in step on every rank
+    images: torch.Tensor  # uint8, on the device
+    labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor  # on the CPU, where validation's logits land
+    device: torch.device
+    autocast: torch.dtype | None
+    steps: int  # optimizer steps per epoch
+    per_epoch: int  # images trained on per epoch, all ranks together
+    flops_per_image: float  # forward + backward (rank 0)
+    group: Group
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights validated and kept: the EMA's when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+
 def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
              group: Group = ONE_PROCESS) -> FitResult | None:
     """Fine-tune per `params` on `train`, validate each epoch on `val`, resume if interrupted.
@@ -233,8 +279,39 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
     Under DDP every rank calls this; rank 0 alone validates, checkpoints and logs, and gets the
     result (the other ranks get None).
     """
+    cfg, main = params.train, group.is_main
+    t = setup(params, train, val, group)
+    state = resume(t, checkpoints)
+    with open_log(t, state, params, train, checkpoints) as writer, pausing(group) as stop_requested:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            if state.stale_epochs and state.stale_epochs >= cfg.early_stop_patience > 0:
+                break  # early stopping
+            thaw(t, cfg, epoch)
+            progress = train_epoch(t, cfg, state, epoch, stop_requested, checkpoints)
+            val_logits, val_loss, val_acc = validate(t, cfg)
+            keep_best(t, state, epoch, val_acc if cfg.early_stop_metric == "val_acc" else -val_loss)
+            state.epoch, state.train_seconds = epoch, state.train_seconds + progress.seconds
+            if main:
+                row = epoch_row(t, progress, epoch, val_loss, val_acc)
+                state.history.append(row)
+                _log_epoch(writer, t.model, row, params, val, val_logits)
+                tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+                           f"  val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_second']:.0f} img/s")
+            checkpoint = snapshot(t, state)  # collective under DDP: every rank takes part
+            if main:
+                checkpoints.save(checkpoint)
+        if not main:
+            return None
+        metrics = _metrics(state, cfg, t.per_epoch, t.flops_per_image, group.world)
+        _log_end(writer, params, t.model, t.val_images, metrics)
+    t.model.load_state_dict(state.best_weights)
+    return FitResult(t.model.cpu().eval(), metrics, state.history)
+
+
+def setup(params: Params, train: Split, val: Split, group: Group) -> Training:
+    """Device, model, strategy, data, optimizer, schedule, scaler, EMA and generator, in the order
+    the random streams expect (the head's initial weights come first)."""
     cfg = params.train
-    main = group.is_main
     set_deterministic(cfg.deterministic)  # before the run's first CUDA work
     try:
         device = select_device(cfg.device, group.local_rank if group.distributed else None)
@@ -251,120 +328,162 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
     if cfg.deterministic:  # an op with no deterministic kernel here stops the run now, not mid-epoch
         check_deterministic(lambda: trial_step(model, train.images[:2].to(device), train.labels[:2].to(device),
                                                cfg, autocast))
-    flops_per_image = training_flops_per_image(model, train.images.shape[-1], device) if main else 0.0
+    flops = training_flops_per_image(model, train.images.shape[-1], device) if group.is_main else 0.0
     if cfg.sync_bn and group.distributed:
         if device.type != "cuda":
             raise ReprotuneError("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): "
                                  "set it to false to train on CPUs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-    images, labels = train.images.to(device), train.labels.to(device)
-    val_images, val_labels = val.images.to(device), val.labels
+    images = train.images.to(device)
     # Full global batches only: a trailing batch of one image would break BatchNorm, and every
     # image is still seen across epochs because each epoch reshuffles.
     steps = max(1, len(images) // cfg.batch_size)
-    per_epoch = min(len(images), steps * cfg.batch_size)  # images trained on each epoch, all ranks together
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None
-    generator = torch.Generator(device).manual_seed(params.seed)  # in step on every rank: same shuffles
-    run = {"epoch": 0, "history": [], "best": None, "stale_epochs": 0, "train_seconds": 0.0}
+    return Training(
+        model=model, trained=_trainable(model, cfg, group, device), optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg, steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=autocast == torch.float16), ema=ema,
+        generator=torch.Generator(device).manual_seed(params.seed), images=images,
+        labels=train.labels.to(device), val_images=val.images.to(device), val_labels=val.labels, device=device,
+        autocast=autocast, steps=steps, per_epoch=min(len(images), steps * cfg.batch_size), flops_per_image=flops,
+        group=group)
 
-    # Rank 0 reads the checkpoint and sends it on: ranks on other machines have no file to read.
-    state = group.share(checkpoints.resume() if main else None)
-    if state is not None:
-        run = _restore(state, model, optimizer, scheduler, scaler, ema, generator, group)
-        if main:
-            tqdm.write(f"resuming after epoch {run['epoch']} from {checkpoints.directory}")
-    writer = None
-    if main:
-        writer = tb.open_writer(checkpoints.logdir, purge_step=run["epoch"] * steps + 1 if state else None)
-        if state is None:
-            _log_setup(writer, params, model, train, device, autocast, flops_per_image, group.world)
-    train_model = _trainable(model, cfg, group, device)
 
-    paused = state.get("progress") if state else None
-    # Under DDP a Ctrl-C reaches every rank at a different step, and pausing needs them in step:
-    # the ranks stop at once and a rerun resumes from the last complete epoch.
-    pausing = pause_on_ctrl_c() if not group.distributed else contextlib.nullcontext(lambda: False)
-    with writer or contextlib.nullcontext(), pausing as stop_requested:
-        for epoch in range(run["epoch"] + 1, cfg.epochs + 1):
-            if run["stale_epochs"] and run["stale_epochs"] >= cfg.early_stop_patience > 0:
-                break
-            frozen = frozen_stages(cfg.strategy, cfg.unfreeze_from, cfg.unfreeze_after, epoch)
-            if frozen != model.frozen:
-                apply_strategy(model, frozen)
-                if group.distributed:  # DDP hooks only the parameters that train: wrap again
-                    train_model = _trainable(model, cfg, group, device)
-                if main:
-                    tqdm.write(f"epoch {epoch}: frozen now {', '.join(frozen) or 'nothing'}")
-            progress = EpochProgress.restore(paused, device) if paused else EpochProgress.start(images, generator)
-            paused = None
-            started = time.perf_counter()
-            with tqdm(total=per_epoch, initial=progress.seen, unit="img", unit_scale=True,
-                      desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if main else True) as bar, \
-                    warnings.catch_warnings():
-                # GradScaler skips the optimizer step when fp16 gradients overflow (always at its
-                # first, too-high scale); torch then warns the scheduler stepped "first". Expected.
-                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-                try:
-                    finished = train_one_epoch(train_model, optimizer, scheduler, scaler, ema, images, labels,
-                                               cfg, autocast, generator, steps, progress, bar, stop_requested, group)
-                except Diverged as exc:
-                    raise _diverged(exc.args[0], epoch, f"step {progress.step} of {steps}", checkpoints) from None
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # the epoch's time must include its queued GPU work
-            progress.seconds += time.perf_counter() - started
-            if not finished:
-                checkpoints.save({**_snapshot(run, model, optimizer, scheduler, scaler, ema, generator, group),
-                                  "progress": progress.to_dict()})
-                raise Interrupted(f"interrupted in epoch {epoch} after step {progress.step} of {steps}: "
-                                  f"checkpoint saved in {checkpoints.directory}; run the stage again to resume")
-            group.sum_(progress.sums[:2])  # loss and correct counts over all ranks (grad norms are shared)
-            row, seconds = progress.summary(steps, scaler), progress.seconds
-            if not math.isfinite(row["train_loss"]):
-                raise _diverged(row["train_loss"], epoch, "its end", checkpoints)
-            evaluated = ema.module if ema is not None else model
-            val_logits = predict(evaluated, val_images, cfg.batch_size, autocast) if main else None
-            # Rank 0 validates; every rank needs the score, to stop early at the same epoch.
-            val_loss, val_acc = group.share(loss_and_accuracy(val_logits, val_labels) if main else None)
-            run["train_seconds"] += seconds
-            score = val_acc if cfg.early_stop_metric == "val_acc" else -val_loss
-            if run["best"] is None or score > run["best"]["score"]:
-                run["best"] = {"score": score, "epoch": epoch, "state": None if not main else
-                               {k: v.detach().clone() for k, v in evaluated.state_dict().items()}}
-                run["stale_epochs"] = 0
-            else:
-                run["stale_epochs"] += 1
-            run["epoch"] = epoch
-            if main:
-                row = {"epoch": epoch, "step": epoch * steps, **_lrs(optimizer), **row,
-                       "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
-                       "images_per_second": per_epoch / seconds,
-                       "achieved_tflops": flops_per_image * per_epoch / seconds / 1e12,
-                       "peak_rss_mb": peak_memory_mib()}
-                run["history"].append(row)
-                _log_epoch(writer, model, row, params, val, val_logits)
-                tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc "
-                           f"{row['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}  "
-                           f"{row['images_per_second']:.0f} img/s")
-            snapshot = _snapshot(run, model, optimizer, scheduler, scaler, ema, generator, group)  # all ranks
-            if main:
-                checkpoints.save(snapshot)
+def resume(t: Training, checkpoints: Checkpoints) -> RunState:
+    """The interrupted run's state, every part restored to where it stopped; else a fresh state.
+    Rank 0 reads the checkpoint and sends it on: ranks on other machines have no file to read."""
+    saved = t.group.share(checkpoints.resume() if t.group.is_main else None)
+    if saved is None:
+        return RunState()
+    t.model.load_state_dict(saved["model"])
+    t.optimizer.load_state_dict(saved["optimizer"])
+    t.scheduler.load_state_dict(saved["scheduler"])
+    t.scaler.load_state_dict(saved["scaler"])
+    if t.ema is not None:
+        t.ema.load_state_dict(saved["ema"])
+    rng = saved["rng"]["ranks"][t.group.rank]
+    torch.set_rng_state(rng["torch"])
+    t.generator.set_state(saved["rng"]["generator"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], t.generator.device)
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise ReprotuneError(f"{checkpoints.directory}: a checkpoint from another version of reprotune: "
+                             f"remove that directory to start fresh")
+    state = RunState(**saved["run"])
+    if t.group.is_main:
+        tqdm.write(f"resuming after epoch {state.epoch} from {checkpoints.directory}")
+    return state
 
-        if not main:
-            return None
-        metrics = _metrics(run, cfg, per_epoch, flops_per_image, group.world)
-        if params.log.graph:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and shape notices
-                writer.add_graph(model.eval(), to_float(val_images[:2]))
-        tb.log_hparams(writer, _hparams(params), {f"hparam/{k}": float(metrics[k]) for k in
-                                                  ("best_val_acc", "final_val_loss", "final_train_loss")})
-    model.load_state_dict(run["best"]["state"])
-    return FitResult(model.cpu().eval(), metrics, run["history"])
+
+def snapshot(t: Training, state: RunState) -> dict:
+    """A checkpoint: the run's state and every part's, enough to continue exactly here. Collective
+    under DDP: each rank's own random state (its dropout stream) is gathered for rank 0 to save."""
+    cuda = t.generator.device.type == "cuda"
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(t.generator.device) if cuda else None}
+    run = {f.name: getattr(state, f.name) for f in fields(state)}  # shallow: no copies of the best weights
+    return {"format": CHECKPOINT_FORMAT, "run": run, "model": t.model.state_dict(),
+            "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(), "ema": t.ema.state_dict() if t.ema is not None else None,
+            "rng": {"ranks": t.group.gather(rng), "generator": t.generator.get_state()}}
+
+
+@contextlib.contextmanager
+def open_log(t: Training, state: RunState, params: Params, train: Split, checkpoints: Checkpoints
+             ) -> Iterator[SummaryWriter | None]:
+    """Rank 0's live TensorBoard writer (None on other ranks). On resume, TensorBoard drops the
+    interrupted session's events from the first step not yet checkpointed, so none appear twice."""
+    if not t.group.is_main:
+        yield None
+        return
+    resumed = state.epoch > 0 or state.paused is not None
+    with tb.open_writer(checkpoints.logdir, purge_step=state.epoch * t.steps + 1 if resumed else None) as writer:
+        if not resumed:
+            _log_setup(writer, params, t.model, train, t.device, t.autocast, t.flops_per_image, t.group.world)
+        yield writer
+
+
+def pausing(group: Group) -> contextlib.AbstractContextManager[Callable[[], bool]]:
+    """Ctrl-C handling. In one process the first Ctrl-C pauses after the current step (to
+    checkpoint). Under DDP a Ctrl-C reaches every rank at a different step, and pausing needs them
+    in step: the ranks stop at once and a rerun resumes from the last complete epoch."""
+    return pause_on_ctrl_c() if not group.distributed else contextlib.nullcontext(lambda: False)
+
+
+def thaw(t: Training, cfg: TrainConfig, epoch: int) -> None:
+    """Gradual unfreezing: the stages frozen in `epoch`; DDP is wrapped again when they change."""
+    frozen = frozen_stages(cfg.strategy, cfg.unfreeze_from, cfg.unfreeze_after, epoch)
+    if frozen == t.model.frozen:
+        return
+    apply_strategy(t.model, frozen)
+    if t.group.distributed:  # DDP hooks only the parameters that train: wrap again
+        t.trained = _trainable(t.model, cfg, t.group, t.device)
+    if t.group.is_main:
+        tqdm.write(f"epoch {epoch}: frozen now {', '.join(frozen) or 'nothing'}")
+
+
+def train_epoch(t: Training, cfg: TrainConfig, state: RunState, epoch: int, stop_requested: Callable[[], bool],
+                checkpoints: Checkpoints) -> EpochProgress:
+    """One epoch of training (the rest of a paused one on resume), timed to the end of its GPU work.
+
+    Ctrl-C: checkpoint mid-epoch, raise Interrupted. A loss that is no longer finite: raise, the
+    last epoch's checkpoint kept.
+    """
+    progress = EpochProgress.restore(state.paused, t.device) if state.paused \
+        else EpochProgress.start(t.images, t.generator)
+    state.paused = None
+    started = time.perf_counter()
+    with tqdm(total=t.per_epoch, initial=progress.seen, unit="img", unit_scale=True, desc=f"epoch {epoch}/{cfg.epochs}",
+              leave=False, disable=None if t.group.is_main else True) as bar, warnings.catch_warnings():
+        # GradScaler skips the optimizer step when fp16 gradients overflow (always at its first,
+        # too-high scale); torch then warns the scheduler stepped "first". Expected.
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        try:
+            finished = train_one_epoch(t.trained, t.optimizer, t.scheduler, t.scaler, t.ema, t.images, t.labels, cfg,
+                                       t.autocast, t.generator, t.steps, progress, bar, stop_requested, t.group)
+        except Diverged as exc:
+            raise _diverged(exc.args[0], epoch, f"step {progress.step} of {t.steps}", checkpoints) from None
+        if t.device.type == "cuda":
+            torch.cuda.synchronize(t.device)  # the epoch's time must include its queued GPU work
+    progress.seconds += time.perf_counter() - started
+    if not finished:
+        state.paused = progress.to_dict()
+        checkpoints.save(snapshot(t, state))
+        raise Interrupted(f"interrupted in epoch {epoch} after step {progress.step} of {t.steps}: "
+                          f"checkpoint saved in {checkpoints.directory}; run the stage again to resume")
+    t.group.sum_(progress.sums[:2])  # loss and correct counts over all ranks (grad norms are shared)
+    loss = progress.sums[0].item() / progress.seen
+    if not math.isfinite(loss):
+        raise _diverged(loss, epoch, "its end", checkpoints)
+    return progress
+
+
+def validate(t: Training, cfg: TrainConfig) -> tuple[torch.Tensor | None, float, float]:
+    """Rank 0 validates; every rank gets the loss and accuracy, to stop early at the same epoch."""
+    logits = predict(t.evaluated, t.val_images, cfg.batch_size, t.autocast) if t.group.is_main else None
+    loss, acc = t.group.share(loss_and_accuracy(logits, t.val_labels) if t.group.is_main else None)
+    return logits, loss, acc
+
+
+def keep_best(t: Training, state: RunState, epoch: int, score: float) -> None:
+    """Keep this epoch's weights if its score beats the best so far; count epochs without."""
+    if state.best_epoch and not score > state.best_score:
+        state.stale_epochs += 1
+        return
+    state.best_epoch, state.best_score, state.stale_epochs = epoch, score, 0
+    if t.group.is_main:
+        state.best_weights = {k: v.detach().clone() for k, v in t.evaluated.state_dict().items()}
+
+
+def epoch_row(t: Training, progress: EpochProgress, epoch: int, val_loss: float, val_acc: float) -> dict:
+    """The epoch's line in metrics/train_history.csv (and its TensorBoard scalars)."""
+    seconds = progress.seconds
+    row = {"epoch": epoch, "step": epoch * t.steps, **_lrs(t.optimizer), **progress.summary(t.steps, t.scaler),
+           "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
+           "images_per_second": t.per_epoch / seconds,
+           "achieved_tflops": t.flops_per_image * t.per_epoch / seconds / 1e12, "peak_rss_mb": peak_memory_mib()}
+    return row
 
 
 def _diverged(loss: float, epoch: int, where: str, checkpoints: Checkpoints) -> ReprotuneError:
@@ -386,44 +505,18 @@ def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {"lr": lrs["head"], "lr_backbone": lrs.get("backbone", lrs["head"])}
 
 
-def _metrics(run: dict, cfg: TrainConfig, per_epoch: int, flops_per_image: float, processes: int) -> dict:
-    history, best = run["history"], run["best"]
-    last, best_row = history[-1], history[best["epoch"] - 1]
-    images_per_second = len(history) * per_epoch / run["train_seconds"]
+def _metrics(state: RunState, cfg: TrainConfig, per_epoch: int, flops_per_image: float, processes: int) -> dict:
+    history = state.history
+    last, best_row = history[-1], history[state.best_epoch - 1]
+    images_per_second = len(history) * per_epoch / state.train_seconds
     # Headline first: `dvc exp show` keeps the leftmost columns when the table is too wide.
     return {"best_val_acc": best_row["val_acc"], "images_per_second": images_per_second,
-            "best_val_loss": best_row["val_loss"], "best_epoch": best["epoch"],
+            "best_val_loss": best_row["val_loss"], "best_epoch": state.best_epoch,
             "final_val_acc": last["val_acc"], "final_val_loss": last["val_loss"],
             "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
             "epochs": len(history), "stopped_early": len(history) < cfg.epochs,
-            "train_seconds": run["train_seconds"], "processes": processes, "flops_per_image": flops_per_image,
+            "train_seconds": state.train_seconds, "processes": processes, "flops_per_image": flops_per_image,
             "achieved_tflops": flops_per_image * images_per_second / 1e12}
-
-
-def _snapshot(run: dict, model, optimizer, scheduler, scaler, ema, generator, group: Group) -> dict:
-    """Everything needed to continue exactly where this epoch ended. Collective under DDP: each
-    rank's own random state (its dropout stream) is gathered for rank 0 to save."""
-    cuda = generator.device.type == "cuda"
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(generator.device) if cuda else None}
-    return {**run, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": {"ranks": group.gather(rng), "generator": generator.get_state()}}
-
-
-def _restore(state: dict, model, optimizer, scheduler, scaler, ema, generator, group: Group) -> dict:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    rng = state["rng"]["ranks"][group.rank]
-    torch.set_rng_state(rng["torch"])
-    generator.set_state(state["rng"]["generator"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"], generator.device)
-    return {k: state[k] for k in ("epoch", "history", "best", "stale_epochs", "train_seconds")}
 
 
 def _log_setup(writer: SummaryWriter, params: Params, model: Classifier, train: Split,
@@ -462,6 +555,17 @@ def _log_epoch(writer: SummaryWriter, model: Classifier, row: dict, params: Para
         tb.log_predictions(writer, "val/predictions", val.images[:count], val.labels[:count],
                            val_logits[:count].argmax(1), val.classes, step)
     writer.flush()
+
+
+def _log_end(writer: SummaryWriter, params: Params, model: Classifier, val_images: torch.Tensor,
+             metrics: dict) -> None:
+    """The model graph (once) and the run's hyperparameters with its final metrics (HPARAMS tab)."""
+    if params.log.graph:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and shape notices
+            writer.add_graph(model.eval(), to_float(val_images[:2]))
+    tb.log_hparams(writer, _hparams(params), {f"hparam/{k}": float(metrics[k]) for k in
+                                              ("best_val_acc", "final_val_loss", "final_train_loss")})
 
 
 def _hparams(params: Params) -> dict:
