@@ -4,8 +4,9 @@
 them), then this. A mutant is killed when a test fails with it (or it times out); it survives when
 every test that reaches its function passes; "no tests" means no selected test reaches the function
 at all (it is covered by the slower end-to-end tests instead). Kill rate = killed / (killed +
-survived); killed of all = killed / mutants, no tests counting as not killed. Writes bench/results/mutants.md;
-`--survivors` also prints each survivor's diff.
+survived); killed of all = killed / mutants, no tests counting as not killed. "not run": a run
+stopped before reaching them (`mutmut run` without `rm -rf mutants` resumes where it stopped).
+Writes bench/results/mutants.md; `--survivors` also prints each survivor's diff.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def main() -> None:
             rows.append((f"{module}.py: {label}", tally(c for m, c in codes.items() if function_of(m) in functions)))
         survivors += [m for m, c in codes.items() if c in SURVIVED]
     lines = ["# Mutation testing", "", "Command: `make mutants` (mutmut; see bench/mutants.py)", "",
-             "| module | mutants | killed | survived | no tests | kill rate | killed of all |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {name} | {sum(c.values())} | {c['killed']} | {c['survived']} | {c['no tests']} | {rate(c)} | "
-              f"{c['killed'] / max(1, sum(c.values())):.0%} |" for name, c in rows]
+             "| module | mutants | killed | survived | no tests | not run | kill rate | killed of all |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {sum(c.values())} | {c['killed']} | {c['survived']} | {c['no tests']} | {c['not run']} | "
+              f"{rate(c)} | {c['killed'] / max(1, sum(c.values())):.0%} |" for name, c in rows]
     by_function = defaultdict(list)
     for mutant in survivors:
         by_function[function_of(mutant)].append(mutant)

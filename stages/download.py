@@ -1,4 +1,4 @@
-"""DVC stage `download`: fetch the CIFAR-10 archive (md5-verified) or generate the synthetic one."""
+"""DVC stage `download`: fetch the dataset's archive (md5-verified) or generate the synthetic one."""
 
 from pathlib import Path
 
@@ -7,15 +7,16 @@ from reprotune.config import load_params
 from reprotune.io import write_json
 from reprotune.stage import ParamsFile, run_stage
 
-ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
-
 
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     with tb.stage_writer("runs/download") as writer:
-        info = data.download(cfg.data, ARCHIVE, writer)
+        info = data.download(cfg.data, writer)
     write_json("metrics/download.json", info)
-    print(f"{ARCHIVE}: {info['bytes']:,} bytes, md5 {info['md5']}")
+    if info["url"] is None:
+        print(f"{cfg.data.path}: a local image tree, read by preprocess; nothing to fetch")
+    else:
+        print(f"{cfg.data.archive}: {info['bytes']:,} bytes, md5 {info['md5']}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def main(params: ParamsFile = Path("params.yaml"),
     tb.publish(checkpoints.logdir, "runs/finetune")
     save_model(MODEL, result.model, cfg.model, train.classes,
                {"best_epoch": result.metrics["best_epoch"], "val_acc": result.metrics["best_val_acc"],
-                "seed": cfg.seed, "train": cfg.train.model_dump(mode="json")})
+                "seed": cfg.seed, "train": cfg.train.model_dump(mode="json"),
+                "input_size": int(train.images.shape[-1])})  # the side of the images it is fed
     with atomic_file("metrics/train_history.csv") as tmp:
         pd.DataFrame(result.history).to_csv(tmp, index=False)
     write_json("metrics/train.json", result.metrics)

@@ -1,28 +1,37 @@
-"""DVC stage `preprocess`: validate the archive and cache train/val/test as uint8 tensors."""
+"""DVC stage `preprocess`: read and validate the images, cache train/val/test as uint8 tensors."""
 
+import sys
+import time
 from pathlib import Path
 
 import torch
 
-from reprotune import data, tb
+from reprotune import data, folders, tb
 from reprotune.config import load_params
 from reprotune.io import atomic_dir, write_json
 from reprotune.stage import ParamsFile, run_stage
 
-ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
 PROCESSED = Path("data/processed")
+SHOWN = 5  # unreadable files listed on stderr; skipped_images in metrics/preprocess.json counts them all
 
 
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
+    started = time.perf_counter()
+    raw = folders.read(cfg.data) if cfg.data.folder else data.read_cifar(cfg.data)
     with tb.stage_writer("runs/preprocess") as writer:
-        splits, metrics = data.preprocess(ARCHIVE, cfg.data, cfg.seed, cfg.log.images, writer)
+        splits, metrics = data.preprocess(raw, cfg.data, cfg.seed, cfg.log.images, writer)
+    metrics["seconds"] = time.perf_counter() - started  # reading and decoding included
     with atomic_dir(PROCESSED) as tmp:
         for name, split in splits.items():
             torch.save(split.to_dict(), tmp / f"{name}.pt")
     write_json("metrics/preprocess.json", metrics)
+    if raw.skipped:
+        shown = "\n".join(f"  {line}" for line in raw.skipped[:SHOWN])
+        more = f"\n  ... and {len(raw.skipped) - SHOWN} more" if len(raw.skipped) > SHOWN else ""
+        print(f"skipped {len(raw.skipped)} unreadable file(s) (data.on_bad_image: skip):\n{shown}{more}",
+              file=sys.stderr)
     print(", ".join(f"{name} {len(s.labels):,}" for name, s in splits.items()) + f" images -> {PROCESSED}/")
-
 
 if __name__ == "__main__":
     run_stage(main)

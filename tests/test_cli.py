@@ -49,7 +49,7 @@ def test_missing_inputs_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     proc = run(["python", str(REPO / "stages/preprocess.py")], tmp_path, check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == ("reprotune: error: data/raw/cifar-10-python.tar.gz: archive not found "
+    assert proc.stderr.strip() == ("reprotune: error: data/raw/download/cifar-10-python.tar.gz: archive not found "
                                    "(run the download stage first)")
     proc = run(["python", str(REPO / "stages/evaluate.py")], tmp_path, check=False)
     assert proc.stderr.strip() == "reprotune: error: models/model.pt: reprotune model not found"

@@ -24,7 +24,8 @@ def test_shipped_params_are_the_documented_defaults():
 
 def test_shipped_params_describe_the_real_job():
     params = load_params(REPO / "params.yaml")
-    assert params.data.dataset == "cifar10" and params.data.md5 == "c58f30108f718f92721af3b95e74349a"
+    assert params.data.dataset == "cifar10" and params.data.source == (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
     assert params.model.weights == "imagenet" and params.train.device == "auto"
 
 

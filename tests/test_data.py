@@ -77,7 +77,7 @@ def test_download_over_http_verifies_md5(archive, http_server, tmp_path):
     path, md5 = archive
     cwd = _stage_dir(tmp_path, url=f"{http_server}/{path.name}", md5=md5)
     _download(cwd)
-    fetched = cwd / "data/raw/cifar-10-python.tar.gz"
+    fetched = cwd / "data/raw/download/cifar-10-python.tar.gz"
     assert fetched.read_bytes() == path.read_bytes()
     info = json.loads((cwd / "metrics/download.json").read_text())
     assert info["md5"] == md5 and info["bytes"] == path.stat().st_size
@@ -89,7 +89,7 @@ def test_download_from_a_local_copy(archive, tmp_path, style):
     url = str(path) if style == "path" else path.as_uri()
     cwd = _stage_dir(tmp_path, url=url, md5=md5)
     _download(cwd)
-    assert hashlib.md5((cwd / "data/raw/cifar-10-python.tar.gz").read_bytes()).hexdigest() == md5
+    assert hashlib.md5((cwd / "data/raw/download/cifar-10-python.tar.gz").read_bytes()).hexdigest() == md5
 
 
 @pytest.mark.reliability

@@ -17,6 +17,7 @@ from reprotune.evaluate import (
     confusion_rows,
     evaluate_model,
     loss_and_accuracy,
+    predict,
     reliability,
     top_k_accuracy,
     tta_logits,
@@ -39,6 +40,33 @@ def test_metrics_match_hand_computed_values():
     assert m["test_loss"] == pytest.approx(torch.nn.functional.cross_entropy(LOGITS, LABELS).item())
     assert m["test_top5_acc"] == 1.0  # three classes: top-5 holds them all
     assert top_k_accuracy(LOGITS, LABELS, 2) == 0.75  # image 2's "c" is its lowest logit
+
+
+def test_f1_is_computed_whenever_precision_or_recall_is_nonzero():
+    # Each class half right (precision 1/2, recall 1/2: their sum is 1, F1 is 1/2), not a 0 by the zero guard.
+    logits = torch.tensor([[5.0, 0], [0, 5.0], [5.0, 0], [0, 5.0]])
+    m = classification_metrics(logits, torch.tensor([0, 0, 1, 1]), ["a", "b"])
+    assert m["class_f1"] == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+def test_predict_under_autocast_runs_the_model_in_that_dtype():
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x):
+            out = self.linear(x.mean((2, 3)))
+            seen.append(out.dtype)
+            return out
+
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    plain = predict(Probe(), images, 2)
+    mixed = predict(Probe(), images, 2, autocast=torch.bfloat16)
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
+    assert mixed.dtype == torch.float32 and mixed.shape == plain.shape  # logits come back as float32
 
 
 def test_expected_calibration_error_and_reliability_bins():
@@ -187,6 +215,7 @@ def test_tensorboard_shows_what_evaluate_reports(tmp_path, monkeypatch):
                                                                                              CLASSES)["ece"]
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
+    assert {events.Scalars(tag)[0].step for tag in events.Tags()["scalars"]} == {0}
     logged = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
     assert logged == pytest.approx({"test/loss": expected["test_loss"], "test/acc": expected["test_acc"],
                                     "test/top5_acc": 1.0, "test/macro_f1": expected["macro_f1"],
@@ -195,6 +224,7 @@ def test_tensorboard_shows_what_evaluate_reports(tmp_path, monkeypatch):
     assert {"test/confusion_matrix", "test/reliability_diagram", "test/most_confident_mistakes"} <= set(
         events.Tags()["images"])
     for c, name in enumerate(CLASSES):  # one-vs-rest: at the lowest threshold every image of the class is a hit
+        assert events.Tensors(f"pr_curve/{name}")[0].step == 0
         curve = tensor_util.make_ndarray(events.Tensors(f"pr_curve/{name}")[0].tensor_proto)
         assert curve[0, 0] == (labels == c).sum() and curve[1, 0] == (labels != c).sum()
     _, _, mistakes, actual, predicted, classes, _ = drawn["log_predictions"]

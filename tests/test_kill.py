@@ -25,7 +25,7 @@ STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
 def assert_whole(root: Path) -> None:
     """Every output that exists under its final name is complete and readable."""
     checks = {
-        "data/raw/cifar-10-python.tar.gz": read_archive,
+        "data/raw/download/cifar-10-python.tar.gz": read_archive,
         "models/model.pt": lambda p: torch.load(p, weights_only=True)["state_dict"],
         "models/model.onnx": onnx.load,
         "models/int8/model.int8.onnx": onnx.load,

@@ -25,7 +25,7 @@ from reprotune.data import load_split, to_float
 from reprotune.model import load_model
 
 OUTPUTS = [
-    "data/raw/cifar-10-python.tar.gz", "metrics/download.json",
+    "data/raw/download/cifar-10-python.tar.gz", "metrics/download.json",
     "data/processed/train.pt", "data/processed/val.pt", "data/processed/test.pt", "metrics/preprocess.json",
     "models/model.pt", "metrics/train.json", "metrics/train_history.csv",
     "metrics/evaluate.json", "metrics/confusion.csv", "metrics/reliability.csv",
@@ -217,8 +217,10 @@ def test_model_card_states_the_input_contract_and_traces_to_dvc_lock(pipeline):
     assert card["lineage"]["model_matches_lock"] is True
     assert trace["preprocess"]["outs"]["data/processed"] == next(
         o["md5"] for o in lock["preprocess"]["outs"] if o["path"] == "data/processed")
-    assert trace["download"]["outs"]["data/raw/cifar-10-python.tar.gz"] == json.loads(
-        (pipeline / "metrics/download.json").read_text())["md5"]
+    assert trace["download"]["outs"]["data/raw/download"] == next(
+        o["md5"] for o in lock["download"]["outs"] if o["path"] == "data/raw/download")
+    assert hashlib.md5((pipeline / "data/raw/download/cifar-10-python.tar.gz").read_bytes()).hexdigest() == \
+        json.loads((pipeline / "metrics/download.json").read_text())["md5"]
     assert trace["finetune"]["params"]["train"]["lr"] == 0.05
 
 

@@ -202,3 +202,27 @@ def test_deterministic_mode_sets_the_cublas_workspace_before_cuda_starts(monkeyp
     finally:
         set_deterministic(False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_training_from_host_memory_trains_exactly_as_from_the_device(splits, tmp_path, monkeypatch):
+    # train.data_on: host gathers each batch on the host (HostImages) instead of indexing images
+    # already on the device. On a CPU the two are one memory, so the runs must agree bit for bit;
+    # with auto, images that do not fit take the host path (images_fit is a GPU question).
+    gathered = []
+    real = train.HostImages.__getitem__
+    monkeypatch.setattr(train.HostImages, "__getitem__", lambda self, idx: gathered.append(len(idx)) or real(self, idx))
+    on_device = _fit(_params(deterministic=True, epochs=1), splits, tmp_path, "device")
+    assert gathered == []
+    monkeypatch.setattr(train, "images_fit", lambda nbytes, device: False)
+    on_host = _fit(_params(deterministic=True, epochs=1), splits, tmp_path, "host")
+    assert gathered == [32] * (len(splits["train"].labels) // 32)
+    for key, value in on_device.model.state_dict().items():
+        assert torch.equal(value, on_host.model.state_dict()[key]), key
+
+
+def test_host_images_gather_the_batch_asked_for():
+    images = torch.arange(5 * 3 * 2 * 2, dtype=torch.uint8).reshape(5, 3, 2, 2)
+    host = train.HostImages(images, torch.device("cpu"))
+    assert len(host) == 5 and host.device == torch.device("cpu")
+    for idx in ([4, 0], [1, 2, 3], [3]):  # the two buffers alternate and are reused at any size
+        assert torch.equal(host[torch.tensor(idx)], images[idx])

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import REPO, env, free_port, make_project, run
 
-CACHED = ["data/raw/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
+CACHED = ["data/raw/download/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
           "models/model.pt", "models/model.onnx", "models/int8/model.int8.onnx", "models/model.torchscript.pt"]
 STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
 

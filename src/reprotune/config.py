@@ -9,6 +9,7 @@ written from them (`reprotune params --write`, see paramsdoc.py), and a test kee
 from __future__ import annotations
 
 import difflib
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,8 +27,16 @@ from pydantic import (
 
 from reprotune.errors import ReprotuneError
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+# The official archive of each named dataset (URL, md5): used when data.url / data.md5 are empty.
+# Imagenette: fast.ai's ten easy ImageNet classes at 160 px (the md5s are torchvision's).
+OFFICIAL = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+    "imagenette": ("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
+                   "e793b78cc4c9e9a4ccc0c1155377a412"),
+}
+DOWNLOADED = "data/raw/download"  # the download stage's output directory: the archive, under its own name
+CIFAR_SIDE = 32
 
 
 class Section(BaseModel):
@@ -41,19 +50,41 @@ Pair = Annotated[tuple[float, float], BeforeValidator(lambda v: tuple(v) if isin
 
 
 class DataConfig(Section):
-    """Where the images come from and how they are split."""
+    """Where the images come from, at what size they are cached, and how they are split."""
 
-    dataset: Literal["cifar10", "synthetic"] = "cifar10"
-    """cifar10 (fetch `url`) | synthetic (generated offline, the same archive layout)
+    dataset: Literal["cifar10", "cifar100", "imagenette", "folder", "synthetic"] = "cifar10"
+    """cifar10 | cifar100 | imagenette | folder (your images: `path` or `url`) | synthetic (offline)
 
-    `synthetic` is a learnable 10-class set (5 colours x 2 stripe orientations) that runs the code
-    real data takes."""
-    url: str = CIFAR10_URL
-    """where the CIFAR-10 python archive comes from: https://, file:///path or a plain path"""
-    md5: str = CIFAR10_MD5
-    """md5 of the archive at `url` (the official one's); a mismatch fails the download"""
+    `folder` reads one subfolder per class, from a local tree (`path`) or an archive of one (`url`);
+    `imagenette` is such an archive, fetched from its official URL. `synthetic` is a learnable
+    10-class set (5 colours x 2 stripe orientations) in the CIFAR-10 archive layout, generated
+    offline, that runs the code real data takes."""
+    url: str = ""
+    """where the archive comes from: https://, file:///path or a plain path; empty: the official one"""
+    md5: str = ""
+    """md5 of the archive at `url`; empty: the official archive's. A mismatch fails the download
+
+    Required with a `folder` dataset's `url`: an archive is trusted only by its checksum."""
+    path: str = DOWNLOADED
+    """what preprocess reads: the download stage's directory, or your image tree (dataset folder)
+
+    Track your tree with `dvc add` (or git): editing one image then reruns preprocess and what
+    follows it, nothing before."""
+    image_size: int = Field(CIFAR_SIDE, ge=8, le=1024)
+    """px, side of the cached square images (folder datasets; CIFAR's are 32)
+
+    Aspect-preserving resize of the shorter side, then a centre crop, as `reprotune predict`
+    does; the model still resizes to `model.image_size` on the device."""
+    cifar100_labels: Literal["fine", "coarse"] = "fine"
+    """cifar100 only: fine (100 classes) | coarse (20 superclasses)"""
     val_fraction: float = Field(0.1, gt=0, lt=1)
     """share of each class of the training images held out for validation (seeded)"""
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    """share of each class held out for testing, for a folder tree without a test/ or val/ root
+
+    Seeded by a fixed seed, not `seed`: a seed sweep compares its runs on the same test images."""
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    """skip (count them in skipped_images, list the first few) | fail (stop at the first)"""
     synthetic_train: int = Field(50_000, ge=10)
     """images, synthetic dataset only (CIFAR-10 has 50,000)"""
     synthetic_test: int = Field(10_000, ge=10)
@@ -66,9 +97,49 @@ class DataConfig(Section):
     @field_validator("md5")
     @classmethod
     def _md5_is_hex(cls, value: str) -> str:
-        if len(value) != 32 or any(c not in "0123456789abcdef" for c in value.lower()):
+        if value and (len(value) != 32 or any(c not in "0123456789abcdef" for c in value.lower())):
             raise ValueError("must be 32 hexadecimal digits")
         return value.lower()
+
+    @model_validator(mode="after")
+    def _source_is_clear(self) -> DataConfig:
+        if self.dataset == "folder":
+            if not self.url and self.path == DOWNLOADED:
+                raise ValueError("data.dataset=folder needs data.path (your image tree, one subfolder per "
+                                 "class) or data.url (an archive of one)")
+            if self.url and self.path != DOWNLOADED:
+                raise ValueError(f"data.url and data.path={self.path} both name the images: set one")
+            if self.url and not self.md5:
+                raise ValueError("data.md5 is required with data.url for a folder archive "
+                                 "(`md5sum` of the file gives it)")
+        elif self.path != DOWNLOADED:
+            raise ValueError(f"data.path is for dataset folder; {self.dataset} is read from what the "
+                             f"download stage writes ({DOWNLOADED}): leave data.path at its default")
+        if self.dataset in ("cifar10", "cifar100", "synthetic") and self.image_size != CIFAR_SIDE:
+            raise ValueError(f"data.image_size={self.image_size}: {self.dataset} images are {CIFAR_SIDE} px "
+                             f"(set model.image_size to train at another size)")
+        return self
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """(url, md5) of the archive to fetch: the given ones, else the dataset's official ones."""
+        url, md5 = OFFICIAL.get(self.dataset, ("", ""))
+        return self.url or url, self.md5 or md5
+
+    @property
+    def folder(self) -> bool:
+        """A folder dataset (one subfolder per class), read by folders.py; else a CIFAR archive."""
+        return self.dataset in ("folder", "imagenette")
+
+    @property
+    def archive(self) -> Path | None:
+        """Where the download stage puts the archive (None: a local tree, nothing to fetch)."""
+        if self.dataset == "synthetic":
+            return Path(DOWNLOADED) / "cifar-10-python.tar.gz"
+        url = self.source[0]
+        if not url:
+            return None
+        return Path(DOWNLOADED) / Path(urllib.parse.urlsplit(url).path if "://" in url else url).name
 
 
 class ModelConfig(Section):
@@ -173,6 +244,11 @@ class TrainConfig(Section):
     """auto (CUDA when present; of several GPUs, one no other run holds) | cpu | cuda | cuda:N
 
     Under DDP each process takes its own GPU (`cuda:LOCAL_RANK`)."""
+    data_on: Literal["auto", "device", "host"] = "auto"
+    """auto | device | host: where the cached uint8 images live while training on a GPU
+
+    auto keeps them on the GPU when they fit beside training (free memory less a reserve), else in
+    pinned host memory, each batch gathered there and copied asynchronously. On a CPU both are one."""
     nproc: int = Field(1, ge=1)
     """training processes per machine, one per GPU; above 1 launches DDP through torchrun"""
     nnodes: int = Field(1, ge=1)

@@ -1,8 +1,10 @@
-"""CIFAR-10 data: fetch or synthesize the archive, read it without trusting it, split, augment.
+"""The data: fetch or synthesize the archive, read it without trusting it, split, augment.
 
-The archive layout is the official one (`cifar-10-batches-py/data_batch_1..5`, `test_batch`,
-`batches.meta`, each a pickle of a dict holding a uint8 (N, 3072) array in R,G,B plane order), so
-the synthetic dataset goes through exactly the code real data takes.
+CIFAR archives are read here: CIFAR-10's official layout (`cifar-10-batches-py/data_batch_1..5`,
+`test_batch`, `batches.meta`) and CIFAR-100's (`cifar-100-python/train`, `test`, `meta`), each
+member a pickle of a dict holding a uint8 (N, 3072) array in R,G,B plane order. The synthetic
+dataset is written in CIFAR-10's layout, so it goes through exactly the code real data takes.
+Folder trees of image files, and archives of them, are read by `folders.py`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import hashlib
 import http.client
 import io
 import pickle
+import shutil
 import socket
 import tarfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,17 +31,42 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from reprotune import tb
-from reprotune.config import DataConfig
+from reprotune.config import CIFAR_SIDE, DOWNLOADED, DataConfig
 from reprotune.errors import ReprotuneError
 from reprotune.io import atomic_file, load_torch
 
-ARCHIVE_DIR = "cifar-10-batches-py"
-TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-SIDE = 32  # CIFAR images are 3x32x32
+SIDE = CIFAR_SIDE  # CIFAR images are 3x32x32
 ROW = 3 * SIDE * SIDE  # one image as stored in a batch: 3072 bytes, R plane then G then B
-MAX_MEMBER_BYTES = 512 * 2**20  # an official batch pickles to ~31 MB; refuse to read absurd members
-MAX_MEMBERS = 64  # the official archive has 8 entries (directory, 5 train batches, test, meta, readme)
+MAX_MEMBER_BYTES = 512 * 2**20  # CIFAR-100's train member pickles to ~155 MB; refuse absurd members
+MAX_MEMBERS = 64  # the official archives have 5 to 8 entries
 CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a CIFAR archive keeps its batches, class names and labels."""
+
+    title: str
+    directory: str
+    train: tuple[str, ...]
+    test: str
+    meta: str
+    names_key: str  # in the meta member
+    labels_key: str  # in each batch
+
+
+CIFAR10 = Layout("CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
+                 "batches.meta", "label_names", "labels")
+
+
+def cifar100(labels: str = "fine") -> Layout:
+    """CIFAR-100's layout, with its fine (100) or coarse (20) labels."""
+    return Layout("CIFAR-100", "cifar-100-python", ("train",), "test", "meta", f"{labels}_label_names",
+                  f"{labels}_labels")
+
+
+ARCHIVE_DIR = CIFAR10.directory
+TRAIN_BATCHES = list(CIFAR10.train)
 
 
 # --------------------------------------------------------------------------- fetching
@@ -47,8 +75,8 @@ CHUNK = 1 << 20
 RETRIES = 4  # further attempts after a dropped, stalled or refused connection, or an HTTP 5xx
 BACKOFF_SECONDS = 2.0  # wait before retry k (from 0): BACKOFF_SECONDS * 2**k, so 2, 4, 8, 16 s
 TIMEOUT_SECONDS = 60.0  # a connection or read that waits longer than this has stalled
-OFFLINE_HINT = ("without a network, set data.url to a local copy of cifar-10-python.tar.gz (a path or "
-                "file:// URL), or run `make demo` for the offline synthetic dataset")
+OFFLINE_HINT = ("without a network, set data.url to a local copy of the archive (a path or file:// URL), "
+                "or run `make demo` for the offline synthetic dataset")
 
 
 class _Transient(Exception):
@@ -226,42 +254,44 @@ class _SafeUnpickler(pickle.Unpickler):
 
 @dataclass
 class RawData:
-    """The archive's contents: uint8 images (N, 3, 32, 32), int64 labels (N,), class names."""
+    """A dataset's images: uint8 (N, 3, S, S), int64 labels (N,), class names; `skipped` lists the
+    files that could not be read (folder datasets), as `path: reason`."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)
 
 
-def read_archive(path: Path) -> RawData:
-    """Read a CIFAR-10 python archive in memory, validating every batch; never extracts to disk."""
+def read_archive(path: Path, layout: Layout = CIFAR10) -> RawData:
+    """Read a CIFAR python archive in memory, validating every batch; never extracts to disk."""
     if not path.is_file():
         raise ReprotuneError(f"{path}: archive not found (run the download stage first)")
     try:
         with tarfile.open(path, "r:gz") as tar:
             members = {}
-            for member in tar:  # headers only; a CIFAR archive has 8 entries
+            for member in tar:  # headers only; a CIFAR archive has 5 to 8 entries
                 if len(members) == MAX_MEMBERS:
-                    raise ReprotuneError(f"{path}: more than {MAX_MEMBERS} entries, not a CIFAR-10 archive")
+                    raise ReprotuneError(f"{path}: more than {MAX_MEMBERS} entries, not a {layout.title} archive")
                 members[member.name.removeprefix("./")] = member
-            meta = _load_member(tar, members, path, "batches.meta")
-            classes = _class_names(meta, path)
-            train = [_load_batch(tar, members, path, name, len(classes)) for name in TRAIN_BATCHES]
-            test = _load_batch(tar, members, path, "test_batch", len(classes))
+            meta = _load_member(tar, members, path, layout, layout.meta)
+            classes = _class_names(meta, path, layout)
+            train = [_load_batch(tar, members, path, layout, name, len(classes)) for name in layout.train]
+            test = _load_batch(tar, members, path, layout, layout.test, len(classes))
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
-        raise ReprotuneError(f"{path}: not a readable CIFAR-10 tar.gz archive ({exc})") from None
+        raise ReprotuneError(f"{path}: not a readable {layout.title} tar.gz archive ({exc})") from None
     return RawData(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
                    test[0], test[1], classes)
 
 
-def _load_member(tar: tarfile.TarFile, members: dict, path: Path, name: str) -> dict:
-    member = members.get(f"{ARCHIVE_DIR}/{name}")
+def _load_member(tar: tarfile.TarFile, members: dict, path: Path, layout: Layout, name: str) -> dict:
+    member = members.get(f"{layout.directory}/{name}")
     if member is None:
-        raise ReprotuneError(f"{path}: {ARCHIVE_DIR}/{name} is missing from the archive")
+        raise ReprotuneError(f"{path}: {layout.directory}/{name} is missing from the archive")
     if not member.isfile():  # a link could point anywhere: never followed
-        raise ReprotuneError(f"{path}: {ARCHIVE_DIR}/{name} is a link or special file, not a regular file")
+        raise ReprotuneError(f"{path}: {layout.directory}/{name} is a link or special file, not a regular file")
     if member.size > MAX_MEMBER_BYTES:
         raise ReprotuneError(f"{path}: {name} is {member.size} bytes, more than a CIFAR batch can be")
     try:
@@ -274,23 +304,24 @@ def _load_member(tar: tarfile.TarFile, members: dict, path: Path, name: str) -> 
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _class_names(meta: dict, path: Path) -> list[str]:
-    names = meta.get("label_names")
+def _class_names(meta: dict, path: Path, layout: Layout) -> list[str]:
+    names = meta.get(layout.names_key)
     if not isinstance(names, list) or len(names) < 2:
-        raise ReprotuneError(f"{path}: batches.meta has no list of label_names")
+        raise ReprotuneError(f"{path}: {layout.meta} has no list of {layout.names_key}")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _load_batch(tar, members, path: Path, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    batch = _load_member(tar, members, path, name)
-    data, labels = batch.get("data"), batch.get("labels")
+def _load_batch(tar, members, path: Path, layout: Layout, name: str, num_classes: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    batch = _load_member(tar, members, path, layout, name)
+    data, labels = batch.get("data"), batch.get(layout.labels_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != ROW:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ReprotuneError(f"{path}: {name}: 'data' must be a uint8 (N, {ROW}) array, got {got}")
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
-        raise ReprotuneError(f"{path}: {name}: 'labels' is not a list of integers") from None
+        raise ReprotuneError(f"{path}: {name}: '{layout.labels_key}' is not a list of integers") from None
     if labels.shape != (len(data),):
         raise ReprotuneError(f"{path}: {name}: {labels.size} labels for {len(data)} images")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -303,7 +334,7 @@ def _load_batch(tar, members, path: Path, name: str, num_classes: int) -> tuple[
 
 @dataclass
 class Split:
-    """One cached split: uint8 images (N, 3, 32, 32), int64 labels, class names, train mean/std."""
+    """One cached split: uint8 images (N, 3, S, S), int64 labels, class names, train mean/std."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -316,13 +347,19 @@ class Split:
                 "mean": self.mean, "std": self.std}
 
 
+def held_out(n: int, fraction: float) -> int:
+    """How many of a class's `n` images a split of `fraction` takes: rounded, but at least one and
+    never all, so a small class is on both sides (a class of one image stays on the first side)."""
+    return min(n - 1, max(1, int(round(fraction * n)))) if n > 1 else 0
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): `val_fraction` of each class to val, seeded, each side sorted."""
     rng = np.random.default_rng(seed)
     val = []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
-        val.append(members[: int(round(val_fraction * len(members)))])
+        val.append(members[:held_out(len(members), val_fraction)])
     val = np.sort(np.concatenate(val))
     train = np.setdiff1d(np.arange(len(labels)), val)
     if len(val) == 0 or len(train) == 0:
@@ -413,25 +450,42 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- stage entry points
 
 
-def download(cfg: DataConfig, dest: Path, writer: SummaryWriter) -> dict:
-    """The download stage: fetch `cfg.url` (md5-checked) or synthesize, then log what arrived."""
+def download(cfg: DataConfig, writer: SummaryWriter) -> dict:
+    """The download stage: fetch the archive (md5-checked) or synthesize it into DOWNLOADED, then
+    log what arrived. A local image tree (dataset folder with `path`) needs nothing fetched: the
+    directory is left empty and preprocess reads the tree, a DVC dependency of its own."""
+    started = time.perf_counter()
+    out = Path(DOWNLOADED)
+    archive = cfg.archive
     if cfg.dataset == "synthetic":
-        info = write_synthetic_archive(dest, cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_seed)
+        info = write_synthetic_archive(archive, cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_seed)
+    elif archive is not None:
+        info = fetch_archive(*cfg.source, archive)
     else:
-        info = fetch_archive(cfg.url, cfg.md5, dest)
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"url": None, "path": cfg.path, "md5": None, "bytes": 0, "seconds": time.perf_counter() - started}
+    for stale in out.iterdir():  # another dataset's archive, from a run outside DVC
+        if archive is None or stale.name != archive.name:
+            stale.unlink() if stale.is_file() or stale.is_symlink() else shutil.rmtree(stale)
     info["dataset"] = cfg.dataset
     tb.log_table(writer, "download/archive", ["dataset", "source", "md5", "bytes", "seconds"],
-                 [[cfg.dataset, info["url"], info["md5"], info["bytes"], f"{info['seconds']:.2f}"]])
+                 [[cfg.dataset, info["url"] or cfg.path, info["md5"] or "-", info["bytes"], f"{info['seconds']:.2f}"]])
     writer.add_scalar("download/megabytes", info["bytes"] / 2**20, 0)
     writer.add_scalar("download/seconds", info["seconds"], 0)
     return info
 
 
-def preprocess(archive: Path, cfg: DataConfig, seed: int, log_images: int,
-               writer: SummaryWriter) -> tuple[dict[str, Split], dict]:
-    """The preprocess stage: read and validate the archive, split, and log samples and counts."""
+def read_cifar(cfg: DataConfig) -> RawData:
+    """The CIFAR archive (or the synthetic one) the download stage wrote for `cfg`."""
+    return read_archive(cfg.archive, cifar100(cfg.cifar100_labels) if cfg.dataset == "cifar100" else CIFAR10)
+
+
+def preprocess(raw: RawData, cfg: DataConfig, seed: int, log_images: int, writer: SummaryWriter
+               ) -> tuple[dict[str, Split], dict]:
+    """The preprocess stage after reading (`read_cifar` or `folders.read`): split, and log samples
+    and counts."""
     started = time.perf_counter()
-    splits = make_splits(read_archive(archive), cfg.val_fraction, seed)
+    splits = make_splits(raw, cfg.val_fraction, seed)
     classes = splits["train"].classes
     counts = {name: np.bincount(s.labels.numpy(), minlength=len(classes)).tolist() for name, s in splits.items()}
     for name, split in splits.items():
@@ -443,6 +497,9 @@ def preprocess(archive: Path, cfg: DataConfig, seed: int, log_images: int,
     mean, std = splits["train"].mean, splits["train"].std
     tb.log_table(writer, "normalization", ["", "R", "G", "B"],
                  [["mean", *(f"{m:.4f}" for m in mean)], ["std", *(f"{s:.4f}" for s in std)]])
-    metrics = {"classes": len(classes), "mean": mean, "std": std, "seconds": time.perf_counter() - started,
-               **{f"{name}_images": len(s.labels) for name, s in splits.items()}}
+    writer.add_scalar("skipped_images", len(raw.skipped), 0)
+    metrics = {"classes": len(classes), "image_size": int(splits["train"].images.shape[-1]),
+               "mean": mean, "std": std, "seconds": time.perf_counter() - started,
+               **{f"{name}_images": len(s.labels) for name, s in splits.items()},
+               "skipped_images": len(raw.skipped)}
     return splits, metrics

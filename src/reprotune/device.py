@@ -106,3 +106,53 @@ def claim_gpu(count: int, lock_dir: Path | None = None) -> int:
         _HELD.append(fd)
         return index
     return 0
+
+
+# GPU memory kept free for the model, activations and cuDNN workspaces when deciding whether the
+# cached images fit on the device: the larger of RESERVE_BYTES and RESERVE_SHARE of the GPU.
+RESERVE_BYTES = 2 * 2**30
+RESERVE_SHARE = 0.25
+
+
+def images_fit(nbytes: int, device: torch.device) -> bool:
+    """Whether `nbytes` of images fit on `device` beside training (always, for a CPU)."""
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    return nbytes <= free - max(RESERVE_BYTES, RESERVE_SHARE * total)
+
+
+class HostImages:
+    """uint8 images (N, C, H, W) kept in host memory (pinned, for a GPU), indexed like a tensor on
+    `device`: `images[idx]` gathers the batch on the host with one index_select into a pinned
+    buffer and copies it to the device asynchronously. Two buffers alternate, so the next batch is
+    gathered while the last one's copy may still be in flight; no per-sample Python anywhere."""
+
+    def __init__(self, images: torch.Tensor, device: torch.device):
+        self.pinned = device.type == "cuda"
+        self.images = images.pin_memory() if self.pinned else images
+        self.device = device
+        self.shape = images.shape
+        self.dtype = images.dtype
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        k, self._turn = self._turn, self._turn ^ 1
+        if self._copied[k] is not None:
+            self._copied[k].synchronize()  # this buffer's previous batch has reached the device
+        idx = idx.cpu()  # the epoch's order lives on the device: one small copy back per step
+        buffer = self._buffers[k]
+        if buffer is None or len(buffer) < len(idx):
+            buffer = self._buffers[k] = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype,
+                                                    pin_memory=self.pinned)
+        batch = torch.index_select(self.images, 0, idx, out=buffer[:len(idx)])
+        on_device = batch.to(self.device, non_blocking=True)
+        if self.pinned:
+            self._copied[k] = torch.cuda.Event()
+            self._copied[k].record()
+        return on_device

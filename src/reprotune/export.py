@@ -1,7 +1,8 @@
 """Export for serving: ONNX (dynamic batch), int8 ONNX and TorchScript, each verified before it lands.
 
 All exports carry the `Classifier`'s normalization and resize, so a consumer feeds float32 RGB
-images in [0, 1] (N, 3, 32, 32) and gets logits. The fp32 exports must match PyTorch within
+images in [0, 1] (N, 3, S, S) and gets logits, S being the side of the cached images the model was
+trained on (`input_size`: 32 for CIFAR). The fp32 exports must match PyTorch within
 `export.tolerance` on real test images; the int8 model must agree with PyTorch's top-1 class on at
 least `export.int8_min_agreement` of the test set. Each one's test accuracy is recomputed through
 the exported file itself. Nothing is renamed into place unless every check passes.
@@ -30,7 +31,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from tensorboardX import SummaryWriter
 
 from reprotune import tb
-from reprotune.config import ExportConfig
+from reprotune.config import CIFAR_SIDE, ExportConfig
 from reprotune.data import Split, to_float
 from reprotune.errors import ReprotuneError
 from reprotune.evaluate import predict
@@ -207,12 +208,13 @@ def lineage(lock: Path, model_file: Path) -> dict | None:
 
 def model_card(saved: dict, report: dict, trace: dict | None) -> dict:
     """What a consumer needs to feed the exported models, how well they do, and where they came from."""
+    side = saved.get("input_size", CIFAR_SIDE)  # models saved before folder datasets: CIFAR's 32
     return {
         "architecture": saved["model"]["arch"],
         "classes": saved["classes"],
         "input": {
             "name": INPUT, "layout": "NCHW", "dtype": "float32", "channels": "RGB",
-            "shape": ["batch", 3, 32, 32], "value_range": [0.0, 1.0],
+            "shape": ["batch", 3, side, side], "value_range": [0.0, 1.0],
             "normalization": "inside the model: (x - mean) / std per channel",
             "mean": saved["mean"], "std": saved["std"],
             "resize": f"inside the model, bilinear to {saved['model']['image_size']}x"

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -26,12 +27,13 @@ MAX_PIXELS = 64_000_000  # pixels actually decoded, after JPEG draft scaling
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode an image file into uint8 (3, size, size) RGB, per the module's rules."""
+def load_image(path: Path | str, size: int, data: bytes | None = None) -> np.ndarray:
+    """Decode an image file (or `data`, the bytes of the file named `path` in an archive) into uint8
+    (3, size, size) RGB, per the module's rules."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
                 image.draft("RGB", (2 * size, 2 * size))  # JPEG only: scaled while decoding
                 if image.width * image.height > MAX_PIXELS:
                     raise Image.DecompressionBombError(f"{image.width}x{image.height}")

@@ -31,7 +31,7 @@ from reprotune import tb
 from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, TrainConfig
 from reprotune.data import Split, augment, to_float
-from reprotune.device import amp_dtype, check_deterministic, select_device, set_deterministic
+from reprotune.device import HostImages, amp_dtype, check_deterministic, images_fit, select_device, set_deterministic
 from reprotune.distributed import ONE_PROCESS, Group
 from reprotune.errors import Interrupted, ReprotuneError
 from reprotune.evaluate import loss_and_accuracy, predict
@@ -255,9 +255,9 @@ class Training:
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
     generator: torch.Generator  # shuffles and augmentation, in step on every rank
-    images: torch.Tensor  # uint8, on the device
+    images: torch.Tensor | HostImages  # uint8, on the device or in (pinned) host memory
     labels: torch.Tensor
-    val_images: torch.Tensor
+    val_images: torch.Tensor  # on the device, or (pinned) on the host
     val_labels: torch.Tensor  # on the CPU, where validation's logits land
     device: torch.device
     autocast: torch.dtype | None
@@ -334,7 +334,16 @@ def setup(params: Params, train: Split, val: Split, group: Group) -> Training:
             raise ReprotuneError("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): "
                                  "set it to false to train on CPUs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    images = train.images.to(device)
+    if cfg.data_on == "device" or (cfg.data_on == "auto" and images_fit(train.images.nbytes + val.images.nbytes,
+                                                                         device)):
+        images, val_images = train.images.to(device), val.images.to(device)
+    else:
+        images, val_images = HostImages(train.images, device), val.images
+        if device.type == "cuda":
+            val_images = val_images.pin_memory()  # validation copies its batches asynchronously too
+            if group.is_main:
+                print(f"training from pinned host memory: {(train.images.nbytes + val.images.nbytes) / 2**30:.1f} "
+                      f"GiB of images (train.data_on: {cfg.data_on})", flush=True)
     # Full global batches only: a trailing batch of one image would break BatchNorm, and every
     # image is still seen across epochs because each epoch reshuffles.
     steps = max(1, len(images) // cfg.batch_size)
@@ -346,7 +355,7 @@ def setup(params: Params, train: Split, val: Split, group: Group) -> Training:
         scheduler=make_scheduler(optimizer, cfg, steps),
         scaler=torch.amp.GradScaler(device.type, enabled=autocast == torch.float16), ema=ema,
         generator=torch.Generator(device).manual_seed(params.seed), images=images,
-        labels=train.labels.to(device), val_images=val.images.to(device), val_labels=val.labels, device=device,
+        labels=train.labels.to(device), val_images=val_images, val_labels=val.labels, device=device,
         autocast=autocast, steps=steps, per_epoch=min(len(images), steps * cfg.batch_size), flops_per_image=flops,
         group=group)
 
@@ -563,7 +572,7 @@ def _log_end(writer: SummaryWriter, params: Params, model: Classifier, val_image
     if params.log.graph:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and shape notices
-            writer.add_graph(model.eval(), to_float(val_images[:2]))
+            writer.add_graph(model.eval(), to_float(val_images[:2].to(next(model.parameters()).device)))
     tb.log_hparams(writer, _hparams(params), {f"hparam/{k}": float(metrics[k]) for k in
                                               ("best_val_acc", "final_val_loss", "final_train_loss")})
 
