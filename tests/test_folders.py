@@ -42,8 +42,10 @@ def make_tree(root: Path, counts: dict[str, int], split: str = "") -> Path:
             kind = i % 4
             if kind == 0:
                 image.save(folder / f"{i}.png")
-            elif kind == 1:
-                image.save(folder / f"{i}.jpg", quality=90)
+            elif kind == 1:  # some with an EXIF orientation (6: stored rotated, shown upright)
+                exif = Image.Exif()
+                exif[0x0112] = 6 if i % 8 == 1 else 1
+                image.save(folder / f"{i}.jpg", quality=90, exif=exif)
             elif kind == 2:
                 image.convert("L").save(folder / f"{i}.png")  # grayscale
             else:
@@ -234,3 +236,45 @@ def test_a_folder_dataset_through_the_pipeline(tmp_path):
     run(["dvc", "add", "data/raw/pets"], project)
     status = json.loads(run(["dvc", "status", "--json"], project).stdout)
     assert "preprocess" in status and "download" not in status
+
+
+def test_imagenette_is_a_folder_archive_with_readable_class_names(tmp_path):
+    cfg_ = DataConfig(dataset="imagenette", image_size=16)
+    assert cfg_.folder and cfg_.archive == Path("data/raw/download/imagenette2-160.tgz")
+    assert cfg_.source == ("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
+                           "e793b78cc4c9e9a4ccc0c1155377a412")
+    tree = tmp_path / "imagenette2-160"
+    make_tree(tree, {"cat": 3, "dog": 3}, "train")
+    make_tree(tree, {"cat": 2, "dog": 2}, "val")
+    for split in ("train", "val"):  # WordNet ids, as the real archive names its folders
+        (tree / split / "cat").rename(tree / split / "n03888257")
+        (tree / split / "dog").rename(tree / split / "n01440764")
+    raw = folders.read_source(folders.Tree(tmp_path), DataConfig(dataset="imagenette", image_size=16,
+                                                                 val_fraction=0.34))
+    assert raw.classes == ["tench", "parachute"]  # in the order of their ids
+
+
+@pytest.mark.parametrize("kind", ["cifar100", "folder archive"])
+def test_cifar100_and_a_folder_archive_download_and_preprocess_through_dvc(tmp_path, kind):
+    """Fetched from a local copy by the download stage (md5-checked), read by preprocess."""
+    if kind == "cifar100":
+        archive = cifar100_archive(tmp_path / "cifar-100-python.tar.gz", n_train=300, n_test=50)
+        overrides = {"data.dataset": "cifar100", "data.cifar100_labels": "coarse"}
+    else:
+        tree = make_tree(tmp_path / "tree" / "pets", {"cat": 6, "dog": 6, "owl": 6})
+        archive = tmp_path / "pets.zip"
+        with zipfile.ZipFile(archive, "w") as z:
+            for f in sorted(tree.rglob("*.*")):
+                z.write(f, f"pets/{f.relative_to(tree)}")
+        overrides = {"data.dataset": "folder", "data.image_size": 20, "data.test_fraction": 0.34}
+    md5 = __import__("hashlib").md5(archive.read_bytes()).hexdigest()
+    project = make_project(tmp_path / "project", {**overrides, "data.url": str(archive), "data.md5": md5})
+    run(["dvc", "repro", "preprocess"], project)
+    assert [p.name for p in (project / "data/raw/download").iterdir()] == [archive.name]
+    train = torch.load(project / "data/processed/train.pt")
+    prep = json.loads((project / "metrics/preprocess.json").read_text())
+    if kind == "cifar100":
+        assert len(train["classes"]) == 20 and prep["test_images"] == 50 and train["images"].shape[1:] == (3, 32, 32)
+    else:
+        assert train["classes"] == ["cat", "dog", "owl"] and train["images"].shape[1:] == (3, 20, 20)
+        assert prep["test_images"] == 6 and prep["skipped_images"] == 0

@@ -66,7 +66,7 @@ def test_the_demo_leaves_params_where_experiments_build_on_them(demo):
         assert list((demo / "runs" / stage).glob("events.out.tfevents.*")), stage
     # params.yaml holds the demo's settings (comments kept), so dvc.lock and params agree
     params = (demo / "params.yaml").read_text()
-    assert "dataset: synthetic" in params and "# cifar10 (fetch `url`)" in params
+    assert "dataset: synthetic" in params and "# cifar10 | cifar100 | imagenette | folder" in params
     assert run(["dvc", "status"], demo).stdout.strip() == "Data and pipelines are up to date."
 
 
