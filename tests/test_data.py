@@ -353,3 +353,10 @@ def test_a_member_larger_than_any_cifar_batch_is_not_read(archive, monkeypatch):
     with pytest.raises(ReprotuneError, match=r"batches.meta is \d+ bytes, more than a CIFAR batch can be|"
                                              r"data_batch_1 is \d+ bytes, more than a CIFAR batch can be"):
         data.read_archive(path)
+
+
+def test_a_class_of_two_splits_one_and_one_and_a_class_of_one_stays_in_train():
+    train, val = data.stratified_split(np.array([0, 0, 1]), 0.1, seed=0)
+    assert (len(train), len(val)) == (2, 1) and 2 in train  # class 0: one each side; class 1's only image trains
+    assert [len(side) for side in data.stratified_split(np.array([0, 0]), 0.5, seed=0)] == [1, 1]
+    assert [data.held_out(n, 0.1) for n in (1, 2, 5, 6, 100)] == [0, 1, 1, 1, 10]

@@ -7,6 +7,7 @@ import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from reprotune.config import ModelConfig
@@ -82,6 +83,7 @@ def test_cifar_stem_keeps_resolution_and_image_size_resizes():
     model.net.layer1.register_forward_hook(lambda m, i, o: shapes.append(o.shape) and None)
     model(torch.rand(2, 3, 32, 32))
     assert shapes == [(2, 64, 48, 48)]  # resized to 48, no stride-2 conv, no max-pool
+    assert model.net.conv1.bias is None  # a BatchNorm follows it, as after every ResNet conv
 
 
 @pytest.mark.parametrize("strategy, trained", [
@@ -238,3 +240,17 @@ def test_weights_that_miss_or_add_keys_name_the_first_three(tmp_path):
     with pytest.raises(ReprotuneError) as error:
         build_model(ModelConfig(weights=str(tmp_path / "extra.pt")), 10, MEAN, STD)
     assert str(error.value).endswith("weights do not fit ResNet18: unexpected keys ['extra.weight', 'more.bias']")
+
+
+@pytest.mark.parametrize("side", [40, 32])
+def test_the_network_sees_normalized_images_resized_the_way_the_exports_do(side):
+    # What reaches the first conv: (x - mean) / std, then (when the side differs from
+    # model.image_size) torch's bilinear resize with align_corners=False, which ONNX and predict share.
+    model = build_model(ModelConfig(weights="none", image_size=40), 10, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]).eval()
+    seen = []
+    model.net.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(side))
+    model(x)
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    expected = F.interpolate((x - mean) / std, size=(40, 40), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seen[0], expected)

@@ -144,3 +144,18 @@ def test_onecycle_leaves_momentum_alone():
         optimizer.step()
         scheduler.step()
     assert {g["momentum"] for g in optimizer.param_groups} == {0.9}
+
+
+@pytest.mark.parametrize("nesterov, momentum, expected", [(False, 0.9, False), (True, 0.9, True), (True, 0.0, False)])
+def test_sgd_is_nesterov_only_when_asked_and_with_momentum(nesterov, momentum, expected):
+    model = build_model(ModelConfig(weights="none"), 10, [0.5] * 3, [0.25] * 3)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", nesterov=nesterov, momentum=momentum))
+    assert optimizer.defaults["nesterov"] is expected
+
+
+@pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                        ("rmsprop", torch.optim.RMSprop), ("sgd", torch.optim.SGD)])
+def test_each_optimizer_name_builds_that_optimizer(name, kind):
+    # Exactly that class: AdamW subclasses Adam, but decays weights apart from the gradient, Adam through it.
+    model = build_model(ModelConfig(weights="none"), 10, [0.5] * 3, [0.25] * 3)
+    assert type(make_optimizer(model, TrainConfig(optimizer=name))) is kind
