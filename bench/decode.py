@@ -48,7 +48,7 @@ def plain(root: Path, files: list[folders.File], size: int) -> None:
 
 
 def ours(root: Path, files: list[folders.File], size: int, workers: int) -> None:
-    for result in folders.Tree(root).decoded(files, size, workers):
+    for _, result in folders.Tree(root).decoded(files, size, workers):
         assert not isinstance(result, str), result
 
 

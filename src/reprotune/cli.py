@@ -52,9 +52,7 @@ def demo(params: ParamsFile = Path("params.yaml")) -> None:
     """Run the whole DAG offline on the synthetic dataset, as a DVC experiment named demo."""
     from reprotune.config import load_params  # keeps `reprotune --version` light
 
-    dvc = shutil.which("dvc", path=_venv_path())
-    if dvc is None:
-        raise ReprotuneError("dvc is not installed in this environment (run `make install`)")
+    dvc = _tool("dvc")
     current = load_params(params)
     # Already offline (an earlier demo, or a team's committed demo baseline): run params.yaml as it is.
     offline = current.data.dataset == "synthetic" and current.model.weights != "imagenet"
@@ -63,7 +61,7 @@ def demo(params: ParamsFile = Path("params.yaml")) -> None:
     command = [dvc, "exp", "run", "-n", name, *(arg for o in overrides for arg in ("-S", o))]
     print("$ dvc exp run -n " + name + "".join(f" -S {o}" for o in overrides), flush=True)
     # DVC runs each stage's `python` through the shell: this environment's must come first.
-    code = subprocess.call(command, env={**os.environ, "PATH": _venv_path()})
+    code = subprocess.call(command, env=_venv_env())
     if code != 0:
         raise ReprotuneError(f"dvc exp run failed (exit {code}); see its output above")
     print(f"demo done: experiment {name}; results in metrics/, models/, runs/ (`make tensorboard`).")
@@ -78,10 +76,8 @@ def experiments(ctx: typer.Context) -> None:
     """Experiments side by side: name, the params that differ, the headline metrics (dvc exp show)."""
     from reprotune.review import headline_view
 
-    dvc = shutil.which("dvc", path=_venv_path())
-    if dvc is None:
-        raise ReprotuneError("dvc is not installed in this environment (run `make install`)")
-    code = subprocess.call([dvc, "exp", "show", *headline_view(), *ctx.args], env={**os.environ, "PATH": _venv_path()})
+    dvc = _tool("dvc")
+    code = subprocess.call([dvc, "exp", "show", *headline_view(), *ctx.args], env=_venv_env())
     if code != 0:
         raise typer.Exit(code)
 
@@ -94,10 +90,8 @@ def review(
     """Markdown report of the workspace against BASE: params, metrics (headline first), plots."""
     from reprotune.review import review as make_report
 
-    dvc = shutil.which("dvc", path=_venv_path())
-    if dvc is None:
-        raise ReprotuneError("dvc is not installed in this environment (run `make install`)")
-    print(make_report(dvc, base, plots, {**os.environ, "PATH": _venv_path()}), end="")
+    dvc = _tool("dvc")
+    print(make_report(dvc, base, plots, _venv_env()), end="")
 
 
 @cli.command()
@@ -109,9 +103,7 @@ def tensorboard(
     """TensorBoard over every DVC experiment's runs and the workspace's, side by side."""
     from reprotune.board import serve
 
-    board = shutil.which("tensorboard", path=_venv_path())
-    if board is None:
-        raise ReprotuneError("tensorboard is not installed in this environment (run `make install`)")
+    board = _tool("tensorboard")
     code = serve(Path.cwd(), host, port, board)
     if code not in (0, -15):
         raise ReprotuneError(f"tensorboard exited with status {code}")
@@ -133,7 +125,7 @@ def params(write: Annotated[bool, typer.Option("--write", help="Rewrite params.y
 def _free_experiment_name(dvc: str, base: str) -> str:
     """`base`, or `base-2`, `base-3`, ...: the first name no experiment in this repository has."""
     listed = subprocess.run([dvc, "exp", "list", "--all-commits", "--name-only"], capture_output=True, text=True,
-                            env={**os.environ, "PATH": _venv_path()})
+                            env=_venv_env())
     taken = set(listed.stdout.split()) if listed.returncode == 0 else set()
     return next(n for n in (base, *(f"{base}-{i}" for i in range(2, 10_000))) if n not in taken)
 
@@ -164,6 +156,19 @@ def predict(
 def _venv_path() -> str:
     """PATH with this interpreter's bin directory first."""
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def _venv_env() -> dict[str, str]:
+    """This environment with `_venv_path()`: DVC runs each stage's `python` through the shell."""
+    return {**os.environ, "PATH": _venv_path()}
+
+
+def _tool(name: str) -> str:
+    """The path of this environment's `name` command, or a one-line error."""
+    path = shutil.which(name, path=_venv_path())
+    if path is None:
+        raise ReprotuneError(f"{name} is not installed in this environment (run `make install`)")
+    return path
 
 
 def app() -> None:

@@ -22,7 +22,7 @@ import concurrent.futures
 import os
 import tarfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -50,10 +50,9 @@ IMAGENETTE_NAMES = {
 
 @dataclass
 class File:
-    """One image file: its path inside the tree or archive, its split and its class."""
+    """One image file: its path inside the tree or archive."""
 
     parts: tuple[str, ...]  # relative to the source's top
-    size: int
 
 
 class Source:
@@ -65,10 +64,10 @@ class Source:
         self.dirs: set[tuple[str, ...]] = set()  # every folder, as parts (the top is ())
         self.skipped: list[str] = []
 
-    def add(self, parts: tuple[str, ...], size: int | None) -> None:
-        """Record a file (or, with size None, a folder) and the folders above it."""
-        if size is not None:
-            self.files.append(File(parts, size))
+    def add(self, parts: tuple[str, ...], is_file: bool) -> None:
+        """Record a file (or a folder) and the folders above it."""
+        if is_file:
+            self.files.append(File(parts))
             parts = parts[:-1]
         self.dirs.update(parts[:i] for i in range(len(parts) + 1))
 
@@ -81,8 +80,22 @@ class Source:
         """How a message names a file or folder of this source."""
         raise NotImplementedError
 
-    def decoded(self, files: list[File], size: int, workers: int) -> Iterator[np.ndarray | str]:
-        """Each file decoded to (3, size, size) uint8, or the reason it could not be, in order."""
+    def decoded(self, files: list[File], size: int, workers: int) -> Iterator[tuple[int, np.ndarray | str]]:
+        """(index in `files`, the file decoded to (3, size, size) uint8 or why it could not be), for
+        each file in the order the source reads them, decoded on `workers` threads a bounded number
+        of files ahead of the reader."""
+        def decode(indexed: tuple[int, bytes | None]) -> tuple[int, np.ndarray | str]:
+            i, payload = indexed
+            try:
+                return i, load_image(self.where(files[i].parts), size, payload)
+            except ReprotuneError as exc:
+                return i, str(exc)
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            yield from _bounded(pool, decode, self._payloads(files), workers * IN_FLIGHT_PER_WORKER)
+
+    def _payloads(self, files: list[File]) -> Iterator[tuple[int, bytes | None]]:
+        """(index in `files`, the file's bytes, or None where the decoder opens the file itself)."""
         raise NotImplementedError
 
 
@@ -100,7 +113,7 @@ class Tree(Source):
         for directory, dirs, names in os.walk(root, followlinks=False):
             here = Path(directory)
             rel = here.relative_to(root).parts
-            self.add(rel, None)
+            self.add(rel, is_file=False)
             dirs[:] = sorted(d for d in dirs if not _hidden([d]))
             for d in dirs:
                 if (here / d).is_symlink():  # os.walk does not go in
@@ -113,23 +126,19 @@ class Tree(Source):
                     self.skipped.append(f"{path}: a link out of the tree, not followed")
                     continue
                 try:
-                    size = path.stat().st_size
+                    path.stat()
                 except OSError as exc:  # a dangling link
                     self.skipped.append(f"{path}: cannot read ({exc.strerror})")
                     continue
-                self.add((*rel, name), size)
+                self.add((*rel, name), is_file=True)
                 if len(self.files) > MAX_FILES:
                     raise ReprotuneError(f"{root}: more than {MAX_FILES:,} files")
 
     def where(self, parts) -> str:
         return str(self.root.joinpath(*parts))
 
-    def decoded(self, files, size, workers):
-        def decode(file: File) -> np.ndarray | str:
-            return _decode(self.where(file.parts), size, file, None)
-
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            yield from _bounded(pool, decode, files, workers * IN_FLIGHT_PER_WORKER)
+    def _payloads(self, files):
+        return ((i, None) for i in range(len(files)))
 
 
 class Archive(Source):
@@ -151,7 +160,7 @@ class Archive(Source):
                 if not parts or _hidden(parts):
                     continue
                 if regular is None:  # a folder
-                    self.add(parts, None)
+                    self.add(parts, is_file=False)
                 elif not regular:
                     self.skipped.append(f"{self.where(parts)}: a link or special file, not followed")
                 elif size > MAX_FILE_BYTES:
@@ -160,7 +169,7 @@ class Archive(Source):
                     self.skipped.append(f"{self.where(parts)}: a second entry of that name, not read")
                 else:
                     seen.add(parts)
-                    self.add(parts, size)
+                    self.add(parts, is_file=True)
                 if len(self.files) + len(self.skipped) > MAX_FILES:
                     raise ReprotuneError(f"{path}: more than {MAX_FILES:,} entries")
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
@@ -181,57 +190,26 @@ class Archive(Source):
     def where(self, parts) -> str:
         return f"{self.path}:{'/'.join(parts)}"
 
-    def decoded(self, files, size, workers):
-        # The main thread reads members in archive order (a compressed tar reads forwards only);
-        # the decoders run on the pool, a bounded number of members ahead.
-        wanted = {"/".join(f.parts): f for f in files}
-        order = {name: i for i, name in enumerate(wanted)}
+    def _payloads(self, files):
+        # Members are read in archive order (a compressed tar reads forwards only), on this thread.
+        wanted = {"/".join(f.parts): i for i, f in enumerate(files)}
         try:
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                pending = collections.deque()
-                results: dict[int, np.ndarray | str] = {}
-                next_out = 0
-                for name, payload in self._payloads(wanted):
-                    pending.append((order[name], pool.submit(_decode, self.where(wanted[name].parts), size,
-                                                             wanted[name], payload)))
-                    while len(pending) > workers * IN_FLIGHT_PER_WORKER or (pending and pending[0][1].done()):
-                        i, future = pending.popleft()
-                        results[i] = future.result()
-                        while next_out in results:
-                            yield results.pop(next_out)
-                            next_out += 1
-                for i, future in pending:
-                    results[i] = future.result()
-                while next_out in results:
-                    yield results.pop(next_out)
-                    next_out += 1
+            if self.zip:
+                with zipfile.ZipFile(self.path) as z:
+                    for name, i in wanted.items():
+                        yield i, z.read(name)
+            else:
+                with tarfile.open(self.path) as tar:
+                    for member in tar:
+                        i = wanted.pop("/".join(PurePosixPath(member.name.removeprefix("./")).parts), None)
+                        if i is not None and member.isfile():  # its first entry only, as listed
+                            yield i, tar.extractfile(member).read()
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
             raise ReprotuneError(f"{self.path}: not a readable tar or zip archive ({exc})") from None
 
-    def _payloads(self, wanted: dict) -> Iterator[tuple[str, bytes]]:
-        wanted = dict(wanted)
-        if self.zip:
-            with zipfile.ZipFile(self.path) as z:
-                for name in wanted:
-                    yield name, z.read(name)
-        else:
-            with tarfile.open(self.path) as tar:
-                for member in tar:
-                    name = "/".join(PurePosixPath(member.name.removeprefix("./")).parts)
-                    if name in wanted and member.isfile():
-                        yield name, tar.extractfile(member).read()
-                        del wanted[name]  # its first entry only, as listed
 
-
-def _decode(label: str, size: int, file: File, payload: bytes | None) -> np.ndarray | str:
-    try:
-        return load_image(label, size, payload)
-    except ReprotuneError as exc:
-        return str(exc)
-
-
-def _bounded(pool: concurrent.futures.Executor, fn: Callable, items: list, ahead: int) -> Iterator:
-    """pool.map, in order, with at most `ahead` items submitted and not yet consumed."""
+def _bounded(pool: concurrent.futures.Executor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """pool.map, in order, drawing from `items` only while fewer than `ahead` results wait."""
     pending = collections.deque()
     for item in items:
         pending.append(pool.submit(fn, item))
@@ -244,8 +222,12 @@ def _bounded(pool: concurrent.futures.Executor, fn: Callable, items: list, ahead
 # --------------------------------------------------------------------------- the layout
 
 
-def layout(source: Source) -> tuple[tuple[str, ...], dict[str, list[File]], dict[str, list[File]] | None]:
-    """(the train root's parts, train class -> files, test class -> files or None), checked."""
+Folder = tuple[str, ...]  # a folder of a source, as path parts
+Classes = dict[str, list[File]]  # class name -> its files
+
+
+def layout(source: Source) -> tuple[Folder, Classes, Folder | None, Classes | None]:
+    """(the train root, its classes, the test root and its classes, or None and None), checked."""
     root: tuple[str, ...] = ()
     while True:
         top = source.children(root)
@@ -254,12 +236,12 @@ def layout(source: Source) -> tuple[tuple[str, ...], dict[str, list[File]], dict
             continue
         break
     if "train" not in top:
-        return root, _classes(source, root), None
+        return root, _classes(source, root), None, None
     train_root = (*root, "train")
     train = _classes(source, train_root)
     test_name = next((name for name in TEST_ROOTS if name in top), None)
     if test_name is None:
-        return train_root, train, None
+        return train_root, train, None, None
     test_root = (*root, test_name)
     test = _classes(source, test_root, single_ok=True)
     if set(test) != set(train):
@@ -267,7 +249,7 @@ def layout(source: Source) -> tuple[tuple[str, ...], dict[str, list[File]], dict
         raise ReprotuneError(f"{source.where(test_root)}: its class folders differ from train/'s"
                              + (f": missing {', '.join(missing)}" if missing else "")
                              + (f"{';' if missing else ':'} not in train/: {', '.join(extra)}" if extra else ""))
-    return train_root, train, test
+    return train_root, train, test_root, test
 
 
 def _classes(source: Source, root: tuple[str, ...], single_ok: bool = False) -> dict[str, list[File]]:
@@ -335,39 +317,37 @@ def read(cfg: DataConfig, workers: int | None = None) -> RawData:
 
 def read_source(source: Source, cfg: DataConfig, workers: int | None = None) -> RawData:
     """Decode every image of a listed tree or archive, once, per `cfg`."""
-    train_root, train, test = layout(source)
+    train_root, train, test_root, test = layout(source)
     names = sorted(train)
-    items = [(f, label, "train") for label, name in enumerate(names) for f in train[name]]
+    items = [(f, label, False) for label, name in enumerate(names) for f in train[name]]
     if test is not None:
-        items += [(f, label, "test") for label, name in enumerate(names) for f in test[name]]
+        items += [(f, label, True) for label, name in enumerate(names) for f in test[name]]
     check_memory(len(items), cfg.image_size, source.label)
     images = np.empty((len(items), 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
-    labels = np.empty(len(items), dtype=np.int64)
-    is_test = np.empty(len(items), dtype=bool)
-    skipped = list(source.skipped)
-    kept = 0
+    labels = np.array([label for _, label, _ in items], dtype=np.int64)
+    is_test = np.array([test for _, _, test in items], dtype=bool)
+    readable = np.zeros(len(items), dtype=bool)
+    failed = []
     with tqdm(total=len(items), unit="img", desc="decoding", leave=False, disable=None) as bar:
-        decoded = source.decoded([f for f, _, _ in items], cfg.image_size, workers or os.cpu_count() or 1)
-        for (_, label, split), result in zip(items, decoded, strict=True):
+        for i, result in source.decoded([f for f, _, _ in items], cfg.image_size, workers or os.cpu_count() or 1):
             bar.update()
             if isinstance(result, str):
                 if cfg.on_bad_image == "fail":
                     raise ReprotuneError(f"{result} (data.on_bad_image: fail; skip would leave it out)")
-                skipped.append(result)
+                failed.append((i, result))
                 continue
-            images[kept], labels[kept], is_test[kept] = result, label, split == "test"
-            kept += 1
-    images, labels, is_test = images[:kept], labels[:kept], is_test[:kept]
+            images[i], readable[i] = result, True
+    skipped = source.skipped + [reason for _, reason in sorted(failed)]
     classes = [IMAGENETTE_NAMES.get(n, n) for n in names] if cfg.dataset == "imagenette" else names
     folder = {label: source.where((*train_root, name)) for label, name in enumerate(names)}
     if test is None:
-        is_test = _hold_out(labels, cfg.test_fraction, folder, "data.test_fraction")
+        is_test[readable] = _hold_out(labels[readable], cfg.test_fraction, folder, "data.test_fraction")
     else:
-        test_root = (*train_root[:-1], next(name for name in TEST_ROOTS if name in source.children(train_root[:-1])))
-        _require(labels[is_test], len(names), {c: source.where((*test_root, n)) for c, n in enumerate(names)},
-                 "the test set")
-    _hold_out(labels[~is_test], cfg.val_fraction, folder, "data.val_fraction", check_only=True)
-    return RawData(images[~is_test], labels[~is_test], images[is_test], labels[is_test], classes, skipped)
+        test_folder = {c: source.where((*test_root, n)) for c, n in enumerate(names)}
+        _require(labels[readable & is_test], len(names), test_folder, "the test set")
+    train_part, test_part = readable & ~is_test, readable & is_test
+    _require_two(labels[train_part], folder, "data.val_fraction")
+    return RawData(images[train_part], labels[train_part], images[test_part], labels[test_part], classes, skipped)
 
 
 def _require(labels: np.ndarray, classes: int, folder: dict[int, str], what: str) -> None:
@@ -376,17 +356,17 @@ def _require(labels: np.ndarray, classes: int, folder: dict[int, str], what: str
         raise ReprotuneError(f"{folder[c]}: no readable images for {what}")
 
 
-def _hold_out(labels: np.ndarray, fraction: float, folder: dict[int, str], key: str,
-              check_only: bool = False) -> np.ndarray:
-    """Mark `fraction` of each class (data.held_out's count, seeded by TEST_SEED), after checking
-    that every class has the two images that needs."""
-    counts = np.bincount(labels, minlength=len(folder))
-    for c, n in enumerate(counts):
+def _require_two(labels: np.ndarray, folder: dict[int, str], key: str) -> None:
+    """Every class has the two images a split needs: one on each side."""
+    for c, n in enumerate(np.bincount(labels, minlength=len(folder))):
         if n < 2:
             raise ReprotuneError(f"{folder[c]}: {n} readable image(s), too few for {key} (each class needs at "
                                  "least one image on each side of the split)")
-    if check_only:
-        return np.zeros(len(labels), dtype=bool)
+
+
+def _hold_out(labels: np.ndarray, fraction: float, folder: dict[int, str], key: str) -> np.ndarray:
+    """Mark `fraction` of each class (data.held_out's count, seeded by TEST_SEED)."""
+    _require_two(labels, folder, key)
     rng = np.random.default_rng(TEST_SEED)
     marked = np.zeros(len(labels), dtype=bool)
     for c in range(len(folder)):

@@ -334,16 +334,16 @@ def setup(params: Params, train: Split, val: Split, group: Group) -> Training:
             raise ReprotuneError("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): "
                                  "set it to false to train on CPUs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.data_on == "device" or (cfg.data_on == "auto" and images_fit(train.images.nbytes + val.images.nbytes,
-                                                                         device)):
+    nbytes = train.images.nbytes + val.images.nbytes
+    if cfg.data_on == "device" or (cfg.data_on == "auto" and images_fit(nbytes, device)):
         images, val_images = train.images.to(device), val.images.to(device)
     else:
         images, val_images = HostImages(train.images, device), val.images
         if device.type == "cuda":
             val_images = val_images.pin_memory()  # validation copies its batches asynchronously too
             if group.is_main:
-                print(f"training from pinned host memory: {(train.images.nbytes + val.images.nbytes) / 2**30:.1f} "
-                      f"GiB of images (train.data_on: {cfg.data_on})", flush=True)
+                print(f"training from pinned host memory: {nbytes / 2**30:.1f} GiB of images "
+                      f"(train.data_on: {cfg.data_on})", flush=True)
     # Full global batches only: a trailing batch of one image would break BatchNorm, and every
     # image is still seen across epochs because each epoch reshuffles.
     steps = max(1, len(images) // cfg.batch_size)
