@@ -153,6 +153,46 @@ def predict(
         raise typer.Exit(1)
 
 
+@cli.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="The ONNX export to serve (its model_card.json beside it).")]
+    = Path("models/model.onnx"),
+    host: Annotated[str, typer.Option(help="Address the HTTP server binds (loopback: nothing leaves this machine; "
+                                           "0.0.0.0 to take requests from others).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    name: Annotated[str, typer.Option(help="The model's name in the protocol's URLs.")] = "reprotune",
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas (each its own process and ONNX Runtime session).")]
+    = 1,
+    max_replicas: Annotated[int, typer.Option(min=0, help="Autoscale between --replicas and this many "
+                                                          "(0: a fixed number).")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (and Ray CPUs) per replica; "
+                                                     "0: this machine's cores divided among the replicas.")] = 0,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Images per ONNX Runtime call, and per request.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits to fill, in milliseconds.")]
+    = 5.0,
+    max_body_mb: Annotated[float, typer.Option(min=0, help="Largest request body, in MiB.")] = 64.0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image a request may send, in pixels.")]
+    = 64_000_000,
+    address: Annotated[str | None, typer.Option(help="A running Ray cluster (head host:port) to deploy to; "
+                                                     "by default a one-machine cluster starts here.")] = None,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Prometheus metrics port of the Ray "
+                                                                     "started here.")] = 8080,
+    proxy_every_node: Annotated[bool, typer.Option("--proxy-every-node", help="An HTTP proxy on every Ray node "
+                                                   "(behind a load balancer), not only the head.")] = False,
+) -> None:
+    """Serve the exported model over the Open Inference Protocol (KServe V2) with Ray Serve."""
+    from reprotune.cluster import ray_environment
+
+    ray_environment(address)  # before anything imports ray
+    from reprotune.serve import Settings, run
+
+    cores = os.cpu_count() or 1
+    settings = Settings(model=str(model.resolve()), name=name, replicas=replicas, max_replicas=max_replicas,
+                        threads=threads or max(1, cores // replicas), max_batch_size=max_batch_size,
+                        max_wait_ms=max_wait_ms, max_body_mb=max_body_mb, max_pixels=max_pixels)
+    run(settings, host, port, address, metrics_port, proxy_every_node)
+
+
 def _venv_path() -> str:
     """PATH with this interpreter's bin directory first."""
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

@@ -27,19 +27,19 @@ MAX_PIXELS = 64_000_000  # pixels actually decoded, after JPEG draft scaling
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
 
 
-def load_image(path: Path | str, size: int, data: bytes | None = None) -> np.ndarray:
-    """Decode an image file (or `data`, the bytes of the file named `path` in an archive) into uint8
-    (3, size, size) RGB, per the module's rules."""
+def load_image(path: Path | str, size: int, data: bytes | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image file (or `data`, the bytes of the file named `path` in an archive or a request)
+    into uint8 (3, size, size) RGB, per the module's rules; refuse more than `max_pixels` pixels."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path if data is None else io.BytesIO(data)) as image:
                 image.draft("RGB", (2 * size, 2 * size))  # JPEG only: scaled while decoding
-                if image.width * image.height > MAX_PIXELS:
+                if image.width * image.height > max_pixels:
                     raise Image.DecompressionBombError(f"{image.width}x{image.height}")
                 rgb = to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ReprotuneError(f"{path}: too large to decode (more than {MAX_PIXELS:,} pixels)") from None
+        raise ReprotuneError(f"{path}: too large to decode (more than {max_pixels:,} pixels)") from None
     except UnidentifiedImageError:
         raise ReprotuneError(f"{path}: not a readable image") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data

@@ -1,0 +1,291 @@
+"""`reprotune serve`: the exported ONNX model behind the Open Inference Protocol, on Ray Serve.
+
+- Ray Serve runs the replicas: `@serve.batch` gathers concurrent requests into one ONNX Runtime call
+  (dynamic batching, counted in images), replicas and autoscaling are deployment options, and the same
+  application runs on one machine, on a multi-machine Ray cluster, or on Kubernetes through KubeRay
+  (`build` is the import path a Serve config file names).
+- The protocol's routes sit on Serve's FastAPI ingress; `reprotune.protocol` parses and encodes, so
+  this module only moves bytes, bounds the body and counts.
+- Metrics: Ray exports Prometheus text at http://127.0.0.1:METRICS_PORT/metrics on every node: Serve's
+  own request, latency, error and batch-size series (`ray_serve_num_http_requests_total`,
+  `ray_serve_http_request_latency_ms`, `ray_serve_num_http_error_requests_total`,
+  `ray_serve_actual_batch_size`) and ours (`ray_reprotune_images_total`, `ray_reprotune_rejected_total`).
+- A request is bytes in memory only: nothing in it names a file, so no request reads or writes one.
+"""
+
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from reprotune import __version__
+from reprotune.errors import ReprotuneError
+from reprotune.images import MAX_PIXELS
+from reprotune.predict import load_card
+from reprotune.protocol import (
+    HEADER_LENGTH,
+    Contract,
+    ProtocolError,
+    decode_files,
+    encode_response,
+    error_body,
+    parse_request,
+)
+from reprotune.runtime import onnx_runner
+
+DEPLOYMENT = "classifier"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One deployment of the classifier: the model file, the limits, and how many replicas."""
+
+    model: str = "models/model.onnx"
+    name: str = "reprotune"  # the model's name in the protocol's URLs
+    replicas: int = 1
+    max_replicas: int = 0  # above `replicas`: autoscale between the two on ongoing requests
+    threads: int = 1  # ONNX Runtime threads per replica, and the CPUs Ray reserves for each
+    max_batch_size: int = 32  # images per ONNX Runtime call, and per request
+    max_wait_ms: float = 5.0  # how long a batch waits to fill
+    max_body_mb: float = 64.0
+    max_pixels: int = MAX_PIXELS  # per decoded image
+
+    def __post_init__(self):
+        limits = {"replicas": (self.replicas, 1), "threads": (self.threads, 1),
+                  "max_batch_size": (self.max_batch_size, 1), "max_pixels": (self.max_pixels, 1)}
+        for key, (value, low) in limits.items():
+            if type(value) is not int or value < low:
+                raise ReprotuneError(f"serve: {key} must be an integer of at least {low} (got {value!r})")
+        if type(self.max_replicas) is not int or (self.max_replicas and self.max_replicas < self.replicas):
+            raise ReprotuneError(f"serve: max_replicas must be 0 (no autoscaling) or at least replicas "
+                                 f"({self.replicas}) (got {self.max_replicas!r})")
+        for key in ("max_wait_ms", "max_body_mb"):
+            if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
+                raise ReprotuneError(f"serve: {key} must be a non-negative number (got {getattr(self, key)!r})")
+
+    def contract(self) -> Contract:
+        """The model's contract from its card, and this server's limits; a one-line error if the file or
+        its card is missing."""
+        path = Path(self.model)
+        if not path.is_file():
+            raise ReprotuneError(f"{path}: model not found (run `make demo` or `dvc repro` first)")
+        if path.suffix != ".onnx":
+            raise ReprotuneError(f"{path}: the server runs ONNX exports (models/model.onnx)")
+        card = load_card(path)
+        with path.open("rb") as f:
+            version = hashlib.file_digest(f, "md5").hexdigest()[:12]  # which exact file answered
+        return Contract(self.name, version, card["classes"], card["size"], self.max_batch_size, self.max_pixels)
+
+
+APP = FastAPI(title="reprotune", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@APP.exception_handler(HTTPException)
+async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in the protocol's shape: {"error": ...}."""
+    return JSONResponse({"error": str(exc.detail)}, exc.status_code)
+
+
+@APP.exception_handler(RequestValidationError)
+async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": f"invalid request: {exc.errors()}"}, 400)
+
+
+def _images_in(items: list[np.ndarray]) -> int:
+    """A batch's size for `@serve.batch`: images, not requests."""
+    return sum(len(images) for images in items)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `limit` bytes, inflated if the
+    client compressed it (tritonclient's gzip and deflate), with the same limit on the result."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"request body of {int(declared):,} bytes is over this server's limit of {limit:,}", 413)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ProtocolError(f"request body is over this server's limit of {limit:,} bytes", 413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(f"unsupported Content-Encoding {encoding!r} (gzip, deflate or none)", 415)
+    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"request body is not valid {encoding} data ({exc})") from None
+    if len(inflated) > limit:
+        raise ProtocolError(f"request body inflates to more than this server's limit of {limit:,} bytes", 413)
+    if not inflater.eof:
+        raise ProtocolError(f"request body is truncated {encoding} data")
+    return inflated
+
+
+@serve.deployment(name=DEPLOYMENT, graceful_shutdown_timeout_s=30)
+@serve.ingress(APP)
+class Classifier:
+    """One replica: an ONNX Runtime session and the protocol's routes."""
+
+    def __init__(self, settings: dict):
+        import ray
+        from ray.serve.metrics import Counter
+
+        self.settings = Settings(**settings)
+        self.contract = self.settings.contract()
+        self.run = onnx_runner(Path(self.settings.model), self.settings.threads)
+        self.max_body = int(self.settings.max_body_mb * 2**20)
+        self.predict.set_max_batch_size(self.settings.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
+        context = serve.get_replica_context()
+        # In each reply's parameters: which replica (and Ray node) answered.
+        self.identity = {"replica": context.replica_id.unique_id, "node": ray.get_runtime_context().get_node_id()}
+        self.images = Counter("reprotune_images", description="Images classified.", tag_keys=("input",))
+        self.rejected = Counter("reprotune_rejected", description="Requests refused, by HTTP status.",
+                                tag_keys=("status",))
+
+    @APP.get("/v2/health/live")
+    def live(self) -> dict:
+        return {"live": True}
+
+    @APP.get("/v2/health/ready")
+    def ready(self) -> dict:
+        return {"ready": True}  # a replica takes requests only once its model is loaded
+
+    @APP.get("/v2")
+    def server_metadata(self) -> dict:
+        return {"name": "reprotune", "version": __version__, "extensions": ["binary_tensor_data", "classification"]}
+
+    @APP.get("/v2/models/{model}")
+    @APP.get("/v2/models/{model}/versions/{version}")
+    def model_metadata(self, model: str, version: str | None = None) -> Response:
+        return self._answer(lambda: self.contract.check_model(model, version) or self.contract.metadata())
+
+    @APP.get("/v2/models/{model}/ready")
+    @APP.get("/v2/models/{model}/versions/{version}/ready")
+    def model_ready(self, model: str, version: str | None = None) -> Response:
+        return self._answer(lambda: self.contract.check_model(model, version) or {"name": model, "ready": True})
+
+    @APP.post("/v2/models/{model}/infer")
+    @APP.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(self, model: str, request: Request, version: str | None = None) -> Response:
+        try:
+            self.contract.check_model(model, version)
+            body = await _read_body(request, self.max_body)
+            parsed = parse_request(body, request.headers.get(HEADER_LENGTH), self.contract)
+            if parsed.files is not None:
+                images = await asyncio.to_thread(decode_files, parsed.files, self.contract)
+            else:
+                images = parsed.images
+            logits = await self.predict(images)
+            self.images.inc(len(images), tags={"input": "file" if parsed.files is not None else "tensor"})
+            reply, headers = encode_response(parsed, logits, self.contract, self.identity)
+        except ProtocolError as exc:
+            self.rejected.inc(tags={"status": str(exc.status)})
+            return Response(error_body(str(exc)), exc.status, media_type="application/json")
+        media = headers.pop("content-type")
+        return Response(reply, 200, headers=headers, media_type=media)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def predict(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Concurrent requests' images in one ONNX Runtime call (in a thread: the replica keeps
+        accepting requests, which fill the next batch)."""
+        logits = await asyncio.to_thread(self.run, np.concatenate(batches))
+        return np.split(logits, np.cumsum([len(images) for images in batches])[:-1])
+
+    def _answer(self, make) -> Response:
+        try:
+            return JSONResponse(make())
+        except ProtocolError as exc:
+            self.rejected.inc(tags={"status": str(exc.status)})
+            return Response(error_body(str(exc)), exc.status, media_type="application/json")
+
+
+def application(settings: Settings):
+    """The Serve application: the classifier with its replicas (or autoscaling) and per-replica CPUs."""
+    settings.contract()  # fail here, in one line, rather than in every replica
+    options = {"ray_actor_options": {"num_cpus": settings.threads},
+               # Enough requests in flight per replica to fill a batch while the previous one runs.
+               "max_ongoing_requests": 2 * settings.max_batch_size}
+    if settings.max_replicas > settings.replicas:
+        options["autoscaling_config"] = {"min_replicas": settings.replicas, "max_replicas": settings.max_replicas,
+                                         "target_ongoing_requests": settings.max_batch_size}
+    else:
+        options["num_replicas"] = settings.replicas
+    return Classifier.options(**options).bind(asdict(settings))
+
+
+def build(args: dict):
+    """Application builder for Serve config files and KubeRay: `import_path: reprotune.serve:build`,
+    `args:` any Settings field (model, name, max_batch_size, ...)."""
+    unknown = set(args) - set(Settings.__dataclass_fields__)
+    if unknown:
+        raise ReprotuneError(f"serve: unknown argument(s) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(Settings.__dataclass_fields__)})")
+    return application(Settings(**args))
+
+
+def run(settings: Settings, host: str, port: int, address: str | None, metrics_port: int,
+        proxy_everywhere: bool) -> None:
+    """Serve until SIGINT or SIGTERM, then drain the requests in flight, shut down and return.
+    (`reprotune.cluster.ray_environment(address)` must have run before this module was imported.)"""
+    import ray
+
+    settings.contract()
+    if address is None:
+        _check_free(host, port)
+        _check_free("127.0.0.1", metrics_port)
+        cpus = os.cpu_count() or 1
+        if settings.replicas * settings.threads > cpus:
+            raise ReprotuneError(f"serve: {settings.replicas} replicas x {settings.threads} threads need "
+                                 f"{settings.replicas * settings.threads} CPUs; this machine has {cpus}")
+    stop = threading.Event()
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             **({"_node_ip_address": "127.0.0.1", "_metrics_export_port": metrics_port} if address is None else {}))
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the ready line below says it all
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+            signal.signal(signum, lambda *_: stop.set())
+        serve.start(http_options={"host": host, "port": port},
+                    proxy_location="EveryNode" if proxy_everywhere else "HeadOnly",
+                    logging_config={"log_level": "WARNING"})
+        serve.run(application(settings), name=settings.name, route_prefix="/", blocking=False)
+        url = f"http://{host}:{port}/v2/models/{settings.name}"
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics" if address is None else "each Ray node's metrics port"
+        print(f"serving {settings.model} at {url} (metrics: {metrics}); Ctrl-C stops", flush=True)
+        stop.wait()
+        print("stopping: answering the requests in flight", file=sys.stderr, flush=True)
+        # Deleting the application first drains it: each replica finishes its ongoing requests (up to
+        # graceful_shutdown_timeout_s) while the proxy, still up, carries the replies. serve.shutdown()
+        # alone stops the proxies first and drops those connections.
+        serve.delete(settings.name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _check_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ReprotuneError(f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})") from None

@@ -1,0 +1,354 @@
+"""`reprotune serve`: the real server (Ray Serve) in a subprocess on loopback, driven by NVIDIA's
+tritonclient, the standard Open Inference Protocol client, and by plain HTTP where a client would
+not send what we want to test (malformed JSON, an oversized body)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from conftest import env, free_port, run
+from reprotune.images import load_image
+from reprotune.runtime import onnx_runner
+
+REPROTUNE = str(Path(sys.executable).parent / "reprotune")
+MAX_BATCH, MAX_PIXELS = 16, 1_000_000
+
+
+class Server:
+    """A `reprotune serve` process; its output goes to files (a full pipe would stall it)."""
+
+    def __init__(self, model: Path, logs: Path, *args: str):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.out, self.err = logs / f"serve-{self.port}.out", logs / f"serve-{self.port}.err"
+        command = [REPROTUNE, "serve", "--model", str(model), "--port", str(self.port),
+                   "--metrics-port", str(self.metrics_port), *args]
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=err, env=env(), cwd=logs)
+        deadline = time.monotonic() + 180
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"server did not become ready:\n{self.output()}")
+            time.sleep(0.5)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=5) as reply:
+                return reply.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def output(self) -> str:
+        return f"stdout:\n{self.out.read_text()[-3000:]}\nstderr:\n{self.err.read_text()[-3000:]}"
+
+    def client(self, concurrency: int = 1) -> triton.InferenceServerClient:
+        return triton.InferenceServerClient(self.url, concurrency=concurrency, network_timeout=120)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
+            return reply.read().decode()
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """A raw HTTP POST: (status, JSON reply)."""
+    request = urllib.request.Request(f"http://{url}", body, headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Images of different kinds and sizes (RGB, grayscale, transparency, JPEG), as users send them."""
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(7)
+    files = []
+    for i, (mode, size, suffix) in enumerate([("RGB", (40, 30), ".png"), ("RGB", (64, 48), ".jpg"),
+                                             ("L", (32, 32), ".png"), ("RGBA", (50, 70), ".png"),
+                                             ("RGB", (33, 33), ".jpg"), ("RGB", (90, 20), ".png")]):
+        pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+        pixels[:, : size[0] // 2] //= 4  # structure, so classes differ between images
+        image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+        path = folder / f"image{i}{suffix}"
+        image.save(path)
+        files.append(path)
+    return files
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 30, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def file_input(blobs: list[bytes], binary: bool = True) -> triton.InferInput:
+    tensor = triton.InferInput("image_file", [len(blobs)], "BYTES")
+    tensor.set_data_from_numpy(np.array(blobs, dtype=object), binary_data=binary)
+    return tensor
+
+
+def tensor_input(images: np.ndarray, binary: bool = True, name: str = "image", datatype: str = "FP32"
+                 ) -> triton.InferInput:
+    tensor = triton.InferInput(name, list(images.shape), datatype)
+    tensor.set_data_from_numpy(images, binary_data=binary)
+    return tensor
+
+
+@pytest.fixture(scope="module")
+def model(pipeline) -> Path:
+    return pipeline / "models" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    server = Server(model, tmp_path_factory.mktemp("serve"), "--max-batch-size", str(MAX_BATCH),
+                    "--max-pixels", str(MAX_PIXELS), "--max-body-mb", "1", "--max-wait-ms", "20")
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[Path]:
+    return image_files(tmp_path_factory.mktemp("images"))
+
+
+def test_health_and_metadata_follow_the_protocol_and_the_model_card(server, model):
+    card = json.loads((model.parent / "model_card.json").read_text())
+    client = server.client()
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("reprotune")
+    assert not client.is_model_ready("resnet50")
+    metadata = client.get_model_metadata("reprotune")
+    side = card["input"]["shape"][2]
+    assert {i["name"]: (i["datatype"], i["shape"]) for i in metadata["inputs"]} == {
+        "image": ("FP32", [-1, 3, side, side]), "image_file": ("BYTES", [-1])}
+    assert metadata["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, len(card["classes"])]}
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    with pytest.raises(InferenceServerException, match="unknown model 'resnet50'"):
+        client.get_model_metadata("resnet50")
+
+
+def test_image_and_tensor_requests_give_the_classes_reprotune_predict_gives(server, model, files):
+    predicted = [json.loads(line) for line in
+                 run([REPROTUNE, "predict", "--model", str(model), *map(str, files)], model.parent).stdout.splitlines()]
+    expected = [[entry["label"] for entry in row["top_k"]] for row in predicted]
+    expected_probabilities = np.array([[entry["probability"] for entry in row["top_k"]] for row in predicted])
+    client = server.client()
+
+    by_file = client.infer("reprotune", [file_input([f.read_bytes() for f in files])], request_id="files-1")
+    assert by_file.get_response()["id"] == "files-1"
+    assert by_file.as_numpy("top_k_labels").astype(str).tolist() == expected
+    np.testing.assert_allclose(by_file.as_numpy("top_k_probabilities"), expected_probabilities, atol=1e-5)
+
+    images = np.stack([load_image(f, 32) for f in files]).astype(np.float32) / 255
+    for binary in (True, False):  # the binary extension (tritonclient's default) and plain JSON
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary)
+                   for name in ("logits", "top_k_labels", "top_k_probabilities")]
+        by_tensor = client.infer("reprotune", [tensor_input(images, binary)], outputs=outputs)
+        assert by_tensor.as_numpy("top_k_labels").astype(str).tolist() == expected
+        np.testing.assert_allclose(by_tensor.as_numpy("logits"), by_file.as_numpy("logits"), atol=1e-5)
+        np.testing.assert_allclose(by_tensor.as_numpy("logits"), onnx_runner(model)(images), atol=1e-5)
+
+    # Triton's classification extension, compressed requests, and a top_k of 1.
+    classified = client.infer("reprotune", [tensor_input(images)], parameters={"top_k": 1},
+                              outputs=[triton.InferRequestedOutput("logits", class_count=2),
+                                       triton.InferRequestedOutput("top_k_labels")],
+                              request_compression_algorithm="gzip")
+    assert [row[0].decode().split(":")[2] for row in classified.as_numpy("logits")] == [e[0] for e in expected]
+    assert classified.as_numpy("top_k_labels").shape == (len(files), 1)
+
+    # What curl sends: JSON with base64 files (MLServer's content_type convention).
+    body = {"inputs": [{"name": "image_file", "shape": [len(files)], "datatype": "BYTES",
+                        "parameters": {"content_type": "base64"},
+                        "data": [base64.b64encode(f.read_bytes()).decode() for f in files]}]}
+    status, reply = post(f"{server.url}/v2/models/reprotune/infer", json.dumps(body).encode())
+    assert status == 200
+    labels = next(o for o in reply["outputs"] if o["name"] == "top_k_labels")
+    assert np.array(labels["data"]).reshape(labels["shape"]).tolist() == expected
+
+
+def test_concurrent_requests_are_answered_right_and_batched(server, model, files):
+    rng = np.random.default_rng(0)
+    images = rng.random((64, 3, 32, 32), dtype=np.float32)
+    expected = onnx_runner(model)(images)
+    client = server.client(concurrency=64)
+    pending = [client.async_infer("reprotune", [tensor_input(images[i:i + 1])], request_id=str(i))
+               for i in range(64)]
+    for i, request in enumerate(pending):
+        result = request.get_result(timeout=120)
+        assert result.get_response()["id"] == str(i)
+        np.testing.assert_allclose(result.as_numpy("logits")[0], expected[i], atol=1e-4)
+
+    # Ray exports the replicas' metrics every few seconds: wait for this test's 64 requests to show.
+    deadline, sizes = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        text = server.metrics()
+        sizes = {key: float(value) for key, value in
+                 re.findall(r'^ray_serve_actual_batch_size_(sum|count)\{[^}]*\} (\S+)$', text, re.M)}
+        if (sizes.get("count") and _counter(text, "ray_reprotune_images_total") >= 64
+                and _counter(text, "ray_serve_num_http_requests_total") >= 64):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"metrics never showed the requests; batch sizes seen: {sizes}")
+    assert sizes["sum"] / sizes["count"] > 1, f"no batching: {sizes}"
+    assert _counter(text, "ray_serve_http_request_latency_ms_count") >= 64
+
+
+def _counter(text: str, name: str) -> float:
+    return sum(float(value) for value in re.findall(rf"^{name}\{{.*\}} (\S+)$", text, re.M))
+
+
+BINARY_HEADER = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                        "parameters": {"binary_data_size": 12288}}]}).encode()
+
+
+def _bad_requests(files: list[Path]) -> dict:
+    """Each bad request: (how to send it, the status, a phrase the message must hold)."""
+    image = np.zeros((1, 3, 32, 32), np.float32)
+    return {
+        "wrong input name": (lambda c: c.infer("reprotune", [tensor_input(image, name="pixels")]), 400,
+                             "unknown input 'pixels'"),
+        "wrong datatype": (lambda c: c.infer("reprotune", [tensor_input(image.astype(np.float64), datatype="FP64")]),
+                           400, "must have datatype FP32"),
+        "wrong shape": (lambda c: c.infer("reprotune", [tensor_input(np.zeros((1, 3, 28, 28), np.float32))]), 400,
+                        "is not [N, 3, 32, 32]"),
+        "batch above the limit": (lambda c: c.infer("reprotune", [tensor_input(
+            np.zeros((MAX_BATCH + 1, 3, 32, 32), np.float32))]), 400, f"1 to {MAX_BATCH} per request"),
+        "not an image": (lambda c: c.infer("reprotune", [file_input([files[0].read_bytes(), b"GIF89a garbage"])]),
+                         400, "image_file[1]: not a readable image"),
+        "image over the pixel limit": (lambda c: c.infer("reprotune", [file_input([png_bytes(1001, 1000)])]), 400,
+                                       f"more than {MAX_PIXELS:,} pixels"),
+        "NaN values": (lambda c: c.infer("reprotune", [tensor_input(np.full((1, 3, 32, 32), np.nan, np.float32))]),
+                       400, "must be finite"),
+        "unknown model": (lambda c: c.infer("resnet50", [tensor_input(image)]), 404, "unknown model 'resnet50'"),
+        "unknown version": (lambda c: c.infer("reprotune", [tensor_input(image)], model_version="7"), 404,
+                            "unknown version '7'"),
+        "unknown output": (lambda c: c.infer("reprotune", [tensor_input(image)],
+                                             outputs=[triton.InferRequestedOutput("embedding")]), 400,
+                           "unknown output 'embedding'"),
+        "malformed JSON": (lambda url: post(url, b'{"inputs": [{"name": "image",'), 400, "malformed JSON"),
+        "oversized body": (lambda url: post(url, b"x" * (2**20 + 1)), 413, "over this server's limit"),
+        "oversized once inflated": (lambda url: post(url, gzip.compress(b" " * (2**20 + 1)),
+                                                     {"Content-Encoding": "gzip"}), 413, "inflates to more"),
+        "binary size past the body": (lambda url: post(url, BINARY_HEADER + bytes(100),
+                                                       {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}),
+                                      400, "binary_data_size 12288 is more than the 100 bytes"),
+    }
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", list(_bad_requests([Path("unused")])))
+def test_each_bad_request_gets_a_4xx_naming_it_and_the_next_request_succeeds(server, files, case):
+    send, status, phrase = _bad_requests(files)[case]
+    client = server.client()
+    if send.__code__.co_varnames[0] == "url":
+        got, reply = send(f"{server.url}/v2/models/reprotune/infer")
+        assert (got, phrase in reply["error"]) == (status, True), reply
+    else:
+        with pytest.raises(InferenceServerException) as error:
+            send(client)
+        assert error.value.status() == str(status) and phrase in error.value.message(), error.value
+    good = client.infer("reprotune", [file_input([files[0].read_bytes()])])
+    assert good.as_numpy("top_k_labels").shape == (1, 3)
+
+
+@pytest.mark.reliability
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(model, files, tmp_path):
+    # Batches wait up to 3 s to fill: requests sent just before SIGTERM are still in flight when it comes.
+    server = Server(model, tmp_path, "--max-wait-ms", "3000", "--max-batch-size", "64")
+    client = server.client(concurrency=8)
+    blob = files[1].read_bytes()
+    pending = [client.async_infer("reprotune", [file_input([blob])]) for _ in range(8)]
+    time.sleep(1)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    for request in pending:
+        assert request.get_result(timeout=60).as_numpy("top_k_labels").shape == (1, 3)
+    assert server.stop() == 0, server.output()
+    assert "answering the requests in flight" in server.err.read_text()
+    print(f"drained and stopped in {time.monotonic() - started:.1f} s")
+    ray_left = subprocess.run(["pgrep", "-f", f"raylet.*{server.metrics_port}"], capture_output=True)
+    assert ray_left.returncode == 1, "Ray processes outlived the server"
+
+
+def test_bad_setup_fails_in_one_line_before_ray_starts(model, tmp_path):
+    missing = run([REPROTUNE, "serve", "--model", str(tmp_path / "none.onnx")], tmp_path, check=False)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        f"reprotune: error: {tmp_path / 'none.onnx'}: model not found (run `make demo` or `dvc repro` first)"]
+    (tmp_path / "stray.onnx").write_bytes(model.read_bytes())
+    no_card = run([REPROTUNE, "serve", "--model", str(tmp_path / "stray.onnx")], tmp_path, check=False)
+    assert no_card.returncode == 1 and "no valid model_card.json" in no_card.stderr
+    assert len(no_card.stderr.strip().splitlines()) == 1
+
+
+# Two Ray nodes on this machine, each its own raylet and object store, joined in one cluster: Ray's own
+# tool for a multi-node cluster on one host. (`ray start` for the second node would swap its loopback
+# address for the machine's network address; see reprotune.cluster.)
+TWO_NODES = """
+import signal, threading
+from reprotune.cluster import ray_environment
+ray_environment("127.0.0.1:0")
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                        "node_ip_address": "127.0.0.1"})
+cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+cluster.wait_for_nodes()
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+print(cluster.address, flush=True)
+stop.wait()
+cluster.shutdown()
+"""
+
+
+def test_two_replicas_on_a_two_node_loopback_cluster_both_answer(model, tmp_path):
+    cluster = subprocess.Popen([sys.executable, "-c", TWO_NODES], stdout=subprocess.PIPE, text=True, env=env(),
+                               cwd=tmp_path)
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), f"the cluster did not start (exit {cluster.poll()})"
+        # Serve routes to the proxy's own node first and spills to others when a replica is full: small
+        # batches (at most 2 x 4 requests in flight per replica) under 32 concurrent requests fill one.
+        server = Server(model, tmp_path, "--address", address, "--replicas", "2", "--threads", "1",
+                        "--max-batch-size", "4")
+        try:
+            client = server.client(concurrency=32)
+            images = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+            answered = {(reply["parameters"]["node"], reply["parameters"]["replica"])
+                        for reply in (request.get_result(timeout=120).get_response() for request in
+                                      [client.async_infer("reprotune", [tensor_input(images)]) for _ in range(96)])}
+            nodes = {node for node, _ in answered}
+            assert len(nodes) == 2 and len(answered) == 2, f"answered by {answered}"
+        finally:
+            assert server.stop() == 0, server.output()
+    finally:
+        cluster.send_signal(signal.SIGTERM)
+        assert cluster.wait(120) == 0
