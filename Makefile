@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # DVC runs each stage's `python stages/...` through the shell: put the venv first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install test repro demo experiments review tensorboard bench mutants gpu-wheels gpu-check clean
+.PHONY: install test repro demo experiments review tensorboard serve bench mutants gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -33,10 +33,17 @@ BASE ?= HEAD
 review: install
 	$(BIN)/reprotune review $(BASE)
 
+# The exported model over the Open Inference Protocol (Ray Serve): http://127.0.0.1:8000/v2/models/reprotune
+# Options after ARGS, e.g. make serve ARGS="--replicas 2 --threads 1"
+ARGS ?=
+serve: install
+	$(BIN)/reprotune serve $(ARGS)
+
 # Benchmarks print figures and write bench/results/ (never timed assertions in tests).
 bench: install
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/training.py
+	$(BIN)/python bench/serving.py
 
 # Mutation testing (not part of `make test`; about an hour on 2 cores): mutmut mutates the modules
 # listed in pyproject.toml's [tool.mutmut], runs the tests that own each, and bench/mutants.py

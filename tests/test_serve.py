@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import ipaddress
 import json
 import re
 import signal
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tritonclient.http as triton
 from PIL import Image
@@ -153,6 +155,25 @@ def test_health_and_metadata_follow_the_protocol_and_the_model_card(server, mode
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
     with pytest.raises(InferenceServerException, match="unknown model 'resnet50'"):
         client.get_model_metadata("resnet50")
+
+
+def test_the_server_and_its_ray_listen_on_loopback_only(server):
+    """No socket of the server's process tree (the CLI, Ray's GCS, raylet, agents, proxy, replicas)
+    listens on an address another machine could reach, but one Ray cannot be told about: Serve 2.60's
+    replica binds its inter-deployment gRPC server to [::]:0 in code (ray/serve/_private/replica.py,
+    `add_port_to_grpc_server(self._server, "[::]:0")`), one per replica."""
+    tree = psutil.Process(server.proc.pid)
+    processes = {p.pid: p for p in (tree, *tree.children(recursive=True))}
+    listening = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
+                 if c.pid in processes and c.status == psutil.CONN_LISTEN]
+    assert any(port == server.port for _, port, _ in listening), listening
+    exposed = [(ip, processes[pid].cmdline()[0]) for ip, _, pid in listening if not _loopback(ip)]
+    assert exposed == [("::", "ray::ServeReplica:reprotune:classifier")], exposed
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 is loopback
 
 
 def test_image_and_tensor_requests_give_the_classes_reprotune_predict_gives(server, model, files):
@@ -352,3 +373,16 @@ def test_two_replicas_on_a_two_node_loopback_cluster_both_answer(model, tmp_path
     finally:
         cluster.send_signal(signal.SIGTERM)
         assert cluster.wait(120) == 0
+
+
+@pytest.mark.parametrize(("address", "host", "local"), [
+    (None, "127.0.0.1", True), ("127.0.0.1:6379", "127.0.0.1", True), ("[::1]:6379", "::1", True),
+    (None, "0.0.0.0", False), ("10.0.0.5:6379", "127.0.0.1", False), ("head.example:6379", "127.0.0.1", False)])
+def test_ray_is_kept_on_loopback_only_when_the_cluster_and_the_server_are(address, host, local):
+    code = ("import os; from reprotune.cluster import ray_environment; "
+            f"ray_environment({address!r}, {host!r}); "
+            "print(os.environ['RAY_USAGE_STATS_ENABLED'], os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'))")
+    environ = {k: v for k, v in env().items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+                         ).stdout.split()
+    assert out == ["0", "0" if local else "None"]

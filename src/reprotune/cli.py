@@ -165,14 +165,16 @@ def serve(
     = 1,
     max_replicas: Annotated[int, typer.Option(min=0, help="Autoscale between --replicas and this many "
                                                           "(0: a fixed number).")] = 0,
-    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (and Ray CPUs) per replica; "
-                                                     "0: this machine's cores divided among the replicas.")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (and Ray CPUs) per replica; 0: the "
+                                                     "CPUs of the Ray started here divided among the replicas "
+                                                     "(1 with --address).")] = 0,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Images per ONNX Runtime call, and per request.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits to fill, in milliseconds.")]
     = 5.0,
     max_body_mb: Annotated[float, typer.Option(min=0, help="Largest request body, in MiB.")] = 64.0,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image a request may send, in pixels.")]
-    = 64_000_000,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help="Largest image a request may send, in pixels "
+                                                                "[default: 64,000,000, as `reprotune predict`].")]
+    = None,
     address: Annotated[str | None, typer.Option(help="A running Ray cluster (head host:port) to deploy to; "
                                                      "by default a one-machine cluster starts here.")] = None,
     metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Prometheus metrics port of the Ray "
@@ -183,14 +185,13 @@ def serve(
     """Serve the exported model over the Open Inference Protocol (KServe V2) with Ray Serve."""
     from reprotune.cluster import ray_environment
 
-    ray_environment(address)  # before anything imports ray
+    ray_environment(address, host)  # before anything imports ray
     from reprotune.serve import Settings, run
 
-    cores = os.cpu_count() or 1
     settings = Settings(model=str(model.resolve()), name=name, replicas=replicas, max_replicas=max_replicas,
-                        threads=threads or max(1, cores // replicas), max_batch_size=max_batch_size,
-                        max_wait_ms=max_wait_ms, max_body_mb=max_body_mb, max_pixels=max_pixels)
-    run(settings, host, port, address, metrics_port, proxy_every_node)
+                        threads=threads or 1, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                        max_body_mb=max_body_mb, **({"max_pixels": max_pixels} if max_pixels else {}))
+    run(settings, host, port, address, metrics_port, proxy_every_node, auto_threads=threads == 0)
 
 
 def _venv_path() -> str:

@@ -15,20 +15,27 @@ import sys
 
 
 def loopback(address: str | None) -> bool:
-    """Whether a Ray address (host:port) is on this machine's loopback interface (None: start one here)."""
+    """Whether an address (host, host:port, ray://host:port) is on this machine's loopback interface
+    (None: a Ray cluster this process starts)."""
     if address is None:
         return True
-    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    host = address.removeprefix("ray://")
+    if host.startswith("["):  # [::1]:6379
+        host = host[1:host.find("]")]
+    elif host.count(":") == 1:  # host:port (more colons: a bare IPv6 address)
+        host = host.split(":")[0]
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
-def ray_environment(address: str | None) -> None:
-    """Set Ray's environment for a cluster at `address` (None: one this process starts)."""
+def ray_environment(address: str | None, host: str = "127.0.0.1") -> None:
+    """Set Ray's environment for a cluster at `address` (None: one this process starts) behind a server
+    bound to `host`: Ray stays on 127.0.0.1 when both are on loopback. A server bound to a network
+    address (a container's 0.0.0.0) is meant to be reached, and so are its Ray node's metrics."""
     if "ray" in sys.modules:
         raise RuntimeError("ray_environment() must run before ray is imported")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if loopback(address):
+    if loopback(address) and loopback(host):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

@@ -17,13 +17,12 @@
 import asyncio
 import hashlib
 import logging
-import os
 import signal
 import socket
 import sys
 import threading
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from reprotune import __version__
+from reprotune.cluster import loopback
 from reprotune.errors import ReprotuneError
 from reprotune.images import MAX_PIXELS
 from reprotune.predict import load_card
@@ -157,7 +157,7 @@ class Classifier:
         self.predict.set_max_batch_size(self.settings.max_batch_size)
         self.predict.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
         context = serve.get_replica_context()
-        # In each reply's parameters: which replica (and Ray node) answered.
+        # In each reply's parameters: which replica (and Ray node) answered; also the batch it ran in.
         self.identity = {"replica": context.replica_id.unique_id, "node": ray.get_runtime_context().get_node_id()}
         self.images = Counter("reprotune_images", description="Images classified.", tag_keys=("input",))
         self.rejected = Counter("reprotune_rejected", description="Requests refused, by HTTP status.",
@@ -196,9 +196,9 @@ class Classifier:
                 images = await asyncio.to_thread(decode_files, parsed.files, self.contract)
             else:
                 images = parsed.images
-            logits = await self.predict(images)
+            logits, batch = await self.predict(images)
             self.images.inc(len(images), tags={"input": "file" if parsed.files is not None else "tensor"})
-            reply, headers = encode_response(parsed, logits, self.contract, self.identity)
+            reply, headers = encode_response(parsed, logits, self.contract, {**self.identity, "batch": batch})
         except ProtocolError as exc:
             self.rejected.inc(tags={"status": str(exc.status)})
             return Response(error_body(str(exc)), exc.status, media_type="application/json")
@@ -206,11 +206,13 @@ class Classifier:
         return Response(reply, 200, headers=headers, media_type=media)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
-    async def predict(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    async def predict(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         """Concurrent requests' images in one ONNX Runtime call (in a thread: the replica keeps
-        accepting requests, which fill the next batch)."""
+        accepting requests, which fill the next batch). Each request gets its logits and the size of
+        the call that computed them."""
         logits = await asyncio.to_thread(self.run, np.concatenate(batches))
-        return np.split(logits, np.cumsum([len(images) for images in batches])[:-1])
+        parts = np.split(logits, np.cumsum([len(images) for images in batches])[:-1])
+        return [(part, len(logits)) for part in parts]
 
     def _answer(self, make) -> Response:
         try:
@@ -224,6 +226,8 @@ def application(settings: Settings):
     """The Serve application: the classifier with its replicas (or autoscaling) and per-replica CPUs."""
     settings.contract()  # fail here, in one line, rather than in every replica
     options = {"ray_actor_options": {"num_cpus": settings.threads},
+               # An access-log line per request costs more than a 32 px image's inference; errors still log.
+               "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
                # Enough requests in flight per replica to fill a batch while the previous one runs.
                "max_ongoing_requests": 2 * settings.max_batch_size}
     if settings.max_replicas > settings.replicas:
@@ -245,24 +249,29 @@ def build(args: dict):
 
 
 def run(settings: Settings, host: str, port: int, address: str | None, metrics_port: int,
-        proxy_everywhere: bool) -> None:
+        proxy_everywhere: bool, auto_threads: bool = False) -> None:
     """Serve until SIGINT or SIGTERM, then drain the requests in flight, shut down and return.
-    (`reprotune.cluster.ray_environment(address)` must have run before this module was imported.)"""
+    `auto_threads`: a Ray started here splits its CPUs (a container's quota, not the host's cores) among
+    the replicas. (`reprotune.cluster.ray_environment` must have run before this module was imported.)"""
     import ray
 
     settings.contract()
+    local = loopback(host) and loopback(address)  # Ray's own addresses: see reprotune.cluster
     if address is None:
         _check_free(host, port)
-        _check_free("127.0.0.1", metrics_port)
-        cpus = os.cpu_count() or 1
-        if settings.replicas * settings.threads > cpus:
-            raise ReprotuneError(f"serve: {settings.replicas} replicas x {settings.threads} threads need "
-                                 f"{settings.replicas * settings.threads} CPUs; this machine has {cpus}")
+        _check_free("127.0.0.1" if local else "0.0.0.0", metrics_port)
     stop = threading.Event()
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             **({"_node_ip_address": "127.0.0.1", "_metrics_export_port": metrics_port} if address is None else {}))
+             **({"_metrics_export_port": metrics_port} if address is None else {}))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the ready line below says it all
     try:
+        if address is None:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            if auto_threads:
+                settings = replace(settings, threads=max(1, cpus // settings.replicas))
+            if settings.replicas * settings.threads > cpus:
+                raise ReprotuneError(f"serve: {settings.replicas} replicas x {settings.threads} threads need "
+                                     f"{settings.replicas * settings.threads} CPUs; Ray has {cpus} here")
         for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
             signal.signal(signum, lambda *_: stop.set())
         serve.start(http_options={"host": host, "port": port},
@@ -270,8 +279,10 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
                     logging_config={"log_level": "WARNING"})
         serve.run(application(settings), name=settings.name, route_prefix="/", blocking=False)
         url = f"http://{host}:{port}/v2/models/{settings.name}"
-        metrics = f"http://127.0.0.1:{metrics_port}/metrics" if address is None else "each Ray node's metrics port"
-        print(f"serving {settings.model} at {url} (metrics: {metrics}); Ctrl-C stops", flush=True)
+        metrics = (f"http://{'127.0.0.1' if local else host}:{metrics_port}/metrics" if address is None
+                   else "each Ray node's metrics port")
+        print(f"serving {settings.model} at {url} with {settings.replicas} replica(s) x {settings.threads} "
+              f"thread(s) (metrics: {metrics}); Ctrl-C stops", flush=True)
         stop.wait()
         print("stopping: answering the requests in flight", file=sys.stderr, flush=True)
         # Deleting the application first drains it: each replica finishes its ongoing requests (up to
