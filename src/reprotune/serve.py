@@ -13,7 +13,9 @@
 - A request is bytes in memory only: nothing in it names a file, so no request reads or writes one.
 """
 
-
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations (Request)
+# as objects, and under Serve's class ingress string annotations are not resolved (a Request
+# parameter would be taken for a query parameter).
 import asyncio
 import hashlib
 import logging
