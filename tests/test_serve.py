@@ -356,16 +356,17 @@ def test_two_replicas_on_a_two_node_loopback_cluster_both_answer(model, tmp_path
     try:
         address = cluster.stdout.readline().strip()
         assert address.startswith("127.0.0.1:"), f"the cluster did not start (exit {cluster.poll()})"
-        # Serve routes to the proxy's own node first and spills to others when a replica is full: small
-        # batches (at most 2 x 4 requests in flight per replica) under 32 concurrent requests fill one.
+        # Serve routes to the proxy's own node first and spills to others when a replica is full. A
+        # replica takes at most 2 x 4 requests at once here, and each waits up to 1 s for its batch of 4
+        # to fill: 32 concurrent requests fill the head's replica however fast the machine is.
         server = Server(model, tmp_path, "--address", address, "--replicas", "2", "--threads", "1",
-                        "--max-batch-size", "4")
+                        "--max-batch-size", "4", "--max-wait-ms", "1000")
         try:
             client = server.client(concurrency=32)
             images = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
             answered = {(reply["parameters"]["node"], reply["parameters"]["replica"])
                         for reply in (request.get_result(timeout=120).get_response() for request in
-                                      [client.async_infer("reprotune", [tensor_input(images)]) for _ in range(96)])}
+                                      [client.async_infer("reprotune", [tensor_input(images)]) for _ in range(64)])}
             nodes = {node for node, _ in answered}
             assert len(nodes) == 2 and len(answered) == 2, f"answered by {answered}"
         finally:
