@@ -202,8 +202,7 @@ class Classifier:
             self.images.inc(len(images), tags={"input": "file" if parsed.files is not None else "tensor"})
             reply, headers = encode_response(parsed, logits, self.contract, {**self.identity, "batch": batch})
         except ProtocolError as exc:
-            self.rejected.inc(tags={"status": str(exc.status)})
-            return Response(error_body(str(exc)), exc.status, media_type="application/json")
+            return self._refuse(exc)
         media = headers.pop("content-type")
         return Response(reply, 200, headers=headers, media_type=media)
 
@@ -220,13 +219,18 @@ class Classifier:
         try:
             return JSONResponse(make())
         except ProtocolError as exc:
-            self.rejected.inc(tags={"status": str(exc.status)})
-            return Response(error_body(str(exc)), exc.status, media_type="application/json")
+            return self._refuse(exc)
+
+    def _refuse(self, exc: ProtocolError) -> Response:
+        """The protocol's error reply, counted by status."""
+        self.rejected.inc(tags={"status": str(exc.status)})
+        return Response(error_body(str(exc)), exc.status, media_type="application/json")
 
 
 def application(settings: Settings):
-    """The Serve application: the classifier with its replicas (or autoscaling) and per-replica CPUs."""
-    settings.contract()  # fail here, in one line, rather than in every replica
+    """The Serve application: the classifier with its replicas (or autoscaling) and per-replica CPUs.
+    Callers check `settings.contract()` first (it hashes the model file), to fail in one line rather
+    than in every replica."""
     options = {"ray_actor_options": {"num_cpus": settings.threads},
                # An access-log line per request costs more than a 32 px image's inference; errors still log.
                "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
@@ -247,7 +251,9 @@ def build(args: dict):
     if unknown:
         raise ReprotuneError(f"serve: unknown argument(s) {', '.join(sorted(unknown))} "
                              f"(known: {', '.join(Settings.__dataclass_fields__)})")
-    return application(Settings(**args))
+    settings = Settings(**args)
+    settings.contract()
+    return application(settings)
 
 
 def run(settings: Settings, host: str, port: int, address: str | None, metrics_port: int,
