@@ -1,4 +1,7 @@
-"""DVC stage `export`: ONNX, int8 ONNX and TorchScript, each verified, plus the model card."""
+"""DVC stage `export`: ONNX, int8 ONNX and TorchScript, each verified, plus the model card.
+
+The compress stage's model, when it pruned one, is exported too: ONNX and int8 ONNX in models/compressed/.
+"""
 
 import sys
 from pathlib import Path
@@ -11,24 +14,31 @@ from reprotune.io import write_json
 from reprotune.model import load_model
 from reprotune.stage import ParamsFile, run_stage
 
-MODEL = Path("models/model.pt")
+MODEL, COMPRESSED = Path("models/model.pt"), Path("models/model.compressed.pt")
 PATHS = ExportPaths(onnx=Path("models/model.onnx"), int8=Path("models/int8"),
-                    torchscript=Path("models/model.torchscript.pt"))
+                    torchscript=Path("models/model.torchscript.pt"), compressed=Path("models/compressed"))
 
 
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     model, saved = load_model(MODEL)
+    compressed, compressed_saved = load_model(COMPRESSED)
+    if not compressed_saved.get("compression"):  # compress.ratio 0: a copy of the model, nothing to export
+        compressed, compressed_saved = None, None
     test, train = load_split(Path("data/processed/test.pt")), load_split(Path("data/processed/train.pt"))
     with tb.stage_writer("runs/export") as writer:
-        report = export_all(model, test, train.images, cfg.export, PATHS)
+        report = export_all(model, test, train.images, cfg.export, PATHS, compressed)
         log_export(writer, report)
-    write_json("models/model_card.json", model_card(saved, report, lineage(Path("dvc.lock"), MODEL)))
+    write_json("models/model_card.json", model_card(saved, report, lineage(Path("dvc.lock"), MODEL), compressed_saved))
     write_json("metrics/export.json", export_metrics(report))
     onnx, int8, script = report["onnx"], report["onnx_int8"], report["torchscript"]
     print(f"onnx |diff| {onnx['max_abs_diff']:.1e} acc {onnx['test_acc']:.4f}; int8 acc {int8['test_acc']:.4f}, "
           f"{int8['size_ratio']:.2f}x size, {int8['speedup']:.2f}x speed; "
           f"torchscript |diff| {script['max_abs_diff']:.1e}")
+    if "compressed" in report:
+        small = report["compressed"]
+        print(f"compressed onnx |diff| {small['max_abs_diff']:.1e} acc {small['test_acc']:.4f}, "
+              f"{small['bytes'] / onnx['bytes']:.2f}x size, {onnx['latency_ms'] / small['latency_ms']:.2f}x speed")
     if "warning" in report:
         print(f"reprotune: warning: {report['warning']}", file=sys.stderr)
 

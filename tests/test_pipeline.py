@@ -27,12 +27,13 @@ from reprotune.model import load_model
 OUTPUTS = [
     "data/raw/download/cifar-10-python.tar.gz", "metrics/download.json",
     "data/processed/train.pt", "data/processed/val.pt", "data/processed/test.pt", "metrics/preprocess.json",
-    "models/model.pt", "metrics/train.json", "metrics/train_history.csv",
+    "models/model.pt", "metrics/train.json", "metrics/train_history.csv", "models/model.compressed.pt",
+    "metrics/compress.json", "models/compressed/not_pruned.json",
     "metrics/evaluate.json", "metrics/confusion.csv", "metrics/reliability.csv",
     "models/model.onnx", "models/int8/model.int8.onnx", "models/model.torchscript.pt", "models/model_card.json",
     "metrics/export.json",
 ]
-STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
+STAGES = ["download", "preprocess", "finetune", "evaluate", "compress", "export"]
 
 
 def tags(logdir) -> dict:
@@ -116,7 +117,7 @@ def test_declared_metrics_are_numbers_about_the_model(pipeline):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], pipeline).stdout)
     (workspace,) = shown.values() if isinstance(shown, dict) and "data" not in shown else (shown,)
     files = workspace["data"] if "data" in workspace else workspace
-    assert set(files) == {"metrics/train.json", "metrics/evaluate.json", "metrics/export.json"}
+    assert set(files) == {"metrics/train.json", "metrics/evaluate.json", "metrics/compress.json", "metrics/export.json"}
 
     def leaves(tree, prefix=""):
         for key, value in tree.items():
@@ -317,7 +318,8 @@ def test_a_queued_sweep_runs_in_parallel_and_compares_side_by_side(pipeline):
 def weak_int8(pipeline, tmp_path):
     """The pipeline's model and splits, with an int8 gate it cannot pass (calibrated on one image,
     held to perfect agreement)."""
-    for path in ("models/model.pt", "data/processed/train.pt", "data/processed/test.pt", "params.yaml"):
+    for path in ("models/model.pt", "models/model.compressed.pt", "data/processed/train.pt", "data/processed/test.pt",
+                 "params.yaml"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(pipeline / path, tmp_path / path)
     set_params(tmp_path / "params.yaml", {"export.int8_min_agreement": 1.0, "export.calibration_images": 1})

@@ -24,12 +24,12 @@ CHECKPOINT = "checkpoint.pt"
 KEY = "key"
 
 
-def run_key(params: Params, inputs: list[Path]) -> str:
-    """sha256 over the params that shape training, the input files and the reprotune code this
-    process has loaded (the finetune stage's code deps in dvc.yaml, no more: editing `predict.py`
-    does not throw away a paused run)."""
+def run_key(params: Params, inputs: list[Path], sections: tuple[str, ...] = ("model", "train", "log")) -> str:
+    """sha256 over the params that shape training (`sections`), the input files and the reprotune code
+    this process has loaded (the stage's code deps in dvc.yaml, no more: editing `predict.py` does not
+    throw away a paused run)."""
     digest = hashlib.sha256()
-    sections = {"seed": params.seed, **{s: getattr(params, s).model_dump() for s in ("model", "train", "log")}}
+    sections = {"seed": params.seed, **{s: getattr(params, s).model_dump() for s in sections}}
     digest.update(json.dumps(sections, sort_keys=True).encode())
     code = sorted(Path(module.__file__) for name, module in list(sys.modules.items())
                   if name.split(".")[0] == "reprotune" and getattr(module, "__file__", None))

@@ -306,6 +306,29 @@ class EvaluateConfig(Section):
     """most confidently misclassified test images shown in TensorBoard"""
 
 
+class CompressConfig(Section):
+    """Structured pruning of whole channels (Torch-Pruning), then a recovery fine-tune."""
+
+    ratio: float = Field(0.0, ge=0, le=0.9)
+    """global share of prunable channels removed; 0 = off (the stage copies the model, in a second)
+
+    Global: layers lose channels by their importance against every other layer's, not each the
+    same share, and no layer loses more than 90%. FLOPs fall about as (1 - ratio)^2; ~0.2 halves
+    ResNet18's. The head's outputs are never pruned."""
+    importance: Literal["magnitude", "lamp", "fpgm", "random"] = "magnitude"
+    """magnitude (L2 of each channel group) | lamp | fpgm (geometric median) | random (the control)"""
+    epochs: int = Field(3, ge=0)
+    """recovery fine-tune after pruning, through finetune's loop and `train` settings; 0 = none"""
+    lr: float = Field(0.01, gt=0)
+    """peak LR of the recovery fine-tune (all layers train; `train.scheduler` shapes it)"""
+    distill: float = Field(0.0, ge=0, le=1)
+    """weight of distillation from the unpruned model in the recovery loss; 0 = plain cross-entropy
+
+    loss = (1 - distill) * cross-entropy + distill * T^2 * KL(teacher || student), both at temperature T."""
+    temperature: float = Field(4.0, gt=0)
+    """distillation temperature T: softens both models' class probabilities"""
+
+
 class ExportConfig(Section):
     """ONNX, int8 ONNX and TorchScript, each verified before it is written."""
 
@@ -336,6 +359,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compress: CompressConfig = CompressConfig()
     export: ExportConfig = ExportConfig()
     _source: Path | None = PrivateAttr(None)  # the file these came from, for errors found later
 

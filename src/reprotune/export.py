@@ -37,13 +37,16 @@ from reprotune.errors import ReprotuneError
 from reprotune.evaluate import predict
 from reprotune.io import atomic_dir, atomic_file
 from reprotune.model import Classifier
-from reprotune.runtime import INPUT, OUTPUT, onnx_runner, torchscript_runner
+from reprotune.runtime import INPUT, OUTPUT, Runner, onnx_runner, torchscript_runner
 
 BATCH = 256  # images per run when measuring accuracy through an export
 
 
 INT8_FILE = "model.int8.onnx"  # inside ExportPaths.int8, when the int8 model passed its gate
 INT8_REJECTED = "rejected.json"  # inside ExportPaths.int8, when it did not: the verdict, no model
+# Inside ExportPaths.compressed: the pruned model's fp32 and int8 ONNX (the latter when it passed its
+# gate, else INT8_REJECTED), or, when nothing was pruned, only NOT_PRUNED saying so.
+COMPRESSED_FILE, NOT_PRUNED = "model.onnx", "not_pruned.json"
 
 
 @dataclass
@@ -51,6 +54,30 @@ class ExportPaths:
     onnx: Path
     int8: Path  # a directory: DVC needs every declared output to exist, and the int8 model may not
     torchscript: Path
+    compressed: Path  # a directory, for the same reason: the compress stage may have pruned nothing
+
+
+@dataclass
+class Reference:
+    """What every export of one model is checked against: PyTorch's logits and predictions."""
+
+    check: torch.Tensor  # the first export.check_images test images, float
+    logits: np.ndarray  # PyTorch's logits on them
+    test_images: np.ndarray  # the whole test split, float
+    labels: np.ndarray
+    predicted: np.ndarray  # PyTorch's class for each test image
+
+    @classmethod
+    def of(cls, model: Classifier, test: Split, cfg: ExportConfig) -> Reference:
+        check = to_float(test.images[: cfg.check_images])
+        with torch.no_grad():
+            logits = model.eval()(check).numpy()
+        return cls(check, logits, to_float(test.images).numpy(), test.labels.numpy(),
+                   predict(model, test.images, BATCH).argmax(1).numpy())
+
+    @property
+    def test_acc(self) -> float:
+        return float((self.predicted == self.labels).mean())
 
 
 def export_onnx(model: Classifier, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -118,57 +145,94 @@ def median_latency_ms(run: Callable[[np.ndarray], np.ndarray], image: np.ndarray
     return 1000 * statistics.median(times)
 
 
+def verify(run: Runner, path: Path, ref: Reference, cfg: ExportConfig) -> dict:
+    """Parity with PyTorch at batch 1 and on the whole check set (which proves the batch axis is
+    really dynamic), and accuracy, agreement, size and latency recomputed through the file itself."""
+    diff = max(np.abs(run(ref.check[:1].numpy()) - ref.logits[:1]).max(),
+               np.abs(run(ref.check.numpy()) - ref.logits).max())
+    guessed = batched(run, ref.test_images).argmax(1)
+    return {"max_abs_diff": float(diff), "bytes": path.stat().st_size,
+            "test_acc": float((guessed == ref.labels).mean()), "agreement": float((guessed == ref.predicted).mean()),
+            "latency_ms": median_latency_ms(run, ref.test_images[:1], cfg.latency_runs)}
+
+
+def within_tolerance(entry: dict, name: str, cfg: ExportConfig) -> None:
+    """An fp32 export must match PyTorch: raise (so that nothing is written) when it does not."""
+    if not entry["max_abs_diff"] <= cfg.tolerance:
+        raise ReprotuneError(f"{name} export differs from PyTorch by {entry['max_abs_diff']:.3g} "
+                             f"(> export.tolerance {cfg.tolerance}); nothing was written")
+
+
+def export_int8(fp32: Path, fp32_entry: dict, ref: Reference, calibration: torch.Tensor, cfg: ExportConfig,
+                folder: Path, name: str) -> tuple[dict, str | None]:
+    """Quantize `fp32` into `folder`/INT8_FILE and gate it on its agreement with PyTorch: below the
+    gate the model is removed and INT8_REJECTED says why (or, with `export.int8` required, nothing is
+    written). Returns its report entry and, if it was not shipped, the verdict."""
+    int8 = folder / INT8_FILE
+    quantize_int8(fp32, int8, to_float(calibration[: cfg.calibration_images]).numpy())
+    entry, verdict = verify(onnx_runner(int8), int8, ref, cfg), None
+    entry["shipped"] = entry["agreement"] >= cfg.int8_min_agreement
+    if not entry["shipped"]:
+        verdict = (f"{name} model agrees with PyTorch on {entry['agreement']:.3f} of test images "
+                   f"(< export.int8_min_agreement {cfg.int8_min_agreement})")
+        if cfg.int8 == "required":
+            raise ReprotuneError(f"{verdict}; export.int8 is required, so nothing was written")
+        int8.unlink()
+        (folder / INT8_REJECTED).write_text(json.dumps({"verdict": verdict, **entry}, indent=2) + "\n")
+    entry["size_ratio"] = entry["bytes"] / fp32_entry["bytes"]
+    entry["acc_change"] = entry["test_acc"] - fp32_entry["test_acc"]
+    entry["speedup"] = fp32_entry["latency_ms"] / entry["latency_ms"]
+    return entry, verdict
+
+
 def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: ExportConfig,
-               paths: ExportPaths) -> dict:
+               paths: ExportPaths, compressed: Classifier | None = None) -> dict:
     """Export every format, verify each against PyTorch and on the test set, rename what passed into place.
 
     The fp32 exports must pass (else nothing is written). An int8 model that misses its agreement
-    gate is not shipped: unless `export.int8` is `required`, the stage still succeeds, `paths.int8`
-    holds only the verdict, and the report says why.
+    gate is not shipped: unless `export.int8` is `required`, the stage still succeeds, its folder
+    holds only the verdict, and the report says why. `compressed`: the compress stage's pruned model,
+    exported to ONNX and int8 ONNX in `paths.compressed` and checked against itself the same way
+    (None: nothing was pruned).
     """
     model = model.eval()
-    check = to_float(test.images[: cfg.check_images])
-    test_images, labels = to_float(test.images).numpy(), test.labels.numpy()
-    with torch.no_grad():
-        reference = model(check).numpy()
-    predicted = predict(model, test.images, BATCH).argmax(1).numpy()
-    report = {"pytorch": {"test_acc": float((predicted == labels).mean())},
-              "verification": {"check_images": len(check), "test_images": len(labels), "opset": cfg.opset}}
-
-    def verify(run, path: Path) -> dict:
-        # Batch 1 and the whole check set: proves the batch axis is really dynamic.
-        diff = max(np.abs(run(check[:1].numpy()) - reference[:1]).max(), np.abs(run(check.numpy()) - reference).max())
-        guessed = batched(run, test_images).argmax(1)
-        return {"max_abs_diff": float(diff), "bytes": path.stat().st_size,
-                "test_acc": float((guessed == labels).mean()), "agreement": float((guessed == predicted).mean()),
-                "latency_ms": median_latency_ms(run, test_images[:1], cfg.latency_runs)}
-
+    ref = Reference.of(model, test, cfg)
+    report = {"pytorch": {"test_acc": ref.test_acc},
+              "verification": {"check_images": len(ref.check), "test_images": len(ref.labels), "opset": cfg.opset}}
     with atomic_file(paths.onnx) as onnx_tmp, atomic_file(paths.torchscript) as ts_tmp, \
-            atomic_dir(paths.int8) as int8_dir:
-        export_onnx(model, check[:2], onnx_tmp, cfg.opset)
-        export_torchscript(model, check[:2], ts_tmp)
+            atomic_dir(paths.int8) as int8_dir, atomic_dir(paths.compressed) as compressed_dir:
+        export_onnx(model, ref.check[:2], onnx_tmp, cfg.opset)
+        export_torchscript(model, ref.check[:2], ts_tmp)
         for name, path, runner in (("onnx", onnx_tmp, onnx_runner), ("torchscript", ts_tmp, torchscript_runner)):
-            report[name] = verify(runner(path), path)
-            if not report[name]["max_abs_diff"] <= cfg.tolerance:
-                raise ReprotuneError(f"{name} export differs from PyTorch by {report[name]['max_abs_diff']:.3g} "
-                                     f"(> export.tolerance {cfg.tolerance}); nothing was written")
-        int8 = int8_dir / INT8_FILE
-        quantize_int8(onnx_tmp, int8, to_float(calibration[: cfg.calibration_images]).numpy())
-        entry = verify(onnx_runner(int8), int8)
-        entry["shipped"] = entry["agreement"] >= cfg.int8_min_agreement
-        if not entry["shipped"]:
-            verdict = (f"int8 ONNX model agrees with PyTorch on {entry['agreement']:.3f} of test images "
-                       f"(< export.int8_min_agreement {cfg.int8_min_agreement})")
-            if cfg.int8 == "required":
-                raise ReprotuneError(f"{verdict}; export.int8 is required, so nothing was written")
-            int8.unlink()
-            (int8_dir / INT8_REJECTED).write_text(json.dumps({"verdict": verdict, **entry}, indent=2) + "\n")
-            report["warning"] = f"{verdict}: not shipped ({paths.int8 / INT8_REJECTED} says why)"
-        report["onnx_int8"] = entry
-    entry["size_ratio"] = entry["bytes"] / report["onnx"]["bytes"]
-    entry["acc_change"] = entry["test_acc"] - report["onnx"]["test_acc"]
-    entry["speedup"] = report["onnx"]["latency_ms"] / entry["latency_ms"]
+            report[name] = verify(runner(path), path, ref, cfg)
+            within_tolerance(report[name], name, cfg)
+        report["onnx_int8"], verdict = export_int8(onnx_tmp, report["onnx"], ref, calibration, cfg, int8_dir,
+                                                   "int8 ONNX")
+        rejected = [(verdict, paths.int8)]
+        if compressed is None:
+            (compressed_dir / NOT_PRUNED).write_text(json.dumps(
+                {"verdict": "compress.ratio is 0: models/model.compressed.pt is the fine-tuned model itself"}) + "\n")
+        else:
+            entries, verdict = export_compressed(compressed.eval(), test, calibration, cfg, compressed_dir)
+            report.update(entries)
+            rejected.append((verdict, paths.compressed))
+    notes = [f"{verdict}: not shipped ({folder / INT8_REJECTED} says why)" for verdict, folder in rejected if verdict]
+    if notes:
+        report["warning"] = "; ".join(notes)
     return report
+
+
+def export_compressed(model: Classifier, test: Split, calibration: torch.Tensor, cfg: ExportConfig,
+                      folder: Path) -> tuple[dict, str | None]:
+    """The pruned model as ONNX and int8 ONNX in `folder`, each verified against the pruned model:
+    their report entries, and the int8 model's verdict if it was not shipped."""
+    ref = Reference.of(model, test, cfg)
+    fp32 = folder / COMPRESSED_FILE
+    export_onnx(model, ref.check[:2], fp32, cfg.opset)
+    entry = verify(onnx_runner(fp32), fp32, ref, cfg)
+    within_tolerance(entry, "compressed ONNX", cfg)
+    int8, verdict = export_int8(fp32, entry, ref, calibration, cfg, folder, "compressed int8 ONNX")
+    return {"compressed_pytorch": {"test_acc": ref.test_acc}, "compressed": entry, "compressed_int8": int8}, verdict
 
 
 def export_metrics(report: dict) -> dict:
@@ -176,13 +240,14 @@ def export_metrics(report: dict) -> dict:
     check counts go to the model card), parity and int8 agreement first, a reviewer's headline."""
     fp32 = ("max_abs_diff", "test_acc", "agreement", "latency_ms")
     int8 = ("agreement", "shipped", "test_acc", "acc_change", "size_ratio", "speedup", "max_abs_diff", "latency_ms")
+    fp32_names = [name for name in ("onnx", "torchscript", "compressed") if name in report]
+    int8_names = [name for name in ("onnx_int8", "compressed_int8") if name in report]
     # The headline, short enough for `dvc exp show` at 120 columns: the worst |logit difference| of
-    # any fp32 export against PyTorch, and the share of test images where int8 picks PyTorch's class.
-    return {"parity": max(report["onnx"]["max_abs_diff"], report["torchscript"]["max_abs_diff"]),
+    # any fp32 export against its PyTorch model, and the share of test images where int8 picks PyTorch's class.
+    return {"parity": max(report[name]["max_abs_diff"] for name in fp32_names),
             "int8_agree": report["onnx_int8"]["agreement"],
-            "onnx": {k: report["onnx"][k] for k in fp32},
-            "torchscript": {k: report["torchscript"][k] for k in fp32},
-            "onnx_int8": {k: report["onnx_int8"][k] for k in int8}}
+            **{name: {k: report[name][k] for k in fp32} for name in fp32_names},
+            **{name: {k: report[name][k] for k in int8} for name in int8_names}}
 
 
 def lineage(lock: Path, model_file: Path) -> dict | None:
@@ -206,10 +271,12 @@ def lineage(lock: Path, model_file: Path) -> dict | None:
             "model_matches_lock": recorded["finetune"]["outs"].get(str(model_file)) == model_md5}
 
 
-def model_card(saved: dict, report: dict, trace: dict | None) -> dict:
-    """What a consumer needs to feed the exported models, how well they do, and where they came from."""
+def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict | None = None) -> dict:
+    """What a consumer needs to feed the exported models, which model each file holds, how well they
+    do, and where they came from. `compressed`: the compress stage's saved model, when it pruned one."""
     side = saved.get("input_size", CIFAR_SIDE)  # models saved before folder datasets: CIFAR's 32
-    return {
+    shipped = {name: name in report and report[name]["shipped"] for name in ("onnx_int8", "compressed_int8")}
+    card = {
         "architecture": saved["model"]["arch"],
         "classes": saved["classes"],
         "input": {
@@ -222,24 +289,39 @@ def model_card(saved: dict, report: dict, trace: dict | None) -> dict:
         },
         "output": {"name": OUTPUT, "shape": ["batch", len(saved["classes"])],
                    "meaning": "unnormalized logits; softmax gives class probabilities"},
-        # Paths relative to this card; the int8 model only when it passed its gate.
+        # Paths relative to this card; an int8 model only when it passed its gate, the compressed ones
+        # only when the compress stage pruned (compress.ratio > 0). All take the same input.
         "files": {"onnx": "model.onnx", "torchscript": "model.torchscript.pt",
-                  "onnx_int8": f"int8/{INT8_FILE}" if report["onnx_int8"]["shipped"] else None},
-        "bytes": {name: report[name]["bytes"] for name in ("onnx", "torchscript", "onnx_int8")},
+                  "onnx_int8": f"int8/{INT8_FILE}" if shipped["onnx_int8"] else None,
+                  "compressed_onnx": f"compressed/{COMPRESSED_FILE}" if compressed else None,
+                  "compressed_onnx_int8": f"compressed/{INT8_FILE}" if shipped["compressed_int8"] else None},
+        "models": {
+            "onnx, torchscript, onnx_int8": "the fine-tuned model, models/model.pt (int8: quantized from it)",
+            "compressed_onnx, compressed_onnx_int8":
+                f"models/model.compressed.pt: the fine-tuned model with {compressed['compression']['ratio']:.0%} of "
+                f"its channels pruned ({compressed['compression']['flops_ratio']:.2f}x the FLOPs), then fine-tuned "
+                f"again" if compressed else "none: compress.ratio is 0"},
+        "bytes": {name: report[name]["bytes"] for name in
+                  ("onnx", "torchscript", "onnx_int8", "compressed", "compressed_int8") if name in report},
         "verification": {**report["verification"], "int8_shipped": report["onnx_int8"]["shipped"],
                          "int8_agreement": report["onnx_int8"]["agreement"]},
         "training": {"seed": saved.get("seed"), "model": saved["model"], "train": saved.get("train")},
         "metrics": {"best_epoch": saved.get("best_epoch"), "val_acc": saved.get("val_acc"),
                     **{f"{name}_test_acc": report[name]["test_acc"]
-                       for name in ("pytorch", "onnx", "onnx_int8", "torchscript")}},
+                       for name in ("pytorch", "onnx", "onnx_int8", "torchscript", "compressed_pytorch",
+                                    "compressed", "compressed_int8") if name in report}},
         "lineage": trace,
     }
+    if compressed:
+        card["compression"] = compressed["compression"]
+    return card
 
 
 def log_export(writer: SummaryWriter, report: dict) -> None:
     """Parity, accuracy, size and latency of each export, as scalars and a table."""
     rows = []
-    for name in ("onnx", "onnx_int8", "torchscript"):
+    for name in [name for name in ("onnx", "onnx_int8", "torchscript", "compressed", "compressed_int8")
+                 if name in report]:
         entry = report[name]
         for key in ("max_abs_diff", "test_acc", "agreement", "latency_ms"):
             writer.add_scalar(f"export/{name}_{key}", entry[key], 0)

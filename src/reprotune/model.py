@@ -140,5 +140,31 @@ def load_model(path: Path) -> tuple[Classifier, dict]:
         raise ReprotuneError(f"{path}: not a reprotune model (rerun the finetune stage)")
     cfg = ModelConfig.model_validate({**saved["model"], "weights": "none"})
     model = build_model(cfg, len(saved["classes"]), saved["mean"], saved["std"])
+    if saved.get("compression"):  # pruned: fewer channels than the architecture's defaults
+        fit_widths(model, saved["state_dict"])
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
+
+
+def fit_widths(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each conv, BatchNorm and linear layer the channel counts of its weights in `state`.
+
+    A structurally pruned model is the same architecture with narrower layers, so it is rebuilt from
+    plain tensors. (Torch-Pruning's own serialization pickles whole modules, which
+    `torch.load(weights_only=True)`, the only way we read files, refuses.)
+    """
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if weight is None or weight.shape == module.weight.shape:
+            continue
+        if isinstance(module, nn.Conv2d):
+            new = nn.Conv2d(weight.shape[1] * module.groups, weight.shape[0], module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, module.bias is not None)
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(weight.shape[0], module.eps, module.momentum)
+        elif isinstance(module, nn.Linear):
+            new = nn.Linear(weight.shape[1], weight.shape[0], module.bias is not None)
+        else:
+            raise ReprotuneError(f"{name}: a {type(module).__name__} cannot change its width")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)

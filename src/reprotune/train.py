@@ -46,6 +46,10 @@ GRAD_NORM_EVERY = 10  # without clipping, the logged gradient norm is sampled ev
 PREDICTION_IMAGES = 16  # validation images shown with their predictions each epoch
 CHECKPOINT_FORMAT = "reprotune.checkpoint/2"  # RunState + the parts' state dicts
 
+# The training loss: (logits, the batch's input images, labels) -> scalar. Plain cross-entropy, or
+# distillation from a teacher that sees the same images (`distillation`).
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @dataclass
 class FitResult:
@@ -121,17 +125,19 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     ema: AveragedModel | None, images: torch.Tensor, labels: torch.Tensor,
                     cfg: TrainConfig, autocast: torch.dtype | None, generator: torch.Generator,
                     steps: int, progress: EpochProgress, bar: tqdm, stop: Callable[[], bool],
-                    group: Group = ONE_PROCESS) -> bool:
+                    group: Group = ONE_PROCESS, criterion: Criterion | None = None) -> bool:
     """Run the epoch's remaining steps; return False if `stop()` asked to pause after a step.
 
     Each step takes the next global batch of the epoch's shuffle; this rank trains on its slice.
-    Raises Diverged within CHECK_EVERY steps of the loss turning NaN or infinite. A step that
+    The loss is `criterion`'s, cross-entropy (with cfg.label_smoothing) by default. Raises Diverged
+    within CHECK_EVERY steps of the loss turning NaN or infinite. A step that
     GradScaler skipped because fp16 gradients overflowed is not that: its loss was finite.
     """
     model.train()
     device = images.device
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, correct, norm_sum, finite_norms, clipped = progress.sums.unbind()  # views: summed in place
+    criterion = criterion or cross_entropy(cfg.label_smoothing)
     while progress.step < steps:
         batch = progress.order[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
         idx = group.part(batch)
@@ -141,7 +147,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         y = labels[idx]
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            loss = criterion(logits, x, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip and measure the true gradients, not fp16-scaled ones
@@ -171,6 +177,28 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         if stop() and progress.step < steps:
             return False
     return True
+
+
+def cross_entropy(label_smoothing: float) -> Criterion:
+    """The fine-tuning loss: cross-entropy against the labels."""
+    return lambda logits, images, labels: F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def distillation(teacher: torch.nn.Module, weight: float, temperature: float, label_smoothing: float) -> Criterion:
+    """Knowledge distillation (Hinton et al. 2015): (1 - weight) * cross-entropy + weight * T^2 *
+    KL(teacher || student) at temperature T. T^2 keeps the soft term's gradients on the scale of the
+    hard one's as T grows. The teacher (eval mode, frozen) sees the same augmented images."""
+    teacher.eval().requires_grad_(False)
+    hard = cross_entropy(label_smoothing)
+
+    def loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft_targets = F.log_softmax(teacher(images).float() / temperature, 1)
+        soft = F.kl_div(F.log_softmax(logits.float() / temperature, 1), soft_targets, log_target=True,
+                        reduction="batchmean")
+        return (1 - weight) * hard(logits, images, labels) + weight * temperature ** 2 * soft
+
+    return loss
 
 
 @contextlib.contextmanager
@@ -265,6 +293,7 @@ class Training:
     per_epoch: int  # images trained on per epoch, all ranks together
     flops_per_image: float  # forward + backward (rank 0)
     group: Group
+    criterion: Criterion
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -273,14 +302,17 @@ class Training:
 
 
 def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
-             group: Group = ONE_PROCESS) -> FitResult | None:
+             group: Group = ONE_PROCESS, start: Classifier | None = None,
+             teacher: torch.nn.Module | None = None) -> FitResult | None:
     """Fine-tune per `params` on `train`, validate each epoch on `val`, resume if interrupted.
 
+    `start`: the model to train (a pruned one, say) instead of a new one built from `params.model`.
+    `teacher`: distill from it (`params.compress.distill`, `.temperature`) instead of plain cross-entropy.
     Under DDP every rank calls this; rank 0 alone validates, checkpoints and logs, and gets the
     result (the other ranks get None).
     """
     cfg, main = params.train, group.is_main
-    t = setup(params, train, val, group)
+    t = setup(params, train, val, group, start, teacher)
     state = resume(t, checkpoints)
     with open_log(t, state, params, train, checkpoints) as writer, pausing(group) as stop_requested:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -308,7 +340,8 @@ def finetune(params: Params, train: Split, val: Split, checkpoints: Checkpoints,
     return FitResult(t.model.cpu().eval(), metrics, state.history)
 
 
-def setup(params: Params, train: Split, val: Split, group: Group) -> Training:
+def setup(params: Params, train: Split, val: Split, group: Group, start: Classifier | None = None,
+          teacher: torch.nn.Module | None = None) -> Training:
     """Device, model, strategy, data, optimizer, schedule, scaler, EMA and generator, in the order
     the random streams expect (the head's initial weights come first)."""
     cfg = params.train
@@ -319,7 +352,10 @@ def setup(params: Params, train: Split, val: Split, group: Group) -> Training:
         raise params.error(str(exc)) from None
     autocast = amp_dtype(cfg.amp, device)
     torch.manual_seed(params.seed)  # the new head's initial weights (the same on every rank), and dropout
-    model = build_model(params.model, len(train.classes), train.mean, train.std).to(device)
+    model = (copy.deepcopy(start) if start is not None else
+             build_model(params.model, len(train.classes), train.mean, train.std)).to(device)
+    criterion = cross_entropy(cfg.label_smoothing) if teacher is None else distillation(
+        copy.deepcopy(teacher).to(device), params.compress.distill, params.compress.temperature, cfg.label_smoothing)
     if group.distributed:
         torch.manual_seed(params.seed + 1000 * (group.rank + 1))  # each rank its own dropout masks
     if cfg.channels_last:
@@ -357,7 +393,7 @@ def setup(params: Params, train: Split, val: Split, group: Group) -> Training:
         generator=torch.Generator(device).manual_seed(params.seed), images=images,
         labels=train.labels.to(device), val_images=val_images, val_labels=val.labels, device=device,
         autocast=autocast, steps=steps, per_epoch=min(len(images), steps * cfg.batch_size), flops_per_image=flops,
-        group=group)
+        group=group, criterion=criterion)
 
 
 def resume(t: Training, checkpoints: Checkpoints) -> RunState:
@@ -450,7 +486,8 @@ def train_epoch(t: Training, cfg: TrainConfig, state: RunState, epoch: int, stop
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
         try:
             finished = train_one_epoch(t.trained, t.optimizer, t.scheduler, t.scaler, t.ema, t.images, t.labels, cfg,
-                                       t.autocast, t.generator, t.steps, progress, bar, stop_requested, t.group)
+                                       t.autocast, t.generator, t.steps, progress, bar, stop_requested, t.group,
+                                       t.criterion)
         except Diverged as exc:
             raise _diverged(exc.args[0], epoch, f"step {progress.step} of {t.steps}", checkpoints) from None
         if t.device.type == "cuda":

@@ -1,0 +1,53 @@
+"""DVC stage `compress`: prune whole channels of the fine-tuned model, fine-tune it back, measure both.
+
+With compress.ratio 0 (the default) nothing is pruned: the model is copied as it is, in a second.
+"""
+
+import shutil
+from pathlib import Path
+
+from reprotune import tb
+from reprotune.checkpoint import Checkpoints, run_key
+from reprotune.compress import compress, log_compress
+from reprotune.config import ModelConfig, load_params
+from reprotune.data import load_split
+from reprotune.io import atomic_file, write_json
+from reprotune.model import load_model, save_model
+from reprotune.stage import ParamsFile, run_stage
+
+MODEL, OUT = Path("models/model.pt"), Path("models/model.compressed.pt")
+SPLITS = [Path(f"data/processed/{split}.pt") for split in ("train", "val", "test")]
+WORK = Path("runs/compress.live")  # checkpoint + live log; not a DVC output, so a rerun resumes
+
+
+def main(params: ParamsFile = Path("params.yaml")) -> None:
+    cfg = load_params(params)
+    if not cfg.compress.ratio:
+        with atomic_file(OUT) as tmp:
+            shutil.copyfile(MODEL, tmp)  # the same bytes: DVC caches them once
+        with tb.stage_writer("runs/compress") as writer:
+            writer.add_text("compress/summary", "compress.ratio is 0: the model is not pruned", 0)
+        write_json("metrics/compress.json", {"ratio": 0.0})
+        print(f"{OUT}: a copy of {MODEL} (compress.ratio is 0)")
+        return
+    model, saved = load_model(MODEL)
+    train, val, test = (load_split(path) for path in SPLITS)
+    checkpoints = Checkpoints(WORK, run_key(cfg, [MODEL, *SPLITS], ("train", "log", "compress")))
+    pruned, metrics = compress(cfg, model, train, val, test, checkpoints)
+    checkpoints.logdir.mkdir(parents=True, exist_ok=True)  # none yet without a recovery fine-tune
+    with tb.open_writer(checkpoints.logdir) as writer:
+        log_compress(writer, metrics)
+    tb.publish(checkpoints.logdir, "runs/compress")
+    save_model(OUT, pruned, ModelConfig.model_validate(saved["model"]), saved["classes"], {
+        **{key: saved[key] for key in ("seed", "train", "input_size") if key in saved},
+        "best_epoch": metrics["recovery"].get("best_epoch"), "val_acc": metrics["recovery"].get("best_val_acc"),
+        "compression": {**cfg.compress.model_dump(), "flops_ratio": metrics["flops_ratio"]}})
+    write_json("metrics/compress.json", metrics)
+    checkpoints.remove()
+    print(f"{OUT}: {metrics['flops_ratio']:.2f}x the FLOPs, {metrics['speedup']:.2f}x the batch-256 ONNX throughput, "
+          f"test acc {metrics['after']['test_acc']:.4f} ({metrics['acc_change']:+.4f}; "
+          f"{metrics['pruned_test_acc']:.4f} before recovery)")
+
+
+if __name__ == "__main__":
+    run_stage(main)
