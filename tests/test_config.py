@@ -14,6 +14,7 @@ from reprotune.checkpoint import Checkpoints
 from reprotune.config import ExportConfig, Params, TrainConfig, load_params
 from reprotune.data import Split
 from reprotune.errors import ReprotuneError
+from reprotune.review import PARAM_SECTIONS
 from reprotune.train import finetune
 
 
@@ -138,3 +139,9 @@ def test_the_params_command_writes_both_files(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n") and readme.endswith("rest\n") and "| `train.lr` | `0.01` |" in readme
     assert run(["reprotune", "params", "--write"], tmp_path).stdout == ""  # nothing left to change
+
+
+def test_the_review_views_know_every_params_section():
+    # `reprotune experiments` and `review` keep the params of these sections that differ: a new
+    # section missing here would hide its experiments' settings.
+    assert PARAM_SECTIONS == list(Params.model_fields)

@@ -27,7 +27,7 @@ HEADLINE = [
 ]
 
 
-PARAM_SECTIONS = ["seed", "data", "model", "train", "log", "evaluate", "export"]  # params.yaml's top level
+PARAM_SECTIONS = ["seed", "data", "model", "train", "log", "evaluate", "compress", "export"]  # params.yaml's top level
 
 
 def headline_view() -> list[str]:
