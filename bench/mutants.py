@@ -27,7 +27,7 @@ NO_TESTS = {5, 33}
 # The parts measured on their own: train.py's step and epoch, data.py's split, statistics and augmentation.
 SUBSETS = {"train": ("step and epoch", ("clip_gradients", "EpochProgress", "train_one_epoch", "pause_on_ctrl_c")),
            "data": ("split, statistics, augmentation", ("stratified_split", "channel_stats", "make_splits", "augment",
-                                                        "to_float"))}
+                                                        "rotate", "jitter_colours", "to_float"))}
 
 
 def outcomes() -> dict[str, dict[str, int | None]]:

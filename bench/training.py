@@ -1,6 +1,6 @@
 """How fast reprotune trains, against the compute ceiling and the textbook recipe, and at full scale.
 
-    python bench/training.py [--quick]
+    python bench/training.py [--quick] [--augmentation-only]
 
 1. ceiling:  the finetune loop's images/s (augmentation, gradient statistics and progress
              bookkeeping included) against a bare forward/backward/step loop on batches already in
@@ -10,6 +10,10 @@
 3. stages:   each DVC stage script on a CIFAR-10-sized synthetic archive (50,000 + 10,000 images),
              one training epoch: wall time and peak memory of each process.
 4. scaling:  time per epoch and peak memory as the training set grows; memory across epochs.
+5. augment:  the share of a training step (batch 128, 32 px, the default model) spent in
+             `augment`, with crop and flip only and with rotation and colour jitter on too, timed
+             within the same steps. `--augmentation-only` runs this section alone and keeps the
+             other sections' last results.
 
 Ratios are measured side by side in one run; absolute times drift between runs on shared machines.
 Writes bench/results/training.json and bench/results/training.md.
@@ -83,6 +87,40 @@ def bare_images_per_second(splits, batch_size: int, steps: int) -> float:
     return len(batches) * batch_size / (time.perf_counter() - started)
 
 
+AUGMENT_SETTINGS = {"crop + flip": {"rotation": 0.0, "jitter": 0.0},
+                    "crop + flip + rotation 15 + jitter 0.4": {"rotation": 15.0, "jitter": 0.4}}
+
+
+def augmentation_share(splits, batch_size: int, steps: int) -> dict:
+    """Milliseconds per step in `augment` and in the whole step (gather, augment, forward, backward,
+    SGD step), and augment's share of each step, for each of AUGMENT_SETTINGS: the settings
+    alternate step by step, so drift hits all alike. Medians: a shared machine's stalls are outliers."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="none"), 10, splits["train"].mean, splits["train"].std).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    images, labels = splits["train"].images, splits["train"].labels
+    generator = torch.Generator().manual_seed(0)
+    times = {name: [] for name in AUGMENT_SETTINGS}
+    for step in range(steps + 2):  # the first two rounds warm up and are not kept
+        for name, settings in AUGMENT_SETTINGS.items():
+            started = time.perf_counter()
+            idx = torch.randperm(len(images), generator=generator)[:batch_size]
+            batch = images[idx]
+            gathered = time.perf_counter()
+            x = data.augment(batch, 4, True, generator, **settings)
+            augmented = time.perf_counter()
+            loss = F.cross_entropy(model(x), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step >= 2:
+                times[name].append((augmented - gathered, time.perf_counter() - started))
+    return {name: {"augment_ms": 1e3 * statistics.median(a for a, _ in rows),
+                   "step_ms": 1e3 * statistics.median(s for _, s in rows),
+                   "share": statistics.median(a / s for a, s in rows), "steps": len(rows)}
+            for name, rows in times.items()}
+
+
 class _SyntheticCIFAR10(torchvision.datasets.CIFAR10):
     """torchvision's CIFAR10 over our synthetic batches (their md5s differ from the official ones)."""
 
@@ -143,13 +181,20 @@ def stage_project(root: Path, archive: Path, md5: str, overrides: dict) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--augmentation-only", action="store_true",
+                        help="run section 5 alone, keeping the other sections of bench/results/training.json")
     args = parser.parse_args()
     n = 1024 if args.quick else 4096
     full_train, full_test = (5000, 1000) if args.quick else (50_000, 10_000)
     report: dict = {"machine": machine(), "torch_threads": torch.get_num_threads()}
+    splits = synthetic_splits(n, 512)
+    if args.augmentation_only:
+        report = {**json.loads((RESULTS / "training.json").read_text()),
+                  "augmentation": augmentation(splits, 10 if args.quick else 40)}
+        write(report)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        splits = synthetic_splits(n, 512)
 
         print("1. training loop vs the bare-loop ceiling", flush=True)
         ours, bare = [], []
@@ -197,7 +242,15 @@ def main() -> None:
             scaling.append(_scaling_row(sub, run_stage(sub, "finetune")))
         scaling.append(_scaling_row(project, report["stages"]["finetune"]))
         report["scaling"] = scaling
+    report["augmentation"] = augmentation(splits, 10 if args.quick else 40)
     write(report)
+
+
+def augmentation(splits, steps: int) -> dict:
+    print("5. augmentation's share of a training step", flush=True)
+    load = os.getloadavg()[0]  # runnable processes, 1-minute average: above the cores, others share them
+    return {"machine": machine(), "torch_threads": torch.get_num_threads(), "load_average": load,
+            "batch_size": 128, "image_size": 32, "settings": augmentation_share(splits, 128, steps)}
 
 
 def _scaling_row(project: Path, finetune: dict) -> dict:
@@ -219,6 +272,18 @@ def machine() -> str:
         else f"{cpu}, {os.cpu_count()} cores, {torch.cuda.get_device_name()}"
 
 
+def _augmentation_lines(a: dict) -> list[str]:
+    lines = ["", f"Augmentation's share of a training step: batch {a['batch_size']}, {a['image_size']} px, ResNet18 "
+             f"(default stem), fp32, {a['torch_threads']} threads, load average {a['load_average']:.1f} at the "
+             f"start; medians of {next(iter(a['settings'].values()))['steps']} steps each, the "
+             "settings alternating; share: the median over steps of time in `augment` / time of the step. This "
+             "table alone: "
+             "`python bench/training.py --augmentation-only`.", "",
+             "| augmentation | augment (ms) | whole step (ms) | share | goal |", "| --- | ---: | ---: | ---: | --- |"]
+    return lines + [f"| {name} | {s['augment_ms']:.2f} | {s['step_ms']:.1f} | {s['share']:.2%} | < 5% |"
+                    for name, s in a["settings"].items()]
+
+
 def write(report: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "training.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -238,6 +303,7 @@ def write(report: dict) -> None:
               "| ---: | ---: | ---: | --- |"]
     lines += [f"| {s['train_images']:,} | {s['epoch_seconds']:.1f} | {s['peak_mib']:.0f} | "
               f"{', '.join(f'{m:.0f}' for m in s['rss_by_epoch_mib'])} |" for s in report["scaling"]]
+    lines += _augmentation_lines(report["augmentation"])
     text = "\n".join(lines) + "\n"
     (RESULTS / "training.md").write_text(text)
     print(text)

@@ -53,6 +53,10 @@ def _write(tmp_path, params: dict):
                               r"train.nproc x train.nnodes = 3 processes"),
     ({"train": {"nproc": 2, "device": "cuda:1"}}, r"train.device=cuda:1 names one GPU, but 2 processes train"),
     ({"train": {"nnodes": 2, "rdzv_endpoint": "node0"}}, r"train.rdzv_endpoint: must be host:port"),
+    ({"train": {"rotation": 181}}, r"train.rotation: Input should be less than or equal to 180 \(got 181\)"),
+    ({"train": {"rotation": -5}}, r"train.rotation: Input should be greater than or equal to 0"),
+    ({"train": {"color_jitter": 1.5}}, r"train.color_jitter: Input should be less than or equal to 1 \(got 1.5\)"),
+    ({"train": {"color_jitter": -0.1}}, r"train.color_jitter: Input should be greater than or equal to 0"),
 ])
 def test_bad_params_name_the_file_and_key(tmp_path, params, message):
     path = _write(tmp_path, params)
@@ -92,8 +96,10 @@ def test_types_are_strict(tmp_path, section, key, value, message):
     # YAML already gives numbers and booleans their types: a quoted value is a mistake, not a hint.
     with pytest.raises(ReprotuneError, match=rf"{section}.{key}: {message} \(got {value!r}\)"):
         load_params(_write(tmp_path, {section: {key: value}}))
-    params = load_params(_write(tmp_path, {"train": {"lr": 1, "betas": [0.8, 0.9]}}))  # what is right is taken
+    params = load_params(_write(tmp_path, {"train": {"lr": 1, "betas": [0.8, 0.9], "rotation": 180,
+                                                     "color_jitter": 1}}))  # what is right is taken
     assert params.train.lr == 1.0 and params.train.betas == (0.8, 0.9)
+    assert params.train.rotation == 180.0 and params.train.color_jitter == 1.0  # the bounds themselves
 
 
 @pytest.mark.reliability

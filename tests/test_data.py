@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import json
+import math
 import pickle
 import socket
 import tarfile
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 
 from conftest import REPO, run, set_params
 from reprotune import data
@@ -220,17 +222,22 @@ def test_stratified_split_is_seeded_and_per_class():
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 500
 
 
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """augment's float32 output back on the uint8 scale: exact for pixels only cropped and flipped."""
+    return x.mul(255).round().to(torch.uint8)
+
+
 def test_augment_crops_and_flips_on_the_device_without_changing_pixels():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).add(1).to(torch.uint8).view(2, 3, 8, 8)
     gen = torch.Generator().manual_seed(0)
     out = data.augment(images, padding=0, hflip=False, generator=gen)
-    assert torch.equal(out, images)
-    flips = [data.augment(images, padding=0, hflip=True, generator=gen) for _ in range(20)]
+    assert out.dtype == torch.float32 and torch.equal(out, data.to_float(images))  # the models' input
+    flips = [_pixels(data.augment(images, padding=0, hflip=True, generator=gen)) for _ in range(20)]
     assert all(torch.equal(f[i], images[i]) or torch.equal(f[i], images[i].flip(2)) for f in flips for i in range(2))
     assert any(torch.equal(f[0], images[0].flip(2)) for f in flips)
-    crops = [data.augment(images, padding=2, hflip=False, generator=gen) for _ in range(20)]
+    crops = [_pixels(data.augment(images, padding=2, hflip=False, generator=gen)) for _ in range(20)]
     for crop in crops:
-        assert crop.dtype == torch.uint8 and crop.shape == images.shape
+        assert crop.shape == images.shape
         # every crop is a shifted window of the zero-padded image
         padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
         for i in range(2):
@@ -283,25 +290,121 @@ def test_a_split_that_would_leave_a_side_empty_is_refused():
 def test_crops_use_every_offset_and_flips_about_half():
     # 4 px of padding: 9 x 9 window positions (offsets 0..8 on each axis), every one of them drawn.
     wide = torch.arange(1, 65, dtype=torch.uint8).view(1, 1, 8, 8).repeat(2000, 1, 1, 1)
-    crops = data.augment(wide, padding=4, hflip=False, generator=torch.Generator().manual_seed(1))
+    crops = _pixels(data.augment(wide, padding=4, hflip=False, generator=torch.Generator().manual_seed(1)))
     padded = torch.nn.functional.pad(wide[0, 0], (4,) * 4)
     windows = {(y, x): padded[y:y + 8, x:x + 8] for y in range(9) for x in range(9)}
     seen = {next(pos for pos, w in windows.items() if torch.equal(crop[0], w)) for crop in crops[:600]}
     assert seen == set(windows)  # all 81, none outside (next() would fail on a window not among them)
-    flipped = data.augment(wide, padding=0, hflip=True, generator=torch.Generator().manual_seed(2))
+    flipped = _pixels(data.augment(wide, padding=0, hflip=True, generator=torch.Generator().manual_seed(2)))
     share = (flipped[:, 0, 0, 0] == 8).float().mean().item()  # a mirrored first row starts with 8
     assert 0.45 < share < 0.55
     assert ((flipped[:, 0, 0, 0] == 8) | (flipped[:, 0, 0, 0] == 1)).all()
 
 
-def test_each_rank_gets_its_slice_of_the_global_batch_augmentation():
-    # Under DDP rank k of n augments the k-th slice of a global batch: it must get exactly the crops
-    # and flips that slice gets when the whole batch is augmented at once.
+@pytest.mark.parametrize("rotation, jitter", [(0.0, 0.0), (30.0, 0.5)])
+def test_each_rank_gets_its_slice_of_the_global_batch_augmentation(rotation, jitter):
+    # Under DDP rank k of n augments the k-th slice of a global batch: it must get exactly the crops,
+    # flips, rotations and jitter that slice gets when the whole batch is augmented at once.
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    whole = data.augment(images, 2, True, torch.Generator().manual_seed(4))
+    whole = data.augment(images, 2, True, torch.Generator().manual_seed(4), rotation=rotation, jitter=jitter)
     for k in range(3):
-        part = data.augment(images[4 * k:4 * (k + 1)], 2, True, torch.Generator().manual_seed(4), part=(k, 3))
+        part = data.augment(images[4 * k:4 * (k + 1)], 2, True, torch.Generator().manual_seed(4), part=(k, 3),
+                            rotation=rotation, jitter=jitter)
         assert torch.equal(part, whole[4 * k:4 * (k + 1)]), k
+
+
+def _inside_circle(side: int) -> torch.Tensor:
+    """(side, side) True on pixels whose centre lies 2 px or more inside the inscribed circle: what
+    a rotation about the centre moves within the image (corners rotate out, zeros rotate in)."""
+    centre = (side - 1) / 2
+    y, x = torch.meshgrid(torch.arange(side) - centre, torch.arange(side) - centre, indexing="ij")
+    return x**2 + y**2 <= (side / 2 - 2) ** 2
+
+
+def test_rotation_by_quarter_turns_matches_rot90_anticlockwise():
+    # At multiples of 90 degrees a square image's pixel centres land on pixel centres: the result is
+    # torch.rot90's exactly (up to float rounding), which pins the direction and the axes.
+    image = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))  # no symmetry to hide behind
+    inside = _inside_circle(12)
+    for degrees, expected in ((90, image.rot90(1, (2, 3))), (-90, image.rot90(-1, (2, 3))),
+                              (180, image.flip(2, 3))):
+        turned = data.rotate(image, torch.tensor([float(degrees)]))
+        torch.testing.assert_close(turned[..., inside], expected[..., inside], atol=1e-5, rtol=0, msg=str(degrees))
+    wide = torch.rand(1, 3, 8, 12, generator=torch.Generator().manual_seed(1))  # not square: still a half turn
+    torch.testing.assert_close(data.rotate(wide, torch.tensor([180.0])), wide.flip(2, 3), atol=1e-5, rtol=0)
+
+
+def test_rotating_there_and_back_keeps_the_content():
+    # A smooth image turned by +a then -a is itself again inside the circle that rotation keeps,
+    # up to bilinear interpolation's blur; one turn alone is far from it.
+    side = 32
+    y, x = torch.meshgrid(torch.arange(side) / side, torch.arange(side) / side, indexing="ij")
+    image = torch.stack([0.5 + 0.4 * torch.sin(2 * math.pi * (x + 2 * y)), 0.5 + 0.4 * torch.cos(4 * math.pi * x),
+                         y])[None].repeat(4, 1, 1, 1)  # (4, 3, 32, 32): four images, each turned its own way
+    degrees = torch.tensor([7.0, -23.0, 45.0, 160.0])
+    inside = _inside_circle(side)
+    turned = data.rotate(image, degrees)
+    back = data.rotate(turned, -degrees)
+    assert (back - image)[..., inside].abs().max() < 0.05
+    assert ((turned - image)[..., inside].abs().amax((1, 2)) > 0.2).all()  # each image really turned
+
+
+def test_rotation_angles_are_uniform_within_the_bound():
+    # Each image's angle, read back from where augment moved a bright dot 10 px right of the centre,
+    # is uniform in [-30, 30] degrees: within the bound, reaching both ends, centred, and close to the
+    # uniform distribution function (Kolmogorov-Smirnov distance, fixed seed).
+    n, side, bound = 2000, 32, 30.0
+    images = torch.zeros(n, 3, side, side, dtype=torch.uint8)
+    images[:, :, 15:17, 25:27] = 255  # a 2x2 dot centred at (15.5 + 10, 15.5): radius 10, angle 0
+    out = data.augment(images, 0, False, torch.Generator().manual_seed(0), rotation=bound).sum(1)  # (N, H, W)
+    coords = torch.arange(side, dtype=torch.float32) - (side - 1) / 2
+    mass = out.sum((1, 2))
+    cx = (out.sum(1) * coords).sum(1) / mass
+    cy = (out.sum(2) * coords).sum(1) / mass
+    angles = torch.rad2deg(torch.atan2(-cy, cx))  # anticlockwise positive, image y pointing down
+    assert angles.min() > -bound - 0.5 and angles.max() < bound + 0.5  # the dot's centroid is good to ~0.2 deg
+    assert angles.min() < -bound + 1 and angles.max() > bound - 1
+    assert abs(angles.mean()) < 1.0  # 3 standard errors: 30 / sqrt(3) / sqrt(2000) = 0.39
+    uniform = (angles.sort().values + bound) / (2 * bound)
+    ecdf = torch.arange(1, n + 1) / n
+    assert (ecdf - uniform).abs().max() < 1.36 / math.sqrt(n)  # KS at 5%: 0.030
+
+
+def test_jitter_is_torchvisions_colour_jitter_and_stays_in_range():
+    # Given factors, each image is torchvision's brightness, then contrast, then saturation
+    # adjustment, each clamped to [0, 1]: strong factors on images with black and white in them.
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[:, :, 0] = 1.0
+    images[:, :, 1] = 0.0
+    factors = torch.tensor([[2.0, 0.5, 1.5], [0.0, 1.0, 1.0], [1.0, 2.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 2.0],
+                            [1.7, 1.9, 1.8]])
+    got = data.jitter_colours(images, factors)
+    expected = torch.stack([TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
+                            for image, (b, c, s) in zip(images, factors.tolist(), strict=True)])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert got.min() >= 0 and got.max() <= 1
+
+
+def test_jitter_factors_are_uniform_per_image_and_strength_zero_draws_nothing():
+    # On grey images of two halves (51 and 153 of 255) saturation does nothing, the brightness factor
+    # scales the mean and the contrast factor the gap between the halves: both read back, each image
+    # its own, uniform in [1 - s, 1 + s].
+    n, s = 1000, 0.5
+    images = torch.full((n, 3, 4, 4), 51, dtype=torch.uint8)
+    images[:, :, 2:] = 153
+    out = data.augment(images, 0, False, torch.Generator().manual_seed(0), jitter=s)
+    brightness = out.mean((1, 2, 3)) / (102 / 255)
+    contrast = (out[:, 0, 3, 0] - out[:, 0, 0, 0]) / (102 / 255) / brightness
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])  # still grey
+    for factor in (brightness, contrast):
+        assert factor.min() >= 1 - s - 1e-5 and factor.max() <= 1 + s + 1e-5
+        assert factor.min() < 1 - s + 0.01 and factor.max() > 1 + s - 0.01
+        assert abs(factor.mean() - 1) < 0.03  # 3 standard errors: 0.5 / sqrt(3) / sqrt(1000) = 0.009
+    assert not torch.allclose(brightness, contrast)  # independent draws, not one factor for all
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    plain = data.augment(images, 0, False, generator, rotation=0.0, jitter=0.0)
+    assert torch.equal(plain, data.to_float(images)) and torch.equal(generator.get_state(), state)
 
 
 @pytest.mark.reliability

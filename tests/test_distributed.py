@@ -148,13 +148,16 @@ def _assert_close(expected: dict[str, torch.Tensor], path: Path) -> None:
 @pytest.mark.parametrize("strategy", ["linear", "full", "gradual"])
 def test_two_processes_train_what_one_process_trains(project, one_process, tmp_path, strategy, monkeypatch):
     overrides = {
-        "linear": {"train.strategy": "linear", "model.weights": "backbone.pt"},  # BatchNorm frozen throughout
+        # BatchNorm frozen throughout; every augmentation on, each rank drawing for the global batch
+        "linear": {"train.strategy": "linear", "model.weights": "backbone.pt", "train.rotation": 15.0,
+                   "train.color_jitter": 0.4},
         "full": FULL,
         # layer4 and the head, then layer3 too from epoch 2: DDP is rebuilt for the new parameters
         "gradual": {"train.strategy": "partial", "train.unfreeze_from": "layer4", "train.unfreeze_after": 1,
                     "model.weights": "backbone.pt"},
     }[strategy]
-    set_params(project / "params.yaml", {"train.unfreeze_after": 0, **overrides, **TWO_PROCESSES})
+    set_params(project / "params.yaml", {"train.unfreeze_after": 0, "train.rotation": 0.0, "train.color_jitter": 0.0,
+                                         **overrides, **TWO_PROCESSES})
     out = _train_ddp(project, tmp_path / "audit").stdout
 
     assert "$ torchrun --standalone --nproc-per-node 2" in out

@@ -201,7 +201,8 @@ def _replay(model, images, labels, cfg: TrainConfig, seed: int, autocast=None):
     loss_sum, correct, norms = 0.0, 0, []
     for step in range(len(images) // cfg.batch_size):
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        x = data.to_float(data.augment(images[idx], cfg.random_crop, cfg.hflip, generator))
+        x = data.augment(images[idx], cfg.random_crop, cfg.hflip, generator, rotation=cfg.rotation,
+                         jitter=cfg.color_jitter)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         model.zero_grad()
@@ -218,10 +219,10 @@ def _replay(model, images, labels, cfg: TrainConfig, seed: int, autocast=None):
 @pytest.mark.parametrize("channels_last, autocast", [(False, None), (True, None), (False, torch.bfloat16)])
 def test_an_epoch_sums_exactly_what_its_steps_computed(channels_last, autocast):
     # At lr 0 the weights never move, so an independent replay of the same draws must give the same
-    # sums: crops, flips, smoothing, channels_last and autocast all reach the step.
+    # sums: crops, flips, rotations, colour jitter, smoothing, channels_last and autocast all reach the step.
     images, labels = _data(48)
-    cfg = TrainConfig(batch_size=16, grad_clip=0.5, random_crop=4, hflip=True, label_smoothing=0.1,
-                      channels_last=channels_last)
+    cfg = TrainConfig(batch_size=16, grad_clip=0.5, random_crop=4, hflip=True, rotation=15, color_jitter=0.4,
+                      label_smoothing=0.1, channels_last=channels_last)
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
     if channels_last:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from reprotune import data, train
+from reprotune import data, tb, train
 from reprotune.checkpoint import Checkpoints
 from reprotune.config import ModelConfig, Params
 from reprotune.device import set_deterministic
@@ -163,6 +166,41 @@ def test_deterministic_mode_refuses_an_op_without_a_deterministic_kernel_before_
                                 "this device: set train.deterministic to false")
     assert not (tmp_path / "refused").exists()  # refused before training: not even a checkpoint directory
     _fit(_params(deterministic=False, epochs=1), splits, tmp_path, "allowed")  # the same model trains without it
+
+
+@pytest.mark.parametrize("hook, setting", [("rotate", {"rotation": 15}), ("jitter_colours", {"color_jitter": 0.4})])
+def test_the_deterministic_trial_step_rehearses_rotation_and_jitter(splits, tmp_path, monkeypatch, hook, setting):
+    # The trial step augments as the loop does: an op without a deterministic kernel in the rotation
+    # or the jitter is refused before training, not met in the middle of the first epoch.
+    real = getattr(data, hook)
+
+    def nondeterministic(images, *args):
+        torch.zeros(2).put_(torch.tensor([0]), torch.ones(1))
+        return real(images, *args)
+
+    monkeypatch.setattr(data, hook, nondeterministic)
+    try:
+        with pytest.raises(ReprotuneError, match="put_ has no deterministic implementation"):
+            _fit(_params(deterministic=True, epochs=1, **setting), splits, tmp_path, "refused")
+    finally:
+        set_deterministic(False)
+    assert not (tmp_path / "refused").exists()  # refused before training
+
+
+def test_the_logged_sample_batch_is_augmented_as_training_is(splits, tmp_path):
+    # TensorBoard's train/augmented_batch shows the run's rotation and jitter, read back with
+    # TensorBoard's own reader: the grid of `augmented` with the sample generator, not a plain one.
+    small = {name: data.Split(s.images[:32], s.labels[:32], s.classes, s.mean, s.std) for name, s in splits.items()}
+    params = _params(epochs=1, rotation=45, color_jitter=0.5)
+    _fit(params, small, tmp_path)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    png = events.Images("train/augmented_batch")[0].encoded_image_string
+    logged = torch.from_numpy(np.array(PIL.Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
+    images = small["train"].images[:4]
+    expected, plain = (tb.image_grid(train.augmented(images, cfg, torch.Generator().manual_seed(params.seed + 1)), 4)
+                       for cfg in (params.train, _params().train))
+    assert torch.equal(logged, expected) and not torch.equal(logged, plain)
 
 
 def test_torch_compile_trains_the_model_it_returns(splits, tmp_path):

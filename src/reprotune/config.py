@@ -224,6 +224,16 @@ class TrainConfig(Section):
     """px of zero padding for random crops; 0 = off"""
     hflip: bool = True
     """random horizontal flips"""
+    rotation: float = Field(0.0, ge=0, le=180)
+    """degrees, random rotations uniform in +-rotation (bilinear, zero-filled corners); 0 = off
+
+    Anticlockwise for a positive draw, after the crop and flip: one `grid_sample` for the whole
+    batch on the device; e.g. 15."""
+    color_jitter: float = Field(0.0, ge=0, le=1)
+    """strength s: brightness, contrast and saturation factors uniform in [1-s, 1+s]; 0 = off
+
+    Three factors per image, applied in that order as torchvision's ColorJitter(s, s, s) applies
+    each (clamped to [0, 1]), after the rotation; e.g. 0.4."""
     ema_decay: float = Field(0.0, ge=0, lt=1)
     """per-step EMA of the weights, validated and saved when on (e.g. 0.999); 0 = off"""
     early_stop_patience: int = Field(0, ge=0)

@@ -415,12 +415,18 @@ def load_split(path: Path) -> Split:
 
 
 def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator,
-            part: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Random crop (zero padding `padding` px) and horizontal flip of a uint8 batch, on its device.
+            part: tuple[int, int] = (0, 1), rotation: float = 0.0, jitter: float = 0.0) -> torch.Tensor:
+    """A uint8 batch randomly cropped, flipped, rotated and colour-jittered on its device, returned as
+    the models' float32 [0, 1] input.
+
+    Crop (zero padding `padding` px) and flip move uint8 pixels, a quarter of float32's bytes;
+    rotation (uniform in +-`rotation` degrees) and jitter (strength `jitter`) need floats, so they
+    follow the conversion. A setting of 0 draws nothing from `generator`: with rotation and jitter
+    at 0, the draws, and so a whole run, are exactly those of crop and flip alone.
 
     `part=(k, n)`: `images` is the k-th of n equal slices of a larger batch (one rank's share of a
-    global batch). The random draws are made for the whole batch, so each slice gets exactly the
-    crops and flips it would get augmented as one batch, and every rank's generator stays in step.
+    global batch). The random draws are made for the whole batch, so each slice gets exactly what it
+    would get augmented as one batch, and every rank's generator stays in step.
     """
     n, c, h, w = images.shape
     device = images.device
@@ -438,7 +444,45 @@ def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Ge
     if hflip:
         flip = torch.rand(n * parts, device=device, generator=generator)[mine] < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
-    return images
+    x = to_float(images)
+    if rotation:
+        uniform = torch.rand(n * parts, device=device, generator=generator)[mine]  # (N,) in [0, 1)
+        x = rotate(x, (2 * uniform - 1) * rotation)
+    if jitter:
+        uniform = torch.rand(n * parts, 3, device=device, generator=generator)[mine]  # (N, 3) in [0, 1)
+        x = jitter_colours(x, 1 + (2 * uniform - 1) * jitter)
+    return x
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Float images (N, C, H, W) each turned `degrees[i]` anticlockwise about its centre (as
+    torchvision's `rotate`): one bilinear `grid_sample` for the batch, zeros where no pixel lands."""
+    n, _, h, w = images.shape
+    angle = torch.deg2rad(degrees.to(images.dtype))
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    # affine_grid maps each output position to where it samples the input, in [-1, 1] coordinates
+    # (x right, y down): the inverse rotation, with h/w and w/h keeping a non-square image's angles.
+    theta = torch.stack([torch.stack([cos, -sin * h / w, zero], 1),
+                         torch.stack([sin * w / h, cos, zero], 1)], 1)  # (N, 2, 3)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)  # (N, H, W, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# ITU-R 601 luma, the weights of torchvision's rgb_to_grayscale
+GREY = (0.2989, 0.587, 0.114)
+
+
+def jitter_colours(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Float RGB images (N, 3, H, W) in [0, 1] with brightness, contrast and saturation scaled by
+    `factors` (N, 3), in that order, clamped to [0, 1] after each, as torchvision's ColorJitter
+    does (it shuffles the order per call; a fixed one keeps the batch one op per adjustment)."""
+    brightness, contrast, saturation = factors.T[:, :, None, None, None]  # each (N, 1, 1, 1)
+    grey = torch.tensor(GREY, dtype=images.dtype, device=images.device)[:, None, None]  # (3, 1, 1)
+    x = (images * brightness).clamp_(0, 1)
+    mean = (x * grey).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # (N, 1, 1, 1): mean luma
+    x = torch.lerp(mean, x, contrast).clamp_(0, 1)
+    luma = (x * grey).sum(1, keepdim=True)  # (N, 1, H, W)
+    return torch.lerp(luma, x, saturation).clamp_(0, 1)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,12 @@ def log_layout(writer: SummaryWriter) -> None:
 
 
 def image_grid(images: torch.Tensor, count: int) -> torch.Tensor:
-    """The first `count` uint8 images (N, 3, H, W) tiled 8 to a row, as a (3, H', W') uint8 grid."""
-    return torchvision.utils.make_grid(images[:count].cpu(), nrow=8, padding=2)
+    """The first `count` images (N, 3, H, W), uint8 or float in [0, 1] (augmented batches), tiled 8
+    to a row, as a (3, H', W') uint8 grid."""
+    images = images[:count].cpu()
+    if images.is_floating_point():  # rounded: tensorboardX would truncate 254.99 to 254
+        images = images.mul(255).round_().to(torch.uint8)
+    return torchvision.utils.make_grid(images, nrow=8, padding=2)
 
 
 def log_samples(writer: SummaryWriter, tag: str, images: torch.Tensor, labels: torch.Tensor,

@@ -1,9 +1,10 @@
 """Fine-tuning: a plain loop over epochs and batches, with the whole dataset resident on the device.
 
-Images stay uint8 on the device and are shuffled, cropped and flipped there in batches, so no
-DataLoader workers, per-sample transforms or host-to-device copies sit in the loop. Loss, accuracy
-and gradient statistics accumulate as device tensors and are read once per epoch (one sync point
-per epoch). Every epoch ends in a checkpoint, so a killed run resumes where it stopped.
+Images stay uint8 on the device and are shuffled, cropped, flipped, rotated and colour-jittered
+there in batches, so no DataLoader workers, per-sample transforms or host-to-device copies sit in
+the loop. Loss, accuracy and gradient statistics accumulate as device tensors and are read once per
+epoch (one sync point per epoch). Every epoch ends in a checkpoint, so a killed run resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ class EpochProgress:
                 "clip_fraction": clipped / steps, "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
 
 
+def augmented(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
+              part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """uint8 `images` augmented as `cfg` says: the model's float32 input. The loop, the trial step
+    and the logged sample batch all come this way, so none of them can miss a setting."""
+    return augment(images, cfg.random_crop, cfg.hflip, generator, part, cfg.rotation, cfg.color_jitter)
+
+
 class Diverged(Exception):
     """The running training loss is no longer finite."""
 
@@ -141,7 +149,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     while progress.step < steps:
         batch = progress.order[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
         idx = group.part(batch)
-        x = to_float(augment(images[idx], cfg.random_crop, cfg.hflip, generator, (group.rank, group.world)))
+        x = augmented(images[idx], cfg, generator, (group.rank, group.world))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
@@ -238,7 +246,7 @@ def trial_step(model: Classifier, images: torch.Tensor, labels: torch.Tensor, cf
     device = images.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         probe = copy.deepcopy(model).train()
-        x = to_float(augment(images[:2], cfg.random_crop, cfg.hflip, torch.Generator(device)))
+        x = augmented(images[:2], cfg, torch.Generator(device))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
@@ -581,7 +589,7 @@ def _log_setup(writer: SummaryWriter, params: Params, model: Classifier, train: 
     if count:
         # A separate generator, so logging never shifts the training run's random stream.
         sample_gen = torch.Generator(train.images.device).manual_seed(params.seed + 1)
-        batch = augment(train.images[:count], params.train.random_crop, params.train.hflip, sample_gen)
+        batch = augmented(train.images[:count], params.train, sample_gen)
         tb.log_samples(writer, "train/augmented_batch", batch, train.labels, train.classes, count)
 
 
