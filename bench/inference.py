@@ -1,7 +1,8 @@
 """Inference speed of every serving format, measured side by side in one run.
 
-PyTorch eager, TorchScript, ONNX Runtime fp32 and ONNX Runtime int8 (static, QDQ): median latency
-of one image (batch 1) and throughput at batch 256. The rounds interleave the formats so that
+PyTorch eager, TorchScript, ONNX Runtime fp32 and int8 (static, QDQ), and, with the `mobile` extra,
+ExecuTorch's XNNPACK programs fp32 and int8 (PT2E), as export writes them (planned for batch 256
+here): median latency of one image (batch 1) and throughput at batch 256. The rounds interleave the formats so that
 machine noise hits them alike: compare the ratios, not the absolute times of different runs.
 
     python bench/inference.py [--model models/model.pt] [--rounds 5]
@@ -25,10 +26,12 @@ import numpy as np
 import onnxruntime
 import torch
 
+from reprotune import mobile
 from reprotune.config import ModelConfig
+from reprotune.errors import ReprotuneError
 from reprotune.export import export_onnx, export_torchscript, quantize_int8
 from reprotune.model import build_model, load_model
-from reprotune.runtime import onnx_runner, torchscript_runner
+from reprotune.runtime import executorch_runner, onnx_runner, torchscript_runner
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,6 +81,16 @@ def main() -> None:
 
         runners = {"PyTorch eager": eager, "TorchScript": torchscript_runner(script),
                    "ONNX Runtime fp32": onnx_runner(onnx), "ONNX Runtime int8": onnx_runner(int8)}
+        try:
+            mobile.require_executorch()
+        except ReprotuneError as error:
+            print(f"skipping ExecuTorch: {error}")
+        else:
+            pte, pte8 = Path(tmp, "m.pte"), Path(tmp, "m.int8.pte")
+            mobile.export_pte(model, torch.from_numpy(batch[:2]), pte, len(batch))
+            mobile.quantize_pte(model, torch.from_numpy(batch[:2]), pte8, torch.from_numpy(batch), len(batch))
+            runners["ExecuTorch XNNPACK fp32"] = executorch_runner(pte)
+            runners["ExecuTorch XNNPACK int8"] = executorch_runner(pte8)
         latency = {name: [] for name in runners}
         throughput = {name: [] for name in runners}
         for _ in range(args.rounds):  # interleaved: each round times every format

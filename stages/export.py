@@ -1,4 +1,5 @@
-"""DVC stage `export`: ONNX, int8 ONNX and TorchScript, each verified, plus the model card.
+"""DVC stage `export`: ONNX, int8 ONNX, TorchScript and (export.executorch) ExecuTorch, each verified,
+plus the model card.
 
 The compress stage's model, when it pruned one, is exported too: ONNX and int8 ONNX in models/compressed/.
 """
@@ -16,7 +17,8 @@ from reprotune.stage import ParamsFile, run_stage
 
 MODEL, COMPRESSED = Path("models/model.pt"), Path("models/model.compressed.pt")
 PATHS = ExportPaths(onnx=Path("models/model.onnx"), int8=Path("models/int8"),
-                    torchscript=Path("models/model.torchscript.pt"), compressed=Path("models/compressed"))
+                    torchscript=Path("models/model.torchscript.pt"), compressed=Path("models/compressed"),
+                    executorch=Path("models/executorch"))
 
 
 def main(params: ParamsFile = Path("params.yaml")) -> None:
@@ -35,6 +37,10 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
     print(f"onnx |diff| {onnx['max_abs_diff']:.1e} acc {onnx['test_acc']:.4f}; int8 acc {int8['test_acc']:.4f}, "
           f"{int8['size_ratio']:.2f}x size, {int8['speedup']:.2f}x speed; "
           f"torchscript |diff| {script['max_abs_diff']:.1e}")
+    if "executorch" in report:
+        pte, pte8 = report["executorch"], report["executorch_int8"]
+        print(f"executorch |diff| {pte['max_abs_diff']:.1e} acc {pte['test_acc']:.4f}; "
+              f"int8 acc {pte8['test_acc']:.4f}, {pte8['size_ratio']:.2f}x size, {pte8['speedup']:.2f}x speed")
     if "compressed" in report:
         small = report["compressed"]
         print(f"compressed onnx |diff| {small['max_abs_diff']:.1e} acc {small['test_acc']:.4f}, "

@@ -28,7 +28,7 @@ OUTPUTS = [
     "data/raw/download/cifar-10-python.tar.gz", "metrics/download.json",
     "data/processed/train.pt", "data/processed/val.pt", "data/processed/test.pt", "metrics/preprocess.json",
     "models/model.pt", "metrics/train.json", "metrics/train_history.csv", "models/model.compressed.pt",
-    "metrics/compress.json", "models/compressed/not_pruned.json",
+    "metrics/compress.json", "models/compressed/not_pruned.json", "models/executorch/disabled.txt",
     "metrics/evaluate.json", "metrics/confusion.csv", "metrics/reliability.csv",
     "models/model.onnx", "models/int8/model.int8.onnx", "models/model.torchscript.pt", "models/model_card.json",
     "metrics/export.json",

@@ -340,7 +340,7 @@ class CompressConfig(Section):
 
 
 class ExportConfig(Section):
-    """ONNX, int8 ONNX and TorchScript, each verified before it is written."""
+    """ONNX, int8 ONNX, TorchScript and optionally ExecuTorch, each verified before it is written."""
 
     opset: int = Field(18, ge=13, le=23)
     """ONNX opset"""
@@ -359,6 +359,14 @@ class ExportConfig(Section):
     records it."""
     latency_runs: int = Field(50, ge=1)
     """batch-1 calls timed per export (the median is reported)"""
+    executorch: bool = False
+    """also write ExecuTorch programs for phones: `models/executorch/` (XNNPACK, fp32 + int8 .pte)
+
+    Needs the `mobile` extra (`pip install -e '.[mobile]'`). Verified like the others: fp32 within
+    `tolerance`, int8 through `int8_min_agreement` and `int8`. When false, `models/executorch/`
+    holds only a note saying so."""
+    executorch_max_batch: int = Field(32, ge=1)
+    """largest batch one .pte call takes (ExecuTorch plans its buffers for it; 1 = a fixed batch of 1)"""
 
 
 class Params(Section):

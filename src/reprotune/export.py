@@ -1,4 +1,5 @@
-"""Export for serving: ONNX (dynamic batch), int8 ONNX and TorchScript, each verified before it lands.
+"""Export for serving: ONNX (dynamic batch), int8 ONNX, TorchScript and, with `export.executorch`,
+ExecuTorch programs for phones (`mobile.py`), each verified before it lands.
 
 All exports carry the `Classifier`'s normalization and resize, so a consumer feeds float32 RGB
 images in [0, 1] (N, 3, S, S) and gets logits, S being the side of the cached images the model was
@@ -30,16 +31,18 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tensorboardX import SummaryWriter
 
-from reprotune import tb
+from reprotune import mobile, tb
 from reprotune.config import CIFAR_SIDE, ExportConfig
 from reprotune.data import Split, to_float
 from reprotune.errors import ReprotuneError
 from reprotune.evaluate import predict
 from reprotune.io import atomic_dir, atomic_file
 from reprotune.model import Classifier
-from reprotune.runtime import INPUT, OUTPUT, Runner, onnx_runner, torchscript_runner
+from reprotune.runtime import INPUT, OUTPUT, Runner, executorch_runner, onnx_runner, torchscript_runner
 
 BATCH = 256  # images per run when measuring accuracy through an export
+# Report keys of the exported files, in the order tables list them (those not made are skipped).
+EXPORTS = ("onnx", "onnx_int8", "torchscript", "executorch", "executorch_int8", "compressed", "compressed_int8")
 
 
 INT8_FILE = "model.int8.onnx"  # inside ExportPaths.int8, when the int8 model passed its gate
@@ -55,6 +58,7 @@ class ExportPaths:
     int8: Path  # a directory: DVC needs every declared output to exist, and the int8 model may not
     torchscript: Path
     compressed: Path  # a directory, for the same reason: the compress stage may have pruned nothing
+    executorch: Path  # a directory: the .pte programs, or a note that export.executorch is off
 
 
 @dataclass
@@ -170,7 +174,16 @@ def export_int8(fp32: Path, fp32_entry: dict, ref: Reference, calibration: torch
     written). Returns its report entry and, if it was not shipped, the verdict."""
     int8 = folder / INT8_FILE
     quantize_int8(fp32, int8, to_float(calibration[: cfg.calibration_images]).numpy())
-    entry, verdict = verify(onnx_runner(int8), int8, ref, cfg), None
+    entry = verify(onnx_runner(int8), int8, ref, cfg)
+    return entry, gate_int8(entry, fp32_entry, int8, cfg, name)
+
+
+def gate_int8(entry: dict, fp32_entry: dict, int8: Path, cfg: ExportConfig, name: str) -> str | None:
+    """Ship the int8 file `int8` (its `entry` from `verify`) only if it agrees with PyTorch often
+    enough: else remove it and leave INT8_REJECTED beside it saying why, or, with `export.int8`
+    required, raise. Completes `entry` (shipped, and size, accuracy and speed against `fp32_entry`)
+    and returns the verdict when it was not shipped."""
+    verdict = None
     entry["shipped"] = entry["agreement"] >= cfg.int8_min_agreement
     if not entry["shipped"]:
         verdict = (f"{name} model agrees with PyTorch on {entry['agreement']:.3f} of test images "
@@ -178,11 +191,28 @@ def export_int8(fp32: Path, fp32_entry: dict, ref: Reference, calibration: torch
         if cfg.int8 == "required":
             raise ReprotuneError(f"{verdict}; export.int8 is required, so nothing was written")
         int8.unlink()
-        (folder / INT8_REJECTED).write_text(json.dumps({"verdict": verdict, **entry}, indent=2) + "\n")
+        (int8.parent / INT8_REJECTED).write_text(json.dumps({"verdict": verdict, **entry}, indent=2) + "\n")
     entry["size_ratio"] = entry["bytes"] / fp32_entry["bytes"]
     entry["acc_change"] = entry["test_acc"] - fp32_entry["test_acc"]
     entry["speedup"] = fp32_entry["latency_ms"] / entry["latency_ms"]
-    return entry, verdict
+    return verdict
+
+
+def export_executorch(model: Classifier, ref: Reference, calibration: torch.Tensor, cfg: ExportConfig,
+                      folder: Path) -> tuple[dict, str | None]:
+    """ExecuTorch programs for XNNPACK in `folder`: fp32 (within `export.tolerance`, else raise) and
+    int8 (gated like the int8 ONNX model), each run through ExecuTorch's own runtime to verify it.
+    Their report entries, and the int8 program's verdict if it was not shipped."""
+    fp32 = folder / mobile.PTE_FILE
+    mobile.export_pte(model, ref.check[:2], fp32, cfg.executorch_max_batch)
+    entry = {**verify(executorch_runner(fp32), fp32, ref, cfg), "max_batch": cfg.executorch_max_batch}
+    within_tolerance(entry, "executorch", cfg)
+    int8 = folder / mobile.PTE_INT8_FILE
+    mobile.quantize_pte(model, ref.check[:2], int8, to_float(calibration[: cfg.calibration_images]),
+                        cfg.executorch_max_batch)
+    quantized = verify(executorch_runner(int8), int8, ref, cfg)
+    verdict = gate_int8(quantized, entry, int8, cfg, "int8 ExecuTorch")
+    return {"executorch": entry, "executorch_int8": quantized}, verdict
 
 
 def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: ExportConfig,
@@ -191,16 +221,20 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
 
     The fp32 exports must pass (else nothing is written). An int8 model that misses its agreement
     gate is not shipped: unless `export.int8` is `required`, the stage still succeeds, its folder
-    holds only the verdict, and the report says why. `compressed`: the compress stage's pruned model,
+    holds only the verdict, and the report says why. With `export.executorch`, the ExecuTorch programs
+    go to `paths.executorch` the same way. `compressed`: the compress stage's pruned model,
     exported to ONNX and int8 ONNX in `paths.compressed` and checked against itself the same way
     (None: nothing was pruned).
     """
+    if cfg.executorch:  # before any work: without the mobile extra, say so at once
+        mobile.require_executorch()
     model = model.eval()
     ref = Reference.of(model, test, cfg)
     report = {"pytorch": {"test_acc": ref.test_acc},
               "verification": {"check_images": len(ref.check), "test_images": len(ref.labels), "opset": cfg.opset}}
     with atomic_file(paths.onnx) as onnx_tmp, atomic_file(paths.torchscript) as ts_tmp, \
-            atomic_dir(paths.int8) as int8_dir, atomic_dir(paths.compressed) as compressed_dir:
+            atomic_dir(paths.int8) as int8_dir, atomic_dir(paths.compressed) as compressed_dir, \
+            atomic_dir(paths.executorch) as pte_dir:
         export_onnx(model, ref.check[:2], onnx_tmp, cfg.opset)
         export_torchscript(model, ref.check[:2], ts_tmp)
         for name, path, runner in (("onnx", onnx_tmp, onnx_runner), ("torchscript", ts_tmp, torchscript_runner)):
@@ -209,6 +243,12 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
         report["onnx_int8"], verdict = export_int8(onnx_tmp, report["onnx"], ref, calibration, cfg, int8_dir,
                                                    "int8 ONNX")
         rejected = [(verdict, paths.int8)]
+        if cfg.executorch:
+            entries, verdict = export_executorch(model, ref, calibration, cfg, pte_dir)
+            report.update(entries)
+            rejected.append((verdict, paths.executorch))
+        else:
+            (pte_dir / mobile.PTE_OFF).write_text(mobile.OFF_NOTE)
         if compressed is None:
             (compressed_dir / NOT_PRUNED).write_text(json.dumps(
                 {"verdict": "compress.ratio is 0: models/model.compressed.pt is the fine-tuned model itself"}) + "\n")
@@ -240,8 +280,8 @@ def export_metrics(report: dict) -> dict:
     check counts go to the model card), parity and int8 agreement first, a reviewer's headline."""
     fp32 = ("max_abs_diff", "test_acc", "agreement", "latency_ms")
     int8 = ("agreement", "shipped", "test_acc", "acc_change", "size_ratio", "speedup", "max_abs_diff", "latency_ms")
-    fp32_names = [name for name in ("onnx", "torchscript", "compressed") if name in report]
-    int8_names = [name for name in ("onnx_int8", "compressed_int8") if name in report]
+    fp32_names = [name for name in ("onnx", "torchscript", "executorch", "compressed") if name in report]
+    int8_names = [name for name in ("onnx_int8", "executorch_int8", "compressed_int8") if name in report]
     # The headline, short enough for `dvc exp show` at 120 columns: the worst |logit difference| of
     # any fp32 export against its PyTorch model, and the share of test images where int8 picks PyTorch's class.
     return {"parity": max(report[name]["max_abs_diff"] for name in fp32_names),
@@ -275,7 +315,8 @@ def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict |
     """What a consumer needs to feed the exported models, which model each file holds, how well they
     do, and where they came from. `compressed`: the compress stage's saved model, when it pruned one."""
     side = saved.get("input_size", CIFAR_SIDE)  # models saved before folder datasets: CIFAR's 32
-    shipped = {name: name in report and report[name]["shipped"] for name in ("onnx_int8", "compressed_int8")}
+    shipped = {name: name in report and report[name]["shipped"]
+               for name in ("onnx_int8", "executorch_int8", "compressed_int8")}
     card = {
         "architecture": saved["model"]["arch"],
         "classes": saved["classes"],
@@ -293,25 +334,28 @@ def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict |
         # only when the compress stage pruned (compress.ratio > 0). All take the same input.
         "files": {"onnx": "model.onnx", "torchscript": "model.torchscript.pt",
                   "onnx_int8": f"int8/{INT8_FILE}" if shipped["onnx_int8"] else None,
+                  "executorch": f"executorch/{mobile.PTE_FILE}" if "executorch" in report else None,
+                  "executorch_int8": f"executorch/{mobile.PTE_INT8_FILE}" if shipped["executorch_int8"] else None,
                   "compressed_onnx": f"compressed/{COMPRESSED_FILE}" if compressed else None,
                   "compressed_onnx_int8": f"compressed/{INT8_FILE}" if shipped["compressed_int8"] else None},
         "models": {
-            "onnx, torchscript, onnx_int8": "the fine-tuned model, models/model.pt (int8: quantized from it)",
+            "onnx, torchscript, onnx_int8, executorch, executorch_int8":
+                "the fine-tuned model, models/model.pt (int8: quantized from it)",
             "compressed_onnx, compressed_onnx_int8":
                 f"models/model.compressed.pt: the fine-tuned model with {compressed['compression']['ratio']:.0%} of "
                 f"its channels pruned ({compressed['compression']['flops_ratio']:.2f}x the FLOPs), then fine-tuned "
                 f"again" if compressed else "none: compress.ratio is 0"},
-        "bytes": {name: report[name]["bytes"] for name in
-                  ("onnx", "torchscript", "onnx_int8", "compressed", "compressed_int8") if name in report},
+        "bytes": {name: report[name]["bytes"] for name in EXPORTS if name in report},
         "verification": {**report["verification"], "int8_shipped": report["onnx_int8"]["shipped"],
                          "int8_agreement": report["onnx_int8"]["agreement"]},
         "training": {"seed": saved.get("seed"), "model": saved["model"], "train": saved.get("train")},
         "metrics": {"best_epoch": saved.get("best_epoch"), "val_acc": saved.get("val_acc"),
                     **{f"{name}_test_acc": report[name]["test_acc"]
-                       for name in ("pytorch", "onnx", "onnx_int8", "torchscript", "compressed_pytorch",
-                                    "compressed", "compressed_int8") if name in report}},
+                       for name in ("pytorch", "compressed_pytorch", *EXPORTS) if name in report}},
         "lineage": trace,
     }
+    if "executorch" in report:  # ExecuTorch plans its buffers for one largest batch: 1..max images per call
+        card["executorch"] = {"backend": "XNNPACK", "batch": {"min": 1, "max": report["executorch"]["max_batch"]}}
     if compressed:
         card["compression"] = compressed["compression"]
     return card
@@ -320,8 +364,7 @@ def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict |
 def log_export(writer: SummaryWriter, report: dict) -> None:
     """Parity, accuracy, size and latency of each export, as scalars and a table."""
     rows = []
-    for name in [name for name in ("onnx", "onnx_int8", "torchscript", "compressed", "compressed_int8")
-                 if name in report]:
+    for name in [name for name in EXPORTS if name in report]:
         entry = report[name]
         for key in ("max_abs_diff", "test_acc", "agreement", "latency_ms"):
             writer.add_scalar(f"export/{name}_{key}", entry[key], 0)

@@ -17,7 +17,7 @@ import numpy as np
 
 from reprotune.errors import ReprotuneError
 from reprotune.images import SUFFIXES, load_image
-from reprotune.runtime import Runner, onnx_runner, softmax, torchscript_runner
+from reprotune.runtime import Runner, executorch_runner, onnx_runner, softmax, torchscript_runner
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Predictor:
 
 
 def load_card(model: Path) -> dict:
-    """The model card of an export (beside it, or one folder up for models/int8/), checked to list
+    """The model card of an export (beside it, or one folder up for models/int8/ and the like), checked to list
     `model` among its files."""
     card_path = next((folder / "model_card.json" for folder in (model.parent, model.parent.parent)
                       if (folder / "model_card.json").is_file()), model.parent / "model_card.json")
@@ -47,13 +47,13 @@ def load_card(model: Path) -> dict:
 
 
 def load_predictor(model: Path) -> Predictor:
-    """Load an ONNX (ONNX Runtime) or TorchScript export with the model card beside it."""
+    """Load an ONNX (ONNX Runtime), TorchScript or ExecuTorch export with the model card beside it."""
     if not model.is_file():
         raise ReprotuneError(f"{model}: model not found (run `make demo` or `dvc repro` first)")
     card = load_card(model)
     try:
-        run = onnx_runner(model) if model.suffix == ".onnx" else torchscript_runner(model)
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime and torch.jit raise their own types
+        run = {".onnx": onnx_runner, ".pte": executorch_runner}.get(model.suffix, torchscript_runner)(model)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime, torch.jit and ExecuTorch raise their own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ReprotuneError(f"{model}: cannot load the model ({first})") from None
     return Predictor(run, card["classes"], card["size"])

@@ -1,4 +1,4 @@
-"""Running an exported model: ONNX Runtime without torch, TorchScript with it.
+"""Running an exported model: ONNX Runtime without torch, TorchScript and ExecuTorch with it.
 
 Used by export (to verify each file), `reprotune predict` and the server. Importing this module does
 not import torch: a prediction through ONNX Runtime starts in a fraction of a second.
@@ -6,6 +6,10 @@ not import torch: a prediction through ONNX Runtime starts in a fraction of a se
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +43,40 @@ def torchscript_runner(path: Path) -> Runner:
             return module(torch.from_numpy(images)).numpy()
 
     return run
+
+
+def executorch_runner(path: Path) -> Runner:
+    """An ExecuTorch program (.pte) through ExecuTorch's Python runtime, its XNNPACK delegate on the CPU
+    (imports torch and ExecuTorch, the `mobile` extra). A program takes batches up to the size it was
+    planned for; larger ones run in slices of that size."""
+    import torch
+    from executorch.runtime import Runtime
+
+    with _stderr_silenced():  # XNNPACK's first load reports, line by line, what it reads of the CPU
+        method = Runtime.get().load_program(Path(path)).load_method("forward")
+    limit = method.metadata.input_tensor_meta(0).sizes()[0]
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return np.concatenate([method.execute([torch.from_numpy(images[i:i + limit])])[0].numpy()
+                               for i in range(0, len(images), limit)])
+
+    return run
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Silence standard error for the block: file descriptor 2, where native code writes, and
+    Python's sys.stderr, where ExecuTorch's bindings redirect C++'s std::cerr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
