@@ -7,7 +7,9 @@ images, 3 epochs at batch 64, lr 0.05, no pretrained weights), then runs the com
 function at each ratio: prune, recover for `--epochs` through the finetune loop, and measure before and
 after as the stage does (test accuracy in PyTorch; ONNX Runtime batch-1 latency and batch-256
 throughput on this machine's CPU). The first row is the control: ratio 0, the same recovery epochs,
-so the accuracy change of each ratio can be read against what the extra epochs alone give.
+so the accuracy change of each ratio can be read against what the extra epochs alone give. The
+speed columns come from one final round-robin over every model (the stage's own `speed`), so the
+ratios between rows are measured side by side, not minutes apart.
 Writes bench/results/compress.json and bench/results/compress.md.
 """
 
@@ -23,8 +25,9 @@ import numpy as np
 
 from reprotune import data
 from reprotune.checkpoint import Checkpoints
-from reprotune.compress import compress
+from reprotune.compress import compress, speed
 from reprotune.config import Params
+from reprotune.export import export_onnx
 from reprotune.train import finetune
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,7 +54,7 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=0.0)
     args = parser.parse_args()
     splits = demo_splits()
-    rows = []
+    rows, onnx = [], []
     with tempfile.TemporaryDirectory() as tmp:
         base = finetune(Params.model_validate(DEMO), splits["train"], splits["val"],
                         Checkpoints(Path(tmp) / "base", "base"))
@@ -59,17 +62,26 @@ def main() -> None:
             params = Params.model_validate({**DEMO, "compress": {"ratio": ratio, "epochs": args.epochs,
                                                                  "importance": args.importance,
                                                                  "distill": args.distill}})
-            _, metrics = compress(params, base.model, splits["train"], splits["val"], splits["test"],
-                                  Checkpoints(Path(tmp) / f"r{ratio}", f"r{ratio}"))
+            model, metrics = compress(params, base.model, splits["train"], splits["val"], splits["test"],
+                                      Checkpoints(Path(tmp) / f"r{ratio}", f"r{ratio}"))
             rows.append(metrics)
+            onnx.append(Path(tmp) / f"r{ratio}.onnx")
+            export_onnx(model, data.to_float(splits["test"].images[:2]), onnx[-1], opset=18)
             print(f"ratio {ratio}: {metrics['flops_ratio']:.2f}x FLOPs, {metrics['speedup']:.2f}x throughput, "
                   f"test acc {metrics['test_acc']:.4f} ({metrics['acc_change']:+.4f})", flush=True)
+        unpruned = Path(tmp) / "unpruned.onnx"
+        export_onnx(base.model.eval(), data.to_float(splits["test"].images[:2]), unpruned, opset=18)
+        first, *timed = speed([unpruned, *onnx], splits["test"])
+    for m, t in zip(rows, timed, strict=True):  # the side-by-side figures replace each call's own pair
+        m["after"].update(t)
+        m["speedup"] = t["images_per_second"] / first["images_per_second"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compress.json").write_text(json.dumps({"args": vars(args), "runs": rows}, indent=2) + "\n")
-    first = rows[0]["before"]  # the control's: the unpruned model
+    first = {**rows[0]["before"], **first}  # the unpruned model
+    (RESULTS / "compress.json").write_text(json.dumps({"args": vars(args), "unpruned": first, "runs": rows},
+                                                      indent=2) + "\n")
     command = (f"python bench/compress.py --ratios {' '.join(str(r) for r in args.ratios)} --epochs {args.epochs} "
                f"--importance {args.importance} --distill {args.distill}")
-    # Each speedup is against the unpruned model measured in the same call, just before.
+    # Each speedup is against the unpruned model, timed in the same round-robin.
     lines = [f"Demo data, `{command}`; ONNX Runtime on this machine's CPU ({os.cpu_count()} cores).", "",
              "| compress.ratio | FLOPs | parameters | ONNX MB | batch-1 ms | batch-256 img/s | test acc | "
              "acc change | acc before recovery |",
