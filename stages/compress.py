@@ -1,18 +1,14 @@
 """DVC stage `compress`: prune whole channels of the fine-tuned model, fine-tune it back, measure both.
 
-With compress.ratio 0 (the default) nothing is pruned: the model is copied as it is, in a second.
+With compress.ratio 0 (the default) nothing is pruned: the model is copied as it is, without loading
+torch, in about a second, and runs/compress/ holds a note instead of a TensorBoard run.
 """
 
 import shutil
 from pathlib import Path
 
-from reprotune import tb
-from reprotune.checkpoint import Checkpoints, run_key
-from reprotune.compress import compress, log_compress
 from reprotune.config import ModelConfig, load_params
-from reprotune.data import load_split
-from reprotune.io import atomic_file, write_json
-from reprotune.model import load_model, save_model
+from reprotune.io import atomic_dir, atomic_file, write_json
 from reprotune.stage import ParamsFile, run_stage
 
 MODEL, OUT = Path("models/model.pt"), Path("models/model.compressed.pt")
@@ -25,11 +21,17 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
     if not cfg.compress.ratio:
         with atomic_file(OUT) as tmp:
             shutil.copyfile(MODEL, tmp)  # the same bytes: DVC caches them once
-        with tb.stage_writer("runs/compress") as writer:
-            writer.add_text("compress/summary", "compress.ratio is 0: the model is not pruned", 0)
+        with atomic_dir("runs/compress") as tmp:
+            (tmp / "README.txt").write_text("compress.ratio is 0: the model was copied, not pruned.\n")
         write_json("metrics/compress.json", {"ratio": 0.0})
         print(f"{OUT}: a copy of {MODEL} (compress.ratio is 0)")
         return
+    from reprotune import tb  # torch, the pruner and the training loop: only when there is work
+    from reprotune.checkpoint import Checkpoints, run_key
+    from reprotune.compress import compress, log_compress
+    from reprotune.data import load_split
+    from reprotune.model import load_model, save_model
+
     model, saved = load_model(MODEL)
     train, val, test = (load_split(path) for path in SPLITS)
     checkpoints = Checkpoints(WORK, run_key(cfg, [MODEL, *SPLITS], ("train", "log", "compress")))

@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: accuracy, top-5, per-class precision/recall/F1, calibration, confusion rows."""
+"""DVC stage `evaluate`: accuracy, top-5, per-class precision/recall/F1, calibration, confusion rows,
+and the drift reference `reprotune monitor` compares new images with (models/reference.pt)."""
 
 from pathlib import Path
 
@@ -8,10 +9,12 @@ from reprotune.data import load_split
 from reprotune.evaluate import evaluate_model
 from reprotune.io import atomic_file, write_json
 from reprotune.model import load_model
+from reprotune.monitor import build_reference, file_md5, save_reference
 from reprotune.stage import ParamsFile, run_stage
 
 MODEL = Path("models/model.pt")
-TEST = Path("data/processed/test.pt")
+TEST, VAL = Path("data/processed/test.pt"), Path("data/processed/val.pt")
+REFERENCE = Path("models/reference.pt")
 
 
 def main(params: ParamsFile = Path("params.yaml")) -> None:
@@ -24,6 +27,7 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
         with atomic_file(f"metrics/{name}.csv") as tmp:
             frame.to_csv(tmp, index=False)
     write_json("metrics/evaluate.json", result.metrics)
+    save_reference(build_reference(model, load_split(VAL), result.metrics, file_md5(MODEL)), REFERENCE)
     m = result.metrics
     print(f"test acc {m['test_acc']:.4f} (top-5 {m['test_top5_acc']:.4f}), loss {m['test_loss']:.4f}, "
           f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}")

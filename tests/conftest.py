@@ -15,7 +15,8 @@ import torchvision
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore",
+                 "data/incoming/README.md"]
 
 # A pipeline small enough to run in seconds on 2 CPU cores, through exactly the real code path.
 TINY = {

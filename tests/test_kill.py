@@ -20,7 +20,7 @@ from reprotune.data import read_archive
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 
-STAGES = ["download", "preprocess", "finetune", "evaluate", "compress", "export"]
+STAGES = ["download", "preprocess", "finetune", "evaluate", "compress", "export", "monitor"]
 
 
 def assert_whole(root: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO, run, set_params
+from test_pipeline import IDLE
 
 PACKAGE = "reprotune"
 
@@ -85,7 +86,14 @@ def test_the_stage_processes_loaded_exactly_their_closure(pipeline):
             paths = {str(module_path(name)) for name in process["modules"]}
             loaded.setdefault(script.stem, set()).update(paths | {f"stages/{script.name}"})
     assert set(loaded) == set(code_deps())  # every stage ran and was recorded
-    assert {name: sorted(paths) for name, paths in loaded.items()} == code_deps()
+    deps = code_deps()
+    # compress (ratio 0) and monitor (no incoming images) stop early, before their lazy imports: they
+    # load part of what they declare. Every other stage loads exactly what it declares.
+    for name, paths in loaded.items():
+        if name in IDLE:
+            assert paths < set(deps[name]), name
+        else:
+            assert sorted(paths) == deps[name], name
 
 
 def _status(root: Path) -> dict[str, set[str]]:

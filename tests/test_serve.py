@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import env, free_port, run
 from reprotune.images import load_image
+from reprotune.monitor import read_incoming
 from reprotune.runtime import onnx_runner
 
 REPROTUNE = str(Path(sys.executable).parent / "reprotune")
@@ -131,8 +132,11 @@ def model(pipeline) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
+    requests = tmp_path_factory.mktemp("requests")
     server = Server(model, tmp_path_factory.mktemp("serve"), "--max-batch-size", str(MAX_BATCH),
-                    "--max-pixels", str(MAX_PIXELS), "--max-body-mb", "1", "--max-wait-ms", "20")
+                    "--max-pixels", str(MAX_PIXELS), "--max-body-mb", "1", "--max-wait-ms", "20",
+                    "--log-requests", str(requests))
+    server.requests = requests
     yield server
     assert server.stop() == 0, server.output()
 
@@ -213,6 +217,20 @@ def test_image_and_tensor_requests_give_the_classes_reprotune_predict_gives(serv
     assert status == 200
     labels = next(o for o in reply["outputs"] if o["name"] == "top_k_labels")
     assert np.array(labels["data"]).reshape(labels["shape"]).tolist() == expected
+
+
+def test_the_request_log_holds_what_the_model_saw_with_its_prediction(server, model, files):
+    before = set(server.requests.glob("*.png"))
+    reply = server.client().infer("reprotune", [file_input([f.read_bytes() for f in files])])
+    logged = sorted(set(server.requests.glob("*.png")) - before)  # names sort by arrival
+    assert len(logged) == len(files)
+    for path, png, labels in zip(files, logged, reply.as_numpy("top_k_labels").astype(str).tolist(), strict=True):
+        assert np.array_equal(np.asarray(Image.open(png)).transpose(2, 0, 1), load_image(path, 32))
+        meta = json.loads(png.with_suffix(".json").read_text())
+        assert meta["prediction"] == labels[0] and [e["label"] for e in meta["top"]] == labels[:3]
+    card = json.loads((model.parent / "model_card.json").read_text())
+    incoming = read_incoming(server.requests, card["classes"], 32)  # what `reprotune monitor` reads
+    assert len(incoming.images) == len(list(server.requests.glob("*.png"))) and incoming.labels is None
 
 
 def test_concurrent_requests_are_answered_right_and_batched(server, model, files):

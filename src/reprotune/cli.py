@@ -153,6 +153,33 @@ def predict(
         raise typer.Exit(1)
 
 
+DRIFT_EXIT = 3  # `monitor --fail-on-drift` on drift; errors exit 1, so cron and CI can tell them apart
+
+
+@cli.command()
+def monitor(
+    source: Annotated[Path, typer.Argument(help="New images: a folder (or tar/zip archive) of image files, or of "
+                                                "class folders of them (then accuracy is reported too).")],
+    model: Annotated[Path, typer.Option(help="The fine-tuned model.")] = Path("models/model.pt"),
+    reference: Annotated[Path, typer.Option(help="Its drift reference, written by the evaluate stage.")]
+    = Path("models/reference.pt"),
+    metrics: Annotated[Path, typer.Option(help="Where the report goes (JSON).")] = Path("metrics/monitor.json"),
+    logdir: Annotated[Path, typer.Option(help="The TensorBoard run (replaced).")] = Path("runs/monitor"),
+    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help=f"Exit {DRIFT_EXIT} on drift.")] = False,
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Compare new images with the data the model was trained for: input, feature and prediction drift."""
+    from reprotune.config import load_params  # keeps `reprotune --version` light
+    from reprotune.io import write_json
+    from reprotune.monitor import check
+
+    cfg = load_params(params).monitor if params.is_file() else None
+    report = check(source, model, reference, logdir, *((cfg.alpha, cfg.permutations) if cfg else ()))
+    write_json(metrics, report)
+    if fail_on_drift and report["drift"]:
+        raise typer.Exit(DRIFT_EXIT)
+
+
 @cli.command()
 def serve(
     model: Annotated[Path, typer.Option(help="The ONNX export to serve (its model_card.json beside it).")]
@@ -181,6 +208,12 @@ def serve(
                                                                      "started here.")] = 8080,
     proxy_every_node: Annotated[bool, typer.Option("--proxy-every-node", help="An HTTP proxy on every Ray node "
                                                    "(behind a load balancer), not only the head.")] = False,
+    log_requests: Annotated[Path | None, typer.Option(help="Keep the newest classified images here, as PNG with "
+                                                           "their predictions beside them, for `reprotune monitor`.")]
+    = None,
+    log_max_images: Annotated[int, typer.Option(min=1, help="Images --log-requests keeps (oldest deleted first).")]
+    = 10_000,
+    log_max_mb: Annotated[float, typer.Option(min=0, help="MiB of PNG --log-requests keeps.")] = 512.0,
 ) -> None:
     """Serve the exported model over the Open Inference Protocol (KServe V2) with Ray Serve."""
     from reprotune.cluster import ray_environment
@@ -190,7 +223,9 @@ def serve(
 
     settings = Settings(model=str(model.resolve()), name=name, replicas=replicas, max_replicas=max_replicas,
                         threads=threads or 1, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                        max_body_mb=max_body_mb, **({"max_pixels": max_pixels} if max_pixels else {}))
+                        max_body_mb=max_body_mb, **({"max_pixels": max_pixels} if max_pixels else {}),
+                        log_requests=None if log_requests is None else str(log_requests.resolve()),
+                        log_max_images=log_max_images, log_max_mb=log_max_mb)
     run(settings, host, port, address, metrics_port, proxy_every_node, auto_threads=threads == 0)
 
 

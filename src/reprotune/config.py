@@ -339,6 +339,15 @@ class CompressConfig(Section):
     """distillation temperature T: softens both models' class probabilities"""
 
 
+class MonitorConfig(Section):
+    """Drift checks of new images against the validation split (`reprotune monitor`, the monitor stage)."""
+
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """false-alarm rate of a whole check: each of the three test families gets alpha / 3 (Bonferroni)"""
+    permutations: int = Field(500, ge=99)
+    """relabellings behind the feature test's p-value (its smallest possible value is 1 / (permutations + 1))"""
+
+
 class ExportConfig(Section):
     """ONNX, int8 ONNX, TorchScript and optionally ExecuTorch, each verified before it is written."""
 
@@ -379,6 +388,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     compress: CompressConfig = CompressConfig()
     export: ExportConfig = ExportConfig()
+    monitor: MonitorConfig = MonitorConfig()
     _source: Path | None = PrivateAttr(None)  # the file these came from, for errors found later
 
     def error(self, message: str) -> ReprotuneError:

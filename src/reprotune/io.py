@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from reprotune.errors import ReprotuneError
 
 
@@ -134,12 +132,16 @@ def write_text(path: str | Path, text: str) -> None:
 
 def save_torch(path: str | Path, obj: Any) -> None:
     """torch.save `obj` (plain dicts of tensors and primitives only), atomically."""
+    import torch  # here, not at the top: stages that only copy or note something never load torch (seconds)
+
     with atomic_file(path) as tmp:
         torch.save(obj, tmp)
 
 
 def load_torch(path: str | Path, what: str) -> Any:
     """torch.load with weights_only=True: a file that tries to run code is refused, not run."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ReprotuneError(f"{path}: {what} not found")

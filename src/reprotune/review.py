@@ -27,7 +27,8 @@ HEADLINE = [
 ]
 
 
-PARAM_SECTIONS = ["seed", "data", "model", "train", "log", "evaluate", "compress", "export"]  # params.yaml's top level
+# params.yaml's top level
+PARAM_SECTIONS = ["seed", "data", "model", "train", "log", "evaluate", "compress", "export", "monitor"]
 
 
 def headline_view() -> list[str]:

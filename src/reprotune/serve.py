@@ -11,6 +11,8 @@
   `ray_serve_http_request_latency_ms`, `ray_serve_num_http_error_requests_total`,
   `ray_serve_actual_batch_size`) and ours (`ray_reprotune_images_total`, `ray_reprotune_rejected_total`).
 - A request is bytes in memory only: nothing in it names a file, so no request reads or writes one.
+  With `log_requests`, the server itself writes what it classified into that folder, under names it
+  makes (`reprotune.requestlog`), for `reprotune monitor`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations (Request)
@@ -48,6 +50,7 @@ from reprotune.protocol import (
     error_body,
     parse_request,
 )
+from reprotune.requestlog import RequestLog
 from reprotune.runtime import onnx_runner
 
 DEPLOYMENT = "classifier"
@@ -66,17 +69,21 @@ class Settings:
     max_wait_ms: float = 5.0  # how long a batch waits to fill
     max_body_mb: float = 64.0
     max_pixels: int = MAX_PIXELS  # per decoded image
+    log_requests: str | None = None  # a folder: keep the newest classified images there, with predictions
+    log_max_images: int = 10_000
+    log_max_mb: float = 512.0
 
     def __post_init__(self):
         limits = {"replicas": (self.replicas, 1), "threads": (self.threads, 1),
-                  "max_batch_size": (self.max_batch_size, 1), "max_pixels": (self.max_pixels, 1)}
+                  "max_batch_size": (self.max_batch_size, 1), "max_pixels": (self.max_pixels, 1),
+                  "log_max_images": (self.log_max_images, 1)}
         for key, (value, low) in limits.items():
             if type(value) is not int or value < low:
                 raise ReprotuneError(f"serve: {key} must be an integer of at least {low} (got {value!r})")
         if type(self.max_replicas) is not int or (self.max_replicas and self.max_replicas < self.replicas):
             raise ReprotuneError(f"serve: max_replicas must be 0 (no autoscaling) or at least replicas "
                                  f"({self.replicas}) (got {self.max_replicas!r})")
-        for key in ("max_wait_ms", "max_body_mb"):
+        for key in ("max_wait_ms", "max_body_mb", "log_max_mb"):
             if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
                 raise ReprotuneError(f"serve: {key} must be a non-negative number (got {getattr(self, key)!r})")
 
@@ -156,6 +163,9 @@ class Classifier:
         self.contract = self.settings.contract()
         self.run = onnx_runner(Path(self.settings.model), self.settings.threads)
         self.max_body = int(self.settings.max_body_mb * 2**20)
+        self.log = None if self.settings.log_requests is None else RequestLog(
+            Path(self.settings.log_requests), self.contract.classes, self.settings.log_max_images,
+            self.settings.log_max_mb)
         self.predict.set_max_batch_size(self.settings.max_batch_size)
         self.predict.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
         context = serve.get_replica_context()
@@ -199,6 +209,8 @@ class Classifier:
             else:
                 images = parsed.images
             logits, batch = await self.predict(images)
+            if self.log is not None:
+                await asyncio.to_thread(self.log.record, images, logits)
             self.images.inc(len(images), tags={"input": "file" if parsed.files is not None else "tensor"})
             reply, headers = encode_response(parsed, logits, self.contract, {**self.identity, "batch": batch})
         except ProtocolError as exc:

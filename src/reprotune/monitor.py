@@ -1,0 +1,318 @@
+"""Drift monitoring: do new images still look like what the model was trained for?
+
+The reference is the validation split: images of the training data that the model did not fit.
+(Its own training images would look unlike any new image to the model, which is more confident on
+what it memorized, and every check would alarm.) The evaluate stage stores it once, in
+`models/reference.pt`, with the model's md5 so that it is never compared against another model.
+
+Three families of two-sample tests compare a new batch of images with it:
+
+- input: per-image channel means, contrast, saturation and sharpness, each by Kolmogorov-Smirnov;
+- features: the model's penultimate-layer embeddings (PCA to `PCA_DIMS`), by the maximum mean
+  discrepancy with an RBF kernel, its p-value from `PERMUTATIONS` random relabellings of the pooled
+  sample. Permutations, not a held-out domain classifier: the p-value is exact for any sample size
+  and needs no training run per check and no third of the data set aside to test a classifier on;
+  the kernel test is also the more powerful of the two at the few hundred images a check has;
+- predictions: predicted-class frequencies (chi-squared) and top-1 confidence (Kolmogorov-Smirnov).
+
+Bonferroni keeps the whole check's false-alarm rate at `alpha`: each family gets alpha / 3, split
+evenly among its tests. The PCA is fitted on one half of the reference embeddings and the MMD's
+reference sample drawn from the other, so the test's reference is not the data its projection was
+fitted to (that would break the permutation test's exchangeability).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from tensorboardX import SummaryWriter
+
+from reprotune import tb
+from reprotune.data import Split, to_float
+from reprotune.errors import ReprotuneError
+from reprotune.evaluate import classification_metrics
+from reprotune.folders import Archive, Source, Tree
+from reprotune.images import SUFFIXES
+from reprotune.io import load_torch, save_torch
+from reprotune.model import Classifier, load_model
+
+REFERENCE_FORMAT = "reprotune.reference/1"
+INPUT_STATS = ("red", "green", "blue", "contrast", "saturation", "sharpness")
+FAMILIES = ("input", "features", "predictions")
+PCA_DIMS = 32  # embedding dimensions kept: ResNet18's 512 are far more than a few hundred images can test
+FEATURE_REFERENCE = 1000  # reference embeddings in the MMD test (its cost grows as the square)
+FEATURE_NEW = 2000  # new images in the MMD test at most (a random sample of them beyond that)
+PERMUTATIONS = 500  # MMD relabellings: p-values down to 1/501, below the feature family's alpha / 3
+BATCH = 256
+
+
+@dataclass
+class Observation:
+    """What a set of images looks like, to the eye and to the model."""
+
+    stats: np.ndarray  # (N, len(INPUT_STATS)) per-image input statistics
+    embeddings: np.ndarray  # (N, D) penultimate-layer features
+    logits: torch.Tensor  # (N, classes)
+
+
+def image_stats(images: torch.Tensor) -> np.ndarray:
+    """Per-image statistics of uint8 (N, 3, H, W) images: mean red, green and blue, contrast (std of
+    the luminance), saturation (mean of max - min over the channels) and sharpness (mean absolute
+    Laplacian of the luminance: blur lowers it, noise raises it). All in [0, 1] units."""
+    x = to_float(images)
+    luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    edges = torch.nn.functional.conv2d(luma, laplacian).abs().mean((1, 2, 3))
+    columns = [x.mean((2, 3)), luma.std((1, 2, 3)).unsqueeze(1),
+               (x.amax(1) - x.amin(1)).mean((1, 2)).unsqueeze(1), edges.unsqueeze(1)]
+    return torch.cat(columns, 1).numpy().astype(np.float64)
+
+
+def observe(model: Classifier, images: torch.Tensor) -> Observation:
+    """Input statistics, penultimate embeddings (the head's input) and logits of uint8 images."""
+    model = model.cpu().eval()
+    captured: list[torch.Tensor] = []
+    hook = model.net.fc.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0].detach()))
+    logits = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), BATCH):
+                logits.append(model(to_float(images[i:i + BATCH])))
+    finally:
+        hook.remove()
+    return Observation(image_stats(images), torch.cat(captured).numpy().astype(np.float64), torch.cat(logits))
+
+
+def file_md5(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def build_reference(model: Classifier, val: Split, test_metrics: dict, model_md5: str, seed: int = 0) -> dict:
+    """The held-out reference the monitor compares new images with (see the module's docstring)."""
+    if len(val.labels) < 20:
+        raise ReprotuneError(f"the validation split has {len(val.labels)} images; a drift reference needs 20")
+    seen = observe(model, val.images)
+    order = np.random.default_rng(seed).permutation(len(val.labels))
+    fit, held = order[: len(order) // 2], order[len(order) // 2:]
+    mean = seen.embeddings[fit].mean(0)
+    # Principal directions of the fitting half: right singular vectors of the centred embeddings.
+    _, _, vt = np.linalg.svd(seen.embeddings[fit] - mean, full_matrices=False)
+    components = vt[: min(PCA_DIMS, len(fit) - 1)]
+    features = (seen.embeddings[held[:FEATURE_REFERENCE]] - mean) @ components.T
+    probs = seen.logits.softmax(1).numpy()
+    return {"format": REFERENCE_FORMAT, "model_md5": model_md5, "classes": list(val.classes),
+            "image_size": int(val.images.shape[-1]), "images": len(val.labels),
+            "stats": seen.stats, "predicted": probs.argmax(1), "confidence": probs.max(1),
+            "pca_mean": mean, "pca_components": components, "features": features,
+            "test": {k: test_metrics[k] for k in ("test_acc", "macro_f1", "ece")}}
+
+
+def save_reference(reference: dict, path: Path) -> None:
+    save_torch(path, {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                      for k, v in reference.items()})
+
+
+def load_reference(path: Path, model_file: Path) -> dict:
+    """The reference made for `model_file`, or one line saying why there is none."""
+    if not path.is_file():
+        raise ReprotuneError(f"{model_file} has no drift reference ({path} is missing): run `dvc repro evaluate`")
+    saved = load_torch(path, "drift reference")
+    if not isinstance(saved, dict) or saved.get("format") != REFERENCE_FORMAT:
+        raise ReprotuneError(f"{path}: not a reprotune drift reference (rerun `dvc repro evaluate`)")
+    if saved["model_md5"] != file_md5(model_file):
+        raise ReprotuneError(f"{path} was made for another model than {model_file}: run `dvc repro evaluate`")
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
+
+
+@dataclass
+class Incoming:
+    """New images, decoded to the model's input size, with labels when the folder had class folders."""
+
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor | None
+    unreadable: list[str]  # one reason per image file that could not be decoded
+
+
+def read_incoming(path: Path, classes: list[str], size: int, workers: int = 2) -> Incoming:
+    """Image files directly in `path` (a folder, or a tar/zip archive of one), unlabelled; or, when
+    it holds only folders, labelled by those folders' names, which must be among `classes`. Files
+    that are not images by their suffix (the server's .json beside each .png) are not read."""
+    if not path.exists():
+        raise ReprotuneError(f"{path}: no such folder or archive")
+    source: Source = Archive(path) if path.is_file() else Tree(path)
+    root: tuple[str, ...] = ()
+    files = [f for f in source.files if Path(f.parts[-1]).suffix.lower() in SUFFIXES]
+    # In an archive, one folder with no images beside it, not named as a class, is the wrapper archives
+    # usually have: looked into. (In a folder it is a class folder, and checked as one.)
+    while (isinstance(source, Archive) and not any(len(f.parts) == len(root) + 1 for f in files)
+           and len(source.children(root)) == 1 and source.children(root)[0] not in classes):
+        root = (*root, source.children(root)[0])
+    files = [f for f in files if f.parts[: len(root)] == root]
+    flat = [f for f in files if len(f.parts) == len(root) + 1]
+    labels = None
+    if not files:
+        raise ReprotuneError(f"{path}: no image files ({', '.join(sorted(SUFFIXES))})")
+    if not flat:  # class folders
+        names = sorted({f.parts[len(root)] for f in files})
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise ReprotuneError(f"{path}: class folders {', '.join(unknown)} are not among the model's classes "
+                                 f"({', '.join(classes)})")
+        labels = np.array([classes.index(f.parts[len(root)]) for f in files], dtype=np.int64)
+    else:
+        files = flat  # images beside folders: the folders are not classes, only the images count
+    images = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    readable = np.zeros(len(files), dtype=bool)
+    unreadable = []
+    for i, result in source.decoded(files, size, workers):
+        if isinstance(result, str):
+            unreadable.append(result)
+        else:
+            images[i], readable[i] = result, True
+    if not readable.any():
+        raise ReprotuneError(f"{path}: none of its {len(files)} image files could be read ({unreadable[0]})")
+    return Incoming(torch.from_numpy(images[readable]),
+                    None if labels is None else torch.from_numpy(labels[readable]), source.skipped + unreadable)
+
+
+def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> tuple[float, float]:
+    """Squared maximum mean discrepancy (biased estimate) between samples x and y under an RBF kernel
+    whose bandwidth is the median pairwise distance of the pooled sample, and its permutation p-value."""
+    z = torch.from_numpy(np.concatenate([x, y])).double()
+    d2 = torch.cdist(z, z).square()
+    positive = d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), 1)]
+    kernel = torch.exp(-d2 / positive.median().clamp(min=1e-12))
+    n, m = len(x), len(y)
+    weights = torch.cat([torch.full((n,), 1.0 / n), torch.full((m,), -1.0 / m)]).double()
+    observed = float(weights @ kernel @ weights)
+    generator = torch.Generator().manual_seed(seed)
+    exceed = 0
+    for start in range(0, permutations, 100):  # 100 relabellings per matrix product
+        count = min(100, permutations - start)
+        shuffled = weights[torch.argsort(torch.rand(count, n + m, generator=generator), 1)]
+        exceed += int((((shuffled @ kernel) * shuffled).sum(1) >= observed - 1e-12).sum())
+    return observed, (1 + exceed) / (1 + permutations)
+
+
+def _bonferroni(p_values: list[float]) -> float:
+    return min(1.0, min(p_values) * len(p_values))
+
+
+def detect(reference: dict, new: Observation, alpha: float = 0.05, permutations: int = PERMUTATIONS,
+           seed: int = 0) -> dict:
+    """Every test's statistic and p-value, each family's Bonferroni-adjusted p-value and verdict, and
+    the overall verdict (drift when any family's adjusted p-value is below alpha / 3)."""
+    threshold = alpha / len(FAMILIES)
+    inputs = {}
+    for i, name in enumerate(INPUT_STATS):
+        result = stats.ks_2samp(reference["stats"][:, i], new.stats[:, i])
+        inputs[name] = {"statistic": float(result.statistic), "p_value": float(result.pvalue),
+                        "reference_mean": float(reference["stats"][:, i].mean()), "mean": float(new.stats[:, i].mean())}
+    rng = np.random.default_rng(seed)
+    embedded = (new.embeddings - reference["pca_mean"]) @ reference["pca_components"].T
+    if len(embedded) > FEATURE_NEW:
+        embedded = embedded[rng.choice(len(embedded), FEATURE_NEW, replace=False)]
+    mmd2, mmd_p = mmd_test(reference["features"], embedded, permutations, seed)
+    probs = new.logits.softmax(1).numpy()
+    classes = reference["classes"]
+    counts = np.stack([np.bincount(reference["predicted"], minlength=len(classes)),
+                       np.bincount(probs.argmax(1), minlength=len(classes))])
+    counts = counts[:, counts.sum(0) > 0]
+    frequency = (stats.chi2_contingency(counts) if counts.shape[1] > 1 else None)
+    confidence = stats.ks_2samp(reference["confidence"], probs.max(1))
+    predictions = {
+        "class_frequency": {"statistic": float(frequency.statistic) if frequency else 0.0,
+                            "p_value": float(frequency.pvalue) if frequency else 1.0,
+                            "share": dict(zip(classes, (np.bincount(probs.argmax(1), minlength=len(classes))
+                                                        / len(probs)).tolist(), strict=True)),
+                            "reference_share": dict(zip(classes, (np.bincount(reference["predicted"], minlength=len(
+                                classes)) / len(reference["predicted"])).tolist(), strict=True))},
+        "confidence": {"statistic": float(confidence.statistic), "p_value": float(confidence.pvalue),
+                       "reference_mean": float(reference["confidence"].mean()), "mean": float(probs.max(1).mean())}}
+    families = {
+        "input": {"p_value": _bonferroni([t["p_value"] for t in inputs.values()]), "tests": inputs},
+        "features": {"p_value": mmd_p, "tests": {"mmd": {"statistic": mmd2, "p_value": mmd_p,
+                                                         "permutations": permutations,
+                                                         "reference_images": len(reference["features"]),
+                                                         "images": len(embedded), "dimensions": embedded.shape[1]}}},
+        "predictions": {"p_value": _bonferroni([t["p_value"] for t in predictions.values()]), "tests": predictions},
+    }
+    for family in families.values():
+        family["drift"] = family["p_value"] < threshold
+    drifted = [name for name, family in families.items() if family["drift"]]
+    return {"drift": bool(drifted), "drifted": drifted, "alpha": alpha, "family_threshold": threshold,
+            "verdict": f"drift in {', '.join(drifted)}: retrain recommended" if drifted else "no drift",
+            **families}
+
+
+def monitor(model: Classifier, reference: dict, incoming: Incoming, alpha: float = 0.05,
+            permutations: int = PERMUTATIONS, seed: int = 0) -> tuple[dict, Observation]:
+    """The drift report of `incoming` against `reference` (with accuracy, macro F1 and ECE next to
+    the test split's when it is labelled), and what was observed of it."""
+    new = observe(model, incoming.images)
+    report = {"images": len(incoming.images), "unreadable": len(incoming.unreadable),
+              **detect(reference, new, alpha, permutations, seed), "reference_images": reference["images"]}
+    if incoming.labels is not None:
+        m = classification_metrics(new.logits, incoming.labels, reference["classes"])
+        report["labelled"] = {"accuracy": m["test_acc"], "macro_f1": m["macro_f1"], "ece": m["ece"],
+                              "test_accuracy": reference["test"]["test_acc"], "test_macro_f1": reference["test"][
+                                  "macro_f1"], "test_ece": reference["test"]["ece"],
+                              "accuracy_change": m["test_acc"] - reference["test"]["test_acc"]}
+    return report, new
+
+
+def summary(report: dict) -> str:
+    """The verdict line, with what it rests on."""
+    line = (f"{report['verdict']} ({report['images']} images; adjusted p: "
+            + ", ".join(f"{name} {report[name]['p_value']:.3g}" for name in FAMILIES)
+            + f"; threshold {report['family_threshold']:.3g})")
+    if "labelled" in report:
+        lab = report["labelled"]
+        line += f"; accuracy {lab['accuracy']:.4f} (test {lab['test_accuracy']:.4f})"
+    return line
+
+
+def log_monitor(writer: SummaryWriter, report: dict, reference: dict, new: Observation) -> None:
+    """Drift scores as scalars, and reference-against-new histograms of every input statistic and of
+    the top-1 confidence, under monitor/reference/... and monitor/new/..."""
+    for name in FAMILIES:
+        writer.add_scalar(f"monitor/{name}_p_value", report[name]["p_value"], 0)
+    writer.add_scalar("monitor/drift", float(report["drift"]), 0)
+    writer.add_scalar("monitor/mmd", report["features"]["tests"]["mmd"]["statistic"], 0)
+    for i, name in enumerate(INPUT_STATS):
+        writer.add_scalar(f"monitor/ks_{name}", report["input"]["tests"][name]["statistic"], 0)
+        writer.add_histogram(f"monitor/reference/{name}", reference["stats"][:, i], 0)
+        writer.add_histogram(f"monitor/new/{name}", new.stats[:, i], 0)
+    writer.add_histogram("monitor/reference/confidence", reference["confidence"], 0)
+    writer.add_histogram("monitor/new/confidence", new.logits.softmax(1).max(1).values.numpy(), 0)
+    if "labelled" in report:
+        for key in ("accuracy", "macro_f1", "ece"):
+            writer.add_scalar(f"monitor/{key}", report["labelled"][key], 0)
+    writer.add_text("monitor/verdict", summary(report), 0)
+    tb.log_table(writer, "monitor/tests", ["family", "test", "statistic", "p-value"],
+                 [[family, name, f"{t['statistic']:.4g}", f"{t['p_value']:.3g}"]
+                  for family in FAMILIES for name, t in report[family]["tests"].items()])
+
+
+def check(source: Path, model_file: Path, reference_file: Path, logdir: Path, alpha: float = 0.05,
+          permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
+    """`reprotune monitor` and the monitor stage: check `source` against the model's reference, log
+    the TensorBoard run to `logdir`, print the unreadable files and the verdict line, return the
+    report. Everything is read and computed before anything is written."""
+    model, _ = load_model(model_file)
+    reference = load_reference(reference_file, model_file)
+    incoming = read_incoming(source, reference["classes"], reference["image_size"])
+    report, new = monitor(model, reference, incoming, alpha, permutations, seed)
+    with tb.stage_writer(logdir) as writer:
+        log_monitor(writer, report, reference, new)
+    for reason in incoming.unreadable:
+        print(f"reprotune: skipped: {reason}", file=sys.stderr)
+    print(summary(report))
+    return report
