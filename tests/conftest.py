@@ -131,6 +131,19 @@ def pipeline(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def exported(pipeline, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny pipeline with every optional output on, after one real `dvc repro` (compress and
+    export rerun): compress at ratio 0.3 with one recovery epoch, and the ExecuTorch export (programs
+    planned for 24 images, above the 15 that CPU convolution heuristics would narrow the batch axis
+    to). The compress and ExecuTorch tests share it: export is the slowest stage, run once for both."""
+    root = tmp_path_factory.mktemp("exported") / "project"
+    shutil.copytree(pipeline, root, symlinks=True)
+    set_params(root / "params.yaml", {"compress.ratio": 0.3, "compress.epochs": 1, "export.executorch": True,
+                                      "export.executorch_max_batch": 24})
+    return root, run(["dvc", "repro"], root)
+
+
+@pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     """A ResNet18 state dict with a 1000-class head, like torchvision's ImageNet file."""
     torch.manual_seed(123)

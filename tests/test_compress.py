@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import run, set_params
 from reprotune import data, train
 from reprotune.checkpoint import Checkpoints
 from reprotune.compress import ROUND_TO, compress, prune
@@ -146,15 +144,13 @@ def test_compress_prunes_recovers_through_finetune_and_measures_both(splits, tmp
     assert {"train/loss", "val/acc"} <= set(scalars)
 
 
-def test_the_default_ratio_copies_the_model_and_a_real_one_compresses_through_dvc(pipeline, tmp_path):
-    """The pipeline fixture ran compress at ratio 0 (a byte copy); here the stage runs for real and
-    export ships the compressed model too."""
+def test_the_default_ratio_copies_the_model_and_a_real_one_compresses_through_dvc(pipeline, exported):
+    """The pipeline fixture ran compress at ratio 0 (a byte copy); `exported` ran it at 0.3 through
+    `dvc repro`, and export shipped the compressed model too."""
     assert (pipeline / "models/model.compressed.pt").read_bytes() == (pipeline / "models/model.pt").read_bytes()
     assert json.loads((pipeline / "metrics/compress.json").read_text()) == {"ratio": 0.0}
-    root = tmp_path / "project"
-    shutil.copytree(pipeline, root, symlinks=True)
-    set_params(root / "params.yaml", {"compress.ratio": 0.3, "compress.epochs": 1})
-    out = run(["dvc", "repro", "export"], root).stdout
+    root, proc = exported
+    out = proc.stdout
     assert "Running stage 'compress'" in out and "Running stage 'finetune'" not in out
     metrics = json.loads((root / "metrics/compress.json").read_text())
     assert metrics["flops_ratio"] < 0.7 and metrics["recovery"]["epochs"] == 1
