@@ -12,9 +12,7 @@ install: $(VENV)/.installed
 # Re-installs whenever the dependency list or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# --no-compile: pip would byte-compile all ~25,000 .py files installed, one at a time (about a minute
-	# on 2 cores); Python compiles the modules actually imported on first use, and caches them.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $@
 
 test: install

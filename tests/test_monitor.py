@@ -295,3 +295,11 @@ def test_one_class_folder_is_a_label_and_a_wrapping_folder_is_looked_into(tmp_pa
     # PNG is lossless: the pixels written (in the archive's order)
     assert sorted(x.numpy().tobytes() for x in incoming.images[incoming.labels == 1]) == sorted(
         x.numpy().tobytes() for x in images)
+
+
+def test_a_small_validation_split_still_gets_a_reference_but_no_check(trained):
+    model, _ = trained
+    tiny = build_reference(model, synthetic(5, 7), TEST_METRICS, "md5")  # the evaluate stage must not fail
+    assert tiny["images"] == 5 and tiny["pca_components"].shape[0] == 1
+    with pytest.raises(ReprotuneError, match=r"holds 5 validation images; a check needs 20"):
+        monitor(model, tiny, Incoming(synthetic(30, 8).images, None, []))

@@ -50,6 +50,7 @@ FEATURE_REFERENCE = 1000  # reference embeddings in the MMD test (its cost grows
 FEATURE_NEW = 2000  # new images in the MMD test at most (a random sample of them beyond that)
 PERMUTATIONS = 500  # MMD relabellings: p-values down to 1/501, below the feature family's alpha / 3
 BATCH = 256
+MIN_REFERENCE = 20  # validation images a drift check needs; a smaller reference is written, and refused when used
 
 
 @dataclass
@@ -95,16 +96,16 @@ def file_md5(path: Path) -> str:
 
 
 def build_reference(model: Classifier, val: Split, test_metrics: dict, model_md5: str, seed: int = 0) -> dict:
-    """The held-out reference the monitor compares new images with (see the module's docstring)."""
-    if len(val.labels) < 20:
-        raise ReprotuneError(f"the validation split has {len(val.labels)} images; a drift reference needs 20")
+    """The held-out reference the monitor compares new images with (see the module's docstring).
+    Written for any validation split, however small (the evaluate stage must not fail on a small
+    dataset); `monitor` refuses one under MIN_REFERENCE images."""
     seen = observe(model, val.images)
     order = np.random.default_rng(seed).permutation(len(val.labels))
     fit, held = order[: len(order) // 2], order[len(order) // 2:]
     mean = seen.embeddings[fit].mean(0)
     # Principal directions of the fitting half: right singular vectors of the centred embeddings.
     _, _, vt = np.linalg.svd(seen.embeddings[fit] - mean, full_matrices=False)
-    components = vt[: min(PCA_DIMS, len(fit) - 1)]
+    components = vt[: max(0, min(PCA_DIMS, len(fit) - 1))]
     features = (seen.embeddings[held[:FEATURE_REFERENCE]] - mean) @ components.T
     probs = seen.logits.softmax(1).numpy()
     return {"format": REFERENCE_FORMAT, "model_md5": model_md5, "classes": list(val.classes),
@@ -256,6 +257,9 @@ def monitor(model: Classifier, reference: dict, incoming: Incoming, alpha: float
             permutations: int = PERMUTATIONS, seed: int = 0) -> tuple[dict, Observation]:
     """The drift report of `incoming` against `reference` (with accuracy, macro F1 and ECE next to
     the test split's when it is labelled), and what was observed of it."""
+    if reference["images"] < MIN_REFERENCE:
+        raise ReprotuneError(f"the drift reference holds {reference['images']} validation images; a check needs "
+                             f"{MIN_REFERENCE} (a larger data.val_fraction or dataset, then `dvc repro evaluate`)")
     new = observe(model, incoming.images)
     report = {"images": len(incoming.images), "unreadable": len(incoming.unreadable),
               **detect(reference, new, alpha, permutations, seed), "reference_images": reference["images"]}
