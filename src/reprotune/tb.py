@@ -11,17 +11,23 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams
 
-matplotlib.use("Agg")  # headless: figures are rendered to images for TensorBoard
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from tensorboardX import SummaryWriter  # noqa: E402
-from tensorboardX.summary import hparams  # noqa: E402
+from reprotune.io import atomic_dir
 
-from reprotune.io import atomic_dir  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot, headless (figures are rendered to images for TensorBoard), imported on
+    first use: with torchvision's, its import is seconds of every stage's start that draws nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @contextlib.contextmanager
@@ -62,6 +68,8 @@ def image_grid(images: torch.Tensor, count: int) -> torch.Tensor:
     images = images[:count].cpu()
     if images.is_floating_point():  # rounded: tensorboardX would truncate 254.99 to 254
         images = images.mul(255).round_().to(torch.uint8)
+    import torchvision  # on first use: see _pyplot
+
     return torchvision.utils.make_grid(images, nrow=8, padding=2)
 
 
@@ -115,6 +123,7 @@ def log_hparams(writer: SummaryWriter, hparam_dict: dict, metric_dict: dict[str,
 def log_confusion(writer: SummaryWriter, tag: str, matrix: np.ndarray, classes: list[str]) -> None:
     """A confusion-matrix figure: rows are actual classes, columns predicted, cells counts."""
     size = max(5.0, 0.6 * len(classes))
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="actual")
@@ -134,6 +143,7 @@ def log_predictions(writer: SummaryWriter, tag: str, images: torch.Tensor, label
     count = len(images)
     cols = min(8, count)
     rows = (count + cols - 1) // cols
+    plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -147,6 +157,7 @@ def log_predictions(writer: SummaryWriter, tag: str, images: torch.Tensor, label
 
 def log_reliability(writer: SummaryWriter, tag: str, frame, ece: float) -> None:
     """Reliability diagram: accuracy against mean confidence per bin; the diagonal is perfect."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     seen = frame["count"] > 0
     width = 1 / len(frame)
