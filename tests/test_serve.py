@@ -171,7 +171,8 @@ def test_the_server_and_its_ray_listen_on_loopback_only(server):
     listening = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
                  if c.pid in processes and c.status == psutil.CONN_LISTEN]
     assert any(port == server.port for _, port, _ in listening), listening
-    exposed = [(ip, processes[pid].cmdline()[0]) for ip, _, pid in listening if not _loopback(ip)]
+    # Ray titles a worker by what it runs: the actor, then `.method` while a call is in flight.
+    exposed = [(ip, processes[pid].cmdline()[0].split(".")[0]) for ip, _, pid in listening if not _loopback(ip)]
     assert exposed == [("::", "ray::ServeReplica:reprotune:classifier")], exposed
 
 
