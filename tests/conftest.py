@@ -104,15 +104,18 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
 
 
 # Installed through PYTHONPATH in the stage processes of the `pipeline` fixture: when a process
-# exits, it records which reprotune modules it loaded (tests/test_lineage.py compares with dvc.yaml).
+# exits, it records which reprotune modules it loaded (tests/test_lineage.py compares with dvc.yaml)
+# and how long it ran (tests/test_kill.py spreads its kills over each stage's life on this machine).
 IMPORT_AUDIT = """
-import atexit, json, os, sys
+import atexit, json, os, sys, time
+
+_started = time.monotonic()
 
 def _record():
     loaded = sorted(n for n in sys.modules if n.split(".")[0] == "reprotune")
     if loaded:
         with open(os.path.join(os.environ["REPROTUNE_IMPORT_AUDIT"], f"{os.getpid()}.json"), "w") as f:
-            json.dump({"argv": sys.argv, "modules": loaded}, f)
+            json.dump({"argv": sys.argv, "modules": loaded, "seconds": time.monotonic() - _started}, f)
 
 atexit.register(_record)
 """
@@ -120,8 +123,8 @@ atexit.register(_record)
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
-    """A tiny project after one real `dvc repro` of all five stages. Each stage process's loaded
-    reprotune modules are recorded in `<project>/../imports/<pid>.json`."""
+    """A tiny project after one real `dvc repro` of all its stages. Each stage process's loaded
+    reprotune modules and run time are recorded in `<project>/../imports/<pid>.json`."""
     root = make_project(tmp_path_factory.mktemp("pipeline") / "project")
     audit = root.parent / "imports"
     audit.mkdir()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, env, run
 from reprotune import io
 from reprotune.errors import ReprotuneError
 
@@ -41,6 +44,47 @@ def test_a_failed_directory_write_keeps_the_previous_directory(tmp_path):
         raise RuntimeError("killed halfway")
     assert (target / "train.pt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed"]
+
+
+def test_a_failed_file_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "model.pt"
+    io.write_text(target, "old")
+    with pytest.raises(RuntimeError), io.atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("failed halfway")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+# Writes half an output, says so, then waits to be killed: no `finally` or atexit runs after SIGKILL.
+HALF_WRITTEN = """
+import sys, time
+from pathlib import Path
+from reprotune import io
+target = Path(sys.argv[2])
+with (io.atomic_file if sys.argv[1] == "file" else io.atomic_dir)(target) as tmp:
+    (tmp if sys.argv[1] == "file" else tmp / "train.pt").write_text("half")
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_sigkill_mid_write_keeps_the_previous_output_and_the_next_write_clears_up(tmp_path, kind):
+    target = tmp_path / "out"
+    write = io.atomic_file if kind == "file" else io.atomic_dir
+    with write(target) as tmp:
+        (tmp if kind == "file" else tmp / "train.pt").write_text("old")
+    proc = subprocess.Popen([sys.executable, "-c", HALF_WRITTEN, kind, str(target)], env=env(),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (target if kind == "file" else target / "train.pt").read_text() == "old"
+    with write(target) as tmp:
+        (tmp if kind == "file" else tmp / "train.pt").write_text("new")
+    assert (target if kind == "file" else target / "train.pt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the killed write's temporary is gone
 
 
 def test_an_unwritable_output_location_is_one_clear_error(tmp_path):
