@@ -36,7 +36,7 @@ from compress import DEMO, demo_splits  # noqa: E402 - the demo's data and setti
 from reprotune import data  # noqa: E402
 from reprotune.checkpoint import Checkpoints  # noqa: E402
 from reprotune.config import Params  # noqa: E402
-from reprotune.evaluate import classification_metrics  # noqa: E402
+from reprotune.evaluate import classification_metrics, predict  # noqa: E402
 from reprotune.monitor import build_reference, detect, observe  # noqa: E402
 from reprotune.train import finetune  # noqa: E402
 
@@ -100,9 +100,7 @@ GRADED = {"brightness": (brightness, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "darker by 
 
 
 def accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = torch.cat([model(data.to_float(images[i:i + 512])) for i in range(0, len(images), 512)])
-    return classification_metrics(logits, labels, data.SYNTHETIC_CLASSES)["test_acc"]
+    return classification_metrics(predict(model, images, 512), labels, data.SYNTHETIC_CLASSES)["test_acc"]
 
 
 def main() -> None:

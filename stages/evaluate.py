@@ -7,9 +7,9 @@ from reprotune import tb
 from reprotune.config import load_params
 from reprotune.data import load_split
 from reprotune.evaluate import evaluate_model
-from reprotune.io import atomic_file, write_json
+from reprotune.io import atomic_file, file_md5, write_json
 from reprotune.model import load_model
-from reprotune.monitor import build_reference, file_md5, save_reference
+from reprotune.monitor import build_reference, save_reference
 from reprotune.stage import ParamsFile, run_stage
 
 MODEL = Path("models/model.pt")

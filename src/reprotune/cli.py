@@ -169,12 +169,12 @@ def monitor(
     params: ParamsFile = Path("params.yaml"),
 ) -> None:
     """Compare new images with the data the model was trained for: input, feature and prediction drift."""
-    from reprotune.config import load_params  # keeps `reprotune --version` light
+    from reprotune.config import MonitorConfig, load_params  # keeps `reprotune --version` light
     from reprotune.io import write_json
     from reprotune.monitor import check
 
-    cfg = load_params(params).monitor if params.is_file() else None
-    report = check(source, model, reference, logdir, *((cfg.alpha, cfg.permutations) if cfg else ()))
+    cfg = load_params(params).monitor if params.is_file() else MonitorConfig()
+    report = check(source, model, reference, logdir, cfg.alpha, cfg.permutations)
     write_json(metrics, report)
     if fail_on_drift and report["drift"]:
         raise typer.Exit(DRIFT_EXIT)

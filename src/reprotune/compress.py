@@ -71,12 +71,16 @@ def recovery_params(params: Params) -> Params:
     return params.model_copy(update={"train": train})
 
 
+def _accuracy(model: Classifier, test: Split) -> float:
+    return (predict(model, test.images, THROUGHPUT_BATCH).argmax(1) == test.labels).float().mean().item()
+
+
 def profile(model: Classifier, test: Split, onnx: Path) -> dict:
     """What the model costs and how well it does, timing aside: test accuracy (PyTorch), parameters,
     forward FLOPs per image, and the size in MiB of its fp32 ONNX file, written to `onnx` for `speed`."""
     model = model.cpu().eval()
     images = to_float(test.images[:2])
-    accuracy = (predict(model, test.images, THROUGHPUT_BATCH).argmax(1) == test.labels).float().mean().item()
+    accuracy = _accuracy(model, test)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images[:1])
     export_onnx(model, images, onnx, opset=18)
@@ -114,7 +118,7 @@ def compress(params: Params, model: Classifier, train: Split, val: Split, test: 
     with tempfile.TemporaryDirectory() as work:
         before = profile(model, test, Path(work) / "unpruned.onnx")
         pruned = prune(model, cfg, to_float(train.images[:2]), params.seed)
-        pruned_acc = (predict(pruned, test.images, THROUGHPUT_BATCH).argmax(1) == test.labels).float().mean().item()
+        pruned_acc = _accuracy(pruned, test)
         recovery = {"epochs": 0}
         if cfg.epochs:
             result = finetune(recovery_params(params), train, val, checkpoints, start=pruned,

@@ -10,7 +10,6 @@ Folder trees of image files, and archives of them, are read by `folders.py`.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import io
 import pickle
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from reprotune import tb
 from reprotune.config import CIFAR_SIDE, DOWNLOADED, DataConfig
 from reprotune.errors import ReprotuneError
-from reprotune.io import atomic_file, load_torch
+from reprotune.io import atomic_file, file_md5, load_torch
 
 SIDE = CIFAR_SIDE  # CIFAR images are 3x32x32
 ROW = 3 * SIDE * SIDE  # one image as stored in a batch: 3072 bytes, R plane then G then B
@@ -102,8 +101,7 @@ def fetch_archive(url: str, md5: str, dest: Path) -> dict:
                 wait = BACKOFF_SECONDS * 2**attempt
                 tqdm.write(f"{url}: {exc}; retry {attempt + 1}/{RETRIES} in {wait:.0f} s")
                 time.sleep(wait)
-        with tmp.open("rb") as f:
-            digest = hashlib.file_digest(f, "md5").hexdigest()
+        digest = file_md5(tmp)
         if digest != md5:
             raise ReprotuneError(f"{url}: md5 {digest} does not match data.md5 {md5}; the file was discarded")
         size = tmp.stat().st_size
@@ -201,7 +199,7 @@ def write_synthetic_archive(dest: Path, n_train: int, n_test: int, seed: int) ->
                                "num_vis": ROW}
     with atomic_file(dest) as tmp:
         _write_tar_gz(tmp, {f"{ARCHIVE_DIR}/{k}": pickle.dumps(v, protocol=4) for k, v in members.items()})
-        digest = hashlib.md5(tmp.read_bytes(), usedforsecurity=False).hexdigest()
+        digest = file_md5(tmp)
         size = tmp.stat().st_size
     return {"url": "synthetic", "md5": digest, "bytes": size, "seconds": time.perf_counter() - started}
 

@@ -12,7 +12,6 @@ the exported file itself. Nothing is renamed into place unless every check passe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -36,7 +35,7 @@ from reprotune.config import CIFAR_SIDE, ExportConfig
 from reprotune.data import Split, to_float
 from reprotune.errors import ReprotuneError
 from reprotune.evaluate import predict
-from reprotune.io import atomic_dir, atomic_file
+from reprotune.io import atomic_dir, atomic_file, file_md5
 from reprotune.model import Classifier
 from reprotune.runtime import INPUT, OUTPUT, Runner, executorch_runner, onnx_runner, torchscript_runner
 
@@ -248,7 +247,7 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
             report.update(entries)
             rejected.append((verdict, paths.executorch))
         else:
-            (pte_dir / mobile.PTE_OFF).write_text(mobile.OFF_NOTE)
+            mobile.write_off_note(pte_dir)
         if compressed is None:
             (compressed_dir / NOT_PRUNED).write_text(json.dumps(
                 {"verdict": "compress.ratio is 0: models/model.compressed.pt is the fine-tuned model itself"}) + "\n")
@@ -305,8 +304,7 @@ def lineage(lock: Path, model_file: Path) -> dict | None:
             "outs": {o["path"]: o["md5"] for o in entry.get("outs", [])},
             "params": entry.get("params", {}).get("params.yaml", {}),
         }
-    with model_file.open("rb") as f:
-        model_md5 = hashlib.file_digest(f, "md5").hexdigest()
+    model_md5 = file_md5(model_file)
     return {"source": str(lock), "stages": recorded, "model_md5": model_md5,
             "model_matches_lock": recorded["finetune"]["outs"].get(str(model_file)) == model_md5}
 

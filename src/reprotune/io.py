@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -128,6 +129,12 @@ def write_text(path: str | Path, text: str) -> None:
     """Write `text`, atomically."""
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file's bytes, read in chunks (DVC's hash: what dvc.lock records for it)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def save_torch(path: str | Path, obj: Any) -> None:

@@ -29,9 +29,13 @@ INSTALL = "pip install -c constraints.txt -e '.[mobile]'"
 CALIBRATION_BATCH = 32  # images per calibration forward pass, as for the int8 ONNX model
 
 
-def _batch_axis(max_batch: int) -> dict | None:
-    """torch.export's dynamic shapes for the `images` argument: batch 1..max_batch (None: fixed 1)."""
-    return {"images": {0: torch.export.Dim("batch", min=1, max=max_batch)}} if max_batch > 1 else None
+def _capture(model: torch.nn.Module, example: torch.Tensor, max_batch: int) -> torch.export.ExportedProgram:
+    """`model` captured by torch.export with a batch axis of 1..max_batch (a fixed batch of 1 when
+    max_batch is 1)."""
+    if max_batch == 1:
+        return torch.export.export(model, (example[:1],))
+    axis = {"images": {0: torch.export.Dim("batch", min=1, max=max_batch)}}
+    return torch.export.export(model, (example,), dynamic_shapes=axis)
 
 
 @contextlib.contextmanager
@@ -73,8 +77,7 @@ def require_executorch() -> None:
 
 def export_pte(model: Classifier, example: torch.Tensor, path: Path, max_batch: int) -> None:
     """Write an fp32 ExecuTorch program for XNNPACK with a batch axis of 1..max_batch."""
-    example = example[:1] if max_batch == 1 else example
-    path.write_bytes(_lower(torch.export.export(model, (example,), dynamic_shapes=_batch_axis(max_batch))))
+    path.write_bytes(_lower(_capture(model, example, max_batch)))
 
 
 def quantize_pte(model: Classifier, example: torch.Tensor, path: Path, calibration: torch.Tensor,
@@ -87,18 +90,16 @@ def quantize_pte(model: Classifier, example: torch.Tensor, path: Path, calibrati
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    example = example[:1] if max_batch == 1 else example
-    axis = _batch_axis(max_batch)
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        observed = prepare_pt2e(torch.export.export(model, (example,), dynamic_shapes=axis).module(), quantizer)
+        observed = prepare_pt2e(_capture(model, example, max_batch).module(), quantizer)
         step = min(CALIBRATION_BATCH, max_batch)  # the captured graph accepts batches up to max_batch
         with torch.no_grad():
             for i in range(0, len(calibration), step):
                 observed(calibration[i:i + step])
         quantized = convert_pt2e(observed)
-    path.write_bytes(_lower(torch.export.export(quantized, (example,), dynamic_shapes=axis)))
+    path.write_bytes(_lower(_capture(quantized, example, max_batch)))
 
 
 def write_off_note(out: Path) -> None:

@@ -23,7 +23,6 @@ fitted to (that would break the permutation test's exchangeability).
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,13 @@ from scipy import stats
 from tensorboardX import SummaryWriter
 
 from reprotune import tb
-from reprotune.data import Split, to_float
+from reprotune.config import MonitorConfig
+from reprotune.data import GREY, Split, to_float
 from reprotune.errors import ReprotuneError
-from reprotune.evaluate import classification_metrics
+from reprotune.evaluate import classification_metrics, predict
 from reprotune.folders import Archive, Source, Tree
 from reprotune.images import SUFFIXES
-from reprotune.io import load_torch, save_torch
+from reprotune.io import file_md5, load_torch, save_torch
 from reprotune.model import Classifier, load_model
 
 REFERENCE_FORMAT = "reprotune.reference/1"
@@ -48,7 +48,8 @@ FAMILIES = ("input", "features", "predictions")
 PCA_DIMS = 32  # embedding dimensions kept: ResNet18's 512 are far more than a few hundred images can test
 FEATURE_REFERENCE = 1000  # reference embeddings in the MMD test (its cost grows as the square)
 FEATURE_NEW = 2000  # new images in the MMD test at most (a random sample of them beyond that)
-PERMUTATIONS = 500  # MMD relabellings: p-values down to 1/501, below the feature family's alpha / 3
+# params.yaml's defaults (monitor.alpha, monitor.permutations), for callers without a params file
+ALPHA, PERMUTATIONS = MonitorConfig().alpha, MonitorConfig().permutations
 BATCH = 256
 MIN_REFERENCE = 20  # validation images a drift check needs; a smaller reference is written, and refused when used
 
@@ -67,7 +68,7 @@ def image_stats(images: torch.Tensor) -> np.ndarray:
     the luminance), saturation (mean of max - min over the channels) and sharpness (mean absolute
     Laplacian of the luminance: blur lowers it, noise raises it). All in [0, 1] units."""
     x = to_float(images)
-    luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    luma = (x * torch.tensor(GREY).view(1, 3, 1, 1)).sum(1, keepdim=True)
     laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
     edges = torch.nn.functional.conv2d(luma, laplacian).abs().mean((1, 2, 3))
     columns = [x.mean((2, 3)), luma.std((1, 2, 3)).unsqueeze(1),
@@ -77,22 +78,13 @@ def image_stats(images: torch.Tensor) -> np.ndarray:
 
 def observe(model: Classifier, images: torch.Tensor) -> Observation:
     """Input statistics, penultimate embeddings (the head's input) and logits of uint8 images."""
-    model = model.cpu().eval()
     captured: list[torch.Tensor] = []
     hook = model.net.fc.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0].detach()))
-    logits = []
     try:
-        with torch.no_grad():
-            for i in range(0, len(images), BATCH):
-                logits.append(model(to_float(images[i:i + BATCH])))
+        logits = predict(model.cpu(), images, BATCH)
     finally:
         hook.remove()
-    return Observation(image_stats(images), torch.cat(captured).numpy().astype(np.float64), torch.cat(logits))
-
-
-def file_md5(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+    return Observation(image_stats(images), torch.cat(captured).numpy().astype(np.float64), logits)
 
 
 def build_reference(model: Classifier, val: Split, test_metrics: dict, model_md5: str, seed: int = 0) -> dict:
@@ -206,7 +198,7 @@ def _bonferroni(p_values: list[float]) -> float:
     return min(1.0, min(p_values) * len(p_values))
 
 
-def detect(reference: dict, new: Observation, alpha: float = 0.05, permutations: int = PERMUTATIONS,
+def detect(reference: dict, new: Observation, alpha: float = ALPHA, permutations: int = PERMUTATIONS,
            seed: int = 0) -> dict:
     """Every test's statistic and p-value, each family's Bonferroni-adjusted p-value and verdict, and
     the overall verdict (drift when any family's adjusted p-value is below alpha / 3)."""
@@ -224,19 +216,19 @@ def detect(reference: dict, new: Observation, alpha: float = 0.05, permutations:
     probs = new.logits.softmax(1).numpy()
     classes = reference["classes"]
     counts = np.stack([np.bincount(reference["predicted"], minlength=len(classes)),
-                       np.bincount(probs.argmax(1), minlength=len(classes))])
-    counts = counts[:, counts.sum(0) > 0]
-    frequency = (stats.chi2_contingency(counts) if counts.shape[1] > 1 else None)
-    confidence = stats.ks_2samp(reference["confidence"], probs.max(1))
+                       np.bincount(probs.argmax(1), minlength=len(classes))])  # (reference, new) x classes
+    seen = counts[:, counts.sum(0) > 0]  # a class neither sample predicts has no expected count
+    frequency = stats.chi2_contingency(seen) if seen.shape[1] > 1 else None
+    top = probs.max(1)
+    confidence = stats.ks_2samp(reference["confidence"], top)
+    shares = counts / counts.sum(1, keepdims=True)
     predictions = {
         "class_frequency": {"statistic": float(frequency.statistic) if frequency else 0.0,
                             "p_value": float(frequency.pvalue) if frequency else 1.0,
-                            "share": dict(zip(classes, (np.bincount(probs.argmax(1), minlength=len(classes))
-                                                        / len(probs)).tolist(), strict=True)),
-                            "reference_share": dict(zip(classes, (np.bincount(reference["predicted"], minlength=len(
-                                classes)) / len(reference["predicted"])).tolist(), strict=True))},
+                            "share": dict(zip(classes, shares[1].tolist(), strict=True)),
+                            "reference_share": dict(zip(classes, shares[0].tolist(), strict=True))},
         "confidence": {"statistic": float(confidence.statistic), "p_value": float(confidence.pvalue),
-                       "reference_mean": float(reference["confidence"].mean()), "mean": float(probs.max(1).mean())}}
+                       "reference_mean": float(reference["confidence"].mean()), "mean": float(top.mean())}}
     families = {
         "input": {"p_value": _bonferroni([t["p_value"] for t in inputs.values()]), "tests": inputs},
         "features": {"p_value": mmd_p, "tests": {"mmd": {"statistic": mmd2, "p_value": mmd_p,
@@ -253,7 +245,7 @@ def detect(reference: dict, new: Observation, alpha: float = 0.05, permutations:
             **families}
 
 
-def monitor(model: Classifier, reference: dict, incoming: Incoming, alpha: float = 0.05,
+def monitor(model: Classifier, reference: dict, incoming: Incoming, alpha: float = ALPHA,
             permutations: int = PERMUTATIONS, seed: int = 0) -> tuple[dict, Observation]:
     """The drift report of `incoming` against `reference` (with accuracy, macro F1 and ECE next to
     the test split's when it is labelled), and what was observed of it."""
@@ -265,10 +257,10 @@ def monitor(model: Classifier, reference: dict, incoming: Incoming, alpha: float
               **detect(reference, new, alpha, permutations, seed), "reference_images": reference["images"]}
     if incoming.labels is not None:
         m = classification_metrics(new.logits, incoming.labels, reference["classes"])
+        test = reference["test"]
         report["labelled"] = {"accuracy": m["test_acc"], "macro_f1": m["macro_f1"], "ece": m["ece"],
-                              "test_accuracy": reference["test"]["test_acc"], "test_macro_f1": reference["test"][
-                                  "macro_f1"], "test_ece": reference["test"]["ece"],
-                              "accuracy_change": m["test_acc"] - reference["test"]["test_acc"]}
+                              "test_accuracy": test["test_acc"], "test_macro_f1": test["macro_f1"],
+                              "test_ece": test["ece"], "accuracy_change": m["test_acc"] - test["test_acc"]}
     return report, new
 
 
@@ -305,7 +297,7 @@ def log_monitor(writer: SummaryWriter, report: dict, reference: dict, new: Obser
                   for family in FAMILIES for name, t in report[family]["tests"].items()])
 
 
-def check(source: Path, model_file: Path, reference_file: Path, logdir: Path, alpha: float = 0.05,
+def check(source: Path, model_file: Path, reference_file: Path, logdir: Path, alpha: float = ALPHA,
           permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
     """`reprotune monitor` and the monitor stage: check `source` against the model's reference, log
     the TensorBoard run to `logdir`, print the unreadable files and the verdict line, return the

@@ -60,7 +60,8 @@ class RequestLog:
             png = io.BytesIO()
             Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)).save(png, "PNG")
             # The JSON first, then the PNG, each under a hidden name renamed into place: a reader never
-            # sees a torn file, and every image it sees has its prediction beside it.
+            # sees a torn file, and every image it sees has its prediction beside it. Not io.atomic_file:
+            # its sweep for a killed write's leftovers globs the folder, thousands of files, per request.
             for suffix, payload in ((".json", json.dumps(meta).encode()), (".png", png.getvalue())):
                 tmp = self.folder / f".{name}{suffix}.tmp"
                 tmp.write_bytes(payload)

@@ -19,7 +19,6 @@
 # as objects, and under Serve's class ingress string annotations are not resolved (a Request
 # parameter would be taken for a query parameter).
 import asyncio
-import hashlib
 import logging
 import signal
 import socket
@@ -40,6 +39,7 @@ from reprotune import __version__
 from reprotune.cluster import loopback
 from reprotune.errors import ReprotuneError
 from reprotune.images import MAX_PIXELS
+from reprotune.io import file_md5
 from reprotune.predict import load_card
 from reprotune.protocol import (
     HEADER_LENGTH,
@@ -96,8 +96,7 @@ class Settings:
         if path.suffix != ".onnx":
             raise ReprotuneError(f"{path}: the server runs ONNX exports (models/model.onnx)")
         card = load_card(path)
-        with path.open("rb") as f:
-            version = hashlib.file_digest(f, "md5").hexdigest()[:12]  # which exact file answered
+        version = file_md5(path)[:12]  # which exact file answered
         return Contract(self.name, version, card["classes"], card["size"], self.max_batch_size, self.max_pixels)
 
 
