@@ -3,7 +3,7 @@
 #
 # 1. pytest -m gpu: tests/test_gpu.py and tests/test_resume.py's CUDA variants (fp16 + GradScaler +
 #    clipping with a forced overflow, bf16, channels_last, torch.compile, deterministic runs, Ctrl-C
-#    and SIGKILL resumed bitwise, evaluate + export of a CUDA-trained model);
+#    and SIGKILL resumed bitwise, evaluate + export of a CUDA-trained model, the LR range test under fp16);
 # 2. bench/gpu.py: the training loop against a bare loop and the textbook recipe at 32 and 224 px,
 #    and the default 10-epoch run at 224 px.
 #
@@ -29,7 +29,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 'torchvision', torchvision.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
 } | tee "$RESULTS/gpu-env.txt"
 
-timeout 330 "$PYTHON" -m pytest -m gpu tests/test_gpu.py tests/test_resume.py -p no:cacheprovider -q -rA \
+timeout 330 "$PYTHON" -m pytest -m gpu tests/test_gpu.py tests/test_resume.py tests/test_lrfind.py -p no:cacheprovider -q -rA \
   --durations=0 2>&1 | tee "$RESULTS/gpu-tests.txt"
 tests=${PIPESTATUS[0]}
 timeout 300 "$PYTHON" bench/gpu.py "$@" 2>&1 | tee "$RESULTS/gpu-bench.txt"

@@ -1,10 +1,13 @@
 """DVC stage `compress`: prune whole channels of the fine-tuned model, fine-tune it back, measure both.
 
 With compress.ratio 0 (the default) nothing is pruned: the model is copied as it is, without loading
-torch, in about a second, and runs/compress/ holds a note instead of a TensorBoard run.
+torch, in about a second, and runs/compress/ holds a note instead of a TensorBoard run. A compressed
+model that lost more than compress.max_acc_drop test accuracy is written marked rejected, with one
+warning line (export then leaves it out), or, with compress.gate required, fails the stage.
 """
 
 import shutil
+import sys
 from pathlib import Path
 
 from reprotune.config import ModelConfig, load_params
@@ -27,15 +30,15 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
         print(f"{OUT}: a copy of {MODEL} (compress.ratio is 0)")
         return
     from reprotune import tb  # torch, the pruner and the training loop: only when there is work
-    from reprotune.checkpoint import Checkpoints, run_key
-    from reprotune.compress import compress, log_compress
+    from reprotune.checkpoint import Checkpoints
+    from reprotune.compress import compress, log_compress, recovery_key
     from reprotune.data import load_split
     from reprotune.model import load_model, save_model
 
     model, saved = load_model(MODEL)
     train, val, test = (load_split(path) for path in SPLITS)
-    checkpoints = Checkpoints(WORK, run_key(cfg, [MODEL, *SPLITS], ("train", "log", "compress")))
-    pruned, metrics = compress(cfg, model, train, val, test, checkpoints)
+    checkpoints = Checkpoints(WORK, recovery_key(cfg, [MODEL, *SPLITS]))
+    pruned, metrics, verdict = compress(cfg, model, train, val, test, checkpoints)
     checkpoints.logdir.mkdir(parents=True, exist_ok=True)  # none yet without a recovery fine-tune
     with tb.open_writer(checkpoints.logdir) as writer:
         log_compress(writer, metrics)
@@ -43,12 +46,15 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
     save_model(OUT, pruned, ModelConfig.model_validate(saved["model"]), saved["classes"], {
         **{key: saved[key] for key in ("seed", "train", "input_size") if key in saved},
         "best_epoch": metrics["recovery"].get("best_epoch"), "val_acc": metrics["recovery"].get("best_val_acc"),
-        "compression": {**cfg.compress.model_dump(), "flops_ratio": metrics["flops_ratio"]}})
+        "compression": {**cfg.compress.model_dump(), "flops_ratio": metrics["flops_ratio"],
+                        "accepted": verdict is None, "verdict": verdict}})
     write_json("metrics/compress.json", metrics)
     checkpoints.remove()
     print(f"{OUT}: {metrics['flops_ratio']:.2f}x the FLOPs, {metrics['speedup']:.2f}x the batch-256 ONNX throughput, "
           f"test acc {metrics['after']['test_acc']:.4f} ({metrics['acc_change']:+.4f}; "
           f"{metrics['pruned_test_acc']:.4f} before recovery)")
+    if verdict:
+        print(f"reprotune: warning: {verdict}: export will leave it out of models/compressed/", file=sys.stderr)
 
 
 if __name__ == "__main__":

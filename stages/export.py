@@ -1,7 +1,8 @@
 """DVC stage `export`: ONNX, int8 ONNX, TorchScript and (export.executorch) ExecuTorch, each verified,
 plus the model card.
 
-The compress stage's model, when it pruned one, is exported too: ONNX and int8 ONNX in models/compressed/.
+The compress stage's model, when it pruned one, is exported too: ONNX and int8 ONNX in models/compressed/,
+unless it missed compress.max_acc_drop: then that folder holds only rejected.json, with one warning line.
 """
 
 import sys
@@ -29,7 +30,8 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
         compressed, compressed_saved = None, None
     test, train = load_split(Path("data/processed/test.pt")), load_split(Path("data/processed/train.pt"))
     with tb.stage_writer("runs/export") as writer:
-        report = export_all(model, test, train.images, cfg.export, PATHS, compressed)
+        verdict = compressed_saved["compression"].get("verdict") if compressed_saved else None
+        report = export_all(model, test, train.images, cfg.export, PATHS, compressed, verdict)
         log_export(writer, report)
     write_json("models/model_card.json", model_card(saved, report, lineage(Path("dvc.lock"), MODEL), compressed_saved))
     write_json("metrics/export.json", export_metrics(report))

@@ -141,7 +141,11 @@ def exported(pipeline, tmp_path_factory) -> tuple[Path, subprocess.CompletedProc
     to). The compress and ExecuTorch tests share it: export is the slowest stage, run once for both."""
     root = tmp_path_factory.mktemp("exported") / "project"
     shutil.copytree(pipeline, root, symlinks=True)
-    set_params(root / "params.yaml", {"compress.ratio": 0.3, "compress.epochs": 1, "export.executorch": True,
+    # One recovery epoch, not min_steps' 500 steps, and no accuracy gate: a 2-epoch model on 640
+    # images loses points to any pruning, and these tests need the compressed exports (the gate has
+    # tests of its own in test_compress.py).
+    set_params(root / "params.yaml", {"compress.ratio": 0.3, "compress.epochs": 1, "compress.min_steps": 0,
+                                      "compress.max_acc_drop": 1.0, "export.executorch": True,
                                       "export.executorch_max_batch": 24})
     return root, run(["dvc", "repro"], root)
 

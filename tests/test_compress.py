@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from conftest import REPO, run
 from reprotune import data, train
 from reprotune.checkpoint import Checkpoints
-from reprotune.compress import ROUND_TO, compress, prune
-from reprotune.config import CompressConfig, ModelConfig, Params
+from reprotune.compress import ROUND_TO, compress, gate, prune, recovery_epochs, recovery_key, recovery_params
+from reprotune.config import CompressConfig, ExportConfig, ModelConfig, Params
+from reprotune.errors import ReprotuneError
 from reprotune.evaluate import predict
+from reprotune.export import ExportPaths, export_all, export_metrics, model_card
 from reprotune.model import build_model, load_model, save_model
 from reprotune.runtime import onnx_runner
 from reprotune.train import distillation
@@ -111,7 +117,7 @@ def test_compress_prunes_recovers_through_finetune_and_measures_both(splits, tmp
     params = Params.model_validate({
         "model": {"weights": "none"}, "log": {"graph": False, "images": 0, "histograms": False},
         "train": {"batch_size": 32, "device": "cpu"},
-        "compress": {"ratio": 0.3, "epochs": 1, "lr": 0.02, "distill": 0.5}})
+        "compress": {"ratio": 0.3, "epochs": 1, "min_steps": 0, "lr": 0.02, "distill": 0.5, "max_acc_drop": 1.0}})
     model = _model()
     taught = []  # (teacher's first weight, the batch's size) per training step's loss
 
@@ -123,11 +129,12 @@ def test_compress_prunes_recovers_through_finetune_and_measures_both(splits, tmp
 
     monkeypatch.setattr(train, "distillation", spy)
     checkpoints = Checkpoints(tmp_path / "work", "key")
-    pruned, metrics = compress(params, model, splits["train"], splits["val"], splits["test"], checkpoints)
+    pruned, metrics, verdict = compress(params, model, splits["train"], splits["val"], splits["test"], checkpoints)
+    assert verdict is None and metrics["accepted"] is True  # any drop is within max_acc_drop 1.0
     # Distillation from the unpruned model drove every training step.
     steps = len(splits["train"].labels) // 32
     assert len(taught) == steps and all(torch.equal(w, model.net.conv1.weight) and n == 32 for w, n in taught)
-    assert metrics["recovery"]["epochs"] == 1
+    assert metrics["recovery"]["epochs"] == 1 and metrics["recovery"]["steps"] == steps
     assert metrics["flops_ratio"] == pytest.approx(metrics["after"]["flops"] / metrics["before"]["flops"])
     assert 0.2 < metrics["flops_ratio"] < 0.7
     assert metrics["after"]["parameters"] == sum(p.numel() for p in pruned.parameters())
@@ -166,3 +173,116 @@ def test_the_default_ratio_copies_the_model_and_a_real_one_compresses_through_dv
     logits = onnx_runner(root / "models/compressed/model.onnx")(data.to_float(images.images[:8]).numpy())
     with torch.no_grad():
         assert np.abs(logits - model(data.to_float(images.images[:8])).numpy()).max() < 1e-3
+
+
+# --------------------------------------------------------------------------- recovery sizing and the gate
+
+
+@pytest.mark.parametrize("images, batch, epochs, min_steps, expected", [
+    (1211, 64, 3, 500, 28),     # a small set (digits): 18 steps an epoch, so 28 epochs cover 500 steps
+    (45_000, 128, 3, 500, 3),   # CIFAR-10's 351 steps an epoch: 3 epochs are already 1,053 steps
+    (45_000, 128, 1, 500, 2),   # one epoch is 351: a second covers the rest
+    (1211, 64, 3, 0, 3),        # min_steps 0: compress.epochs alone
+    (1211, 64, 0, 500, 0),      # compress.epochs 0: no recovery, whatever min_steps says
+    (20, 64, 3, 500, 500),      # fewer images than a batch: finetune still takes one step an epoch
+])
+def test_recovery_runs_at_least_min_steps_whatever_the_training_set_size(images, batch, epochs, min_steps, expected):
+    cfg = CompressConfig(ratio=0.2, epochs=epochs, min_steps=min_steps)
+    assert recovery_epochs(cfg, images, batch) == expected
+    if expected:
+        params = Params.model_validate({"train": {"batch_size": batch, "epochs": 7, "lr": 0.1},
+                                        "compress": cfg.model_dump()})
+        recovery = recovery_params(params, images).train
+        assert (recovery.epochs, recovery.lr) == (expected, cfg.lr)
+
+
+def test_the_gate_accepts_a_drop_within_max_acc_drop_and_rejects_one_past_it():
+    cfg = CompressConfig(ratio=0.2, max_acc_drop=0.01)
+    assert gate(0.01, cfg) is None and gate(-0.05, cfg) is None and gate(0.0, cfg) is None
+    assert gate(0.0101, cfg) == ("the compressed model lost 0.0101 test accuracy to pruning "
+                                 "(> compress.max_acc_drop 0.01)")
+    required = cfg.model_copy(update={"gate": "required"})
+    assert gate(0.01, required) is None
+    with pytest.raises(ReprotuneError) as error:
+        gate(0.2, required)
+    assert str(error.value) == ("the compressed model lost 0.2000 test accuracy to pruning (> compress.max_acc_drop "
+                                "0.01); compress.gate is required, so nothing was written")
+
+
+def test_a_changed_gate_keeps_the_recovery_checkpoint_and_a_changed_recovery_does_not(tmp_path):
+    """After a run the gate failed, loosening the gate resumes the finished recovery in seconds."""
+    inputs = [tmp_path / "model.pt"]
+    inputs[0].write_bytes(b"model")
+
+    def key(**compress) -> str:
+        return recovery_key(Params.model_validate({"compress": {"ratio": 0.2, **compress}}), inputs)
+
+    assert key() == key(max_acc_drop=0.05) == key(gate="required")
+    assert len({key(), key(lr=0.05), key(min_steps=100), key(ratio=0.3)}) == 4
+
+
+def _project(root: Path, splits: dict, compress_params: dict) -> Path:
+    """A stage's working directory: an untrained model, splits whose test labels are that model's own
+    predictions (so it scores 1.0 and pruning it without recovery loses a lot), and params."""
+    model = _model()
+    (root / "models").mkdir(parents=True)
+    save_model(root / "models/model.pt", model, ModelConfig(weights="none"), data.SYNTHETIC_CLASSES,
+               {"input_size": 32, "seed": 0})
+    test = splits["test"]
+    test = data.Split(test.images, predict(model, test.images, 64).argmax(1), test.classes, test.mean, test.std)
+    (root / "data/processed").mkdir(parents=True)
+    for name, split in {**splits, "test": test}.items():
+        torch.save(split.to_dict(), root / f"data/processed/{name}.pt")
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "model": {"weights": "none"}, "train": {"batch_size": 32, "device": "cpu"},
+        "log": {"graph": False, "images": 0, "histograms": False},
+        "compress": {"ratio": 0.5, "epochs": 0, **compress_params}}))
+    return root
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_required_gate_fails_the_stage_in_one_line_and_writes_nothing(splits, tmp_path):
+    root = _project(tmp_path, splits, {"gate": "required"})
+    before = _tree(root)
+    proc = run(["python", str(REPO / "stages/compress.py")], root, check=False)
+    assert proc.returncode == 1
+    assert re.fullmatch(r"reprotune: error: the compressed model lost [01]\.\d{4} test accuracy to pruning "
+                        r"\(> compress\.max_acc_drop 0\.01\); compress\.gate is required, so nothing was written",
+                        proc.stderr.strip()), proc.stderr
+    assert _tree(root) == before
+
+
+def test_an_optional_gate_writes_the_model_marked_rejected_and_export_leaves_it_out(splits, tmp_path):
+    root = _project(tmp_path / "project", splits, {})
+    proc = run(["python", str(REPO / "stages/compress.py")], root)
+    metrics = json.loads((root / "metrics/compress.json").read_text())
+    assert metrics["accepted"] is False and metrics["acc_change"] < -0.01
+    verdict = (f"the compressed model lost {-metrics['acc_change']:.4f} test accuracy to pruning "
+               f"(> compress.max_acc_drop 0.01)")
+    assert proc.stderr.strip().splitlines() == [
+        f"reprotune: warning: {verdict}: export will leave it out of models/compressed/"]
+    compressed, saved = load_model(root / "models/model.compressed.pt")
+    assert saved["compression"]["accepted"] is False and saved["compression"]["verdict"] == verdict
+
+    # Export, the way stages/export.py calls it: the compressed files are left out, the verdict kept.
+    model, _ = load_model(root / "models/model.pt")
+    test = data.load_split(root / "data/processed/test.pt")
+    out = tmp_path / "models"
+    paths = ExportPaths(onnx=out / "model.onnx", int8=out / "int8", torchscript=out / "model.torchscript.pt",
+                        compressed=out / "compressed", executorch=out / "executorch")
+    cfg = ExportConfig(check_images=8, calibration_images=8, latency_runs=1, int8_min_agreement=0.0)
+    report = export_all(model, test, test.images, cfg, paths, compressed, saved["compression"]["verdict"])
+    assert [p.name for p in paths.compressed.iterdir()] == ["rejected.json"]
+    rejected = json.loads((paths.compressed / "rejected.json").read_text())
+    assert rejected["verdict"] == verdict and rejected["unpruned_test_acc"] == 1.0
+    assert rejected["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert report["warning"] == f"{verdict}: not shipped ({paths.compressed / 'rejected.json'} says why)"
+    assert "compressed" not in report and "compressed_int8" not in report
+    assert export_metrics(report)["compressed_shipped"] is False
+    card = model_card(saved, report, None, saved)
+    assert card["files"]["compressed_onnx"] is None and card["files"]["compressed_onnx_int8"] is None
+    assert card["compression"]["accepted"] is False and verdict in card["models"]["compressed_onnx, compressed_onnx_int8"]
+    assert (out / "model.onnx").is_file()  # the unpruned model's exports ship as ever

@@ -235,7 +235,7 @@ def test_augment_crops_and_flips_on_the_device_without_changing_pixels():
     flips = [_pixels(data.augment(images, padding=0, hflip=True, generator=gen)) for _ in range(20)]
     assert all(torch.equal(f[i], images[i]) or torch.equal(f[i], images[i].flip(2)) for f in flips for i in range(2))
     assert any(torch.equal(f[0], images[0].flip(2)) for f in flips)
-    crops = [_pixels(data.augment(images, padding=2, hflip=False, generator=gen)) for _ in range(20)]
+    crops = [_pixels(data.augment(images, padding=2, hflip=False, generator=gen, mode="zero")) for _ in range(20)]
     for crop in crops:
         assert crop.shape == images.shape
         # every crop is a shifted window of the zero-padded image
@@ -290,7 +290,7 @@ def test_a_split_that_would_leave_a_side_empty_is_refused():
 def test_crops_use_every_offset_and_flips_about_half():
     # 4 px of padding: 9 x 9 window positions (offsets 0..8 on each axis), every one of them drawn.
     wide = torch.arange(1, 65, dtype=torch.uint8).view(1, 1, 8, 8).repeat(2000, 1, 1, 1)
-    crops = _pixels(data.augment(wide, padding=4, hflip=False, generator=torch.Generator().manual_seed(1)))
+    crops = _pixels(data.augment(wide, padding=4, hflip=False, generator=torch.Generator().manual_seed(1), mode="zero"))
     padded = torch.nn.functional.pad(wide[0, 0], (4,) * 4)
     windows = {(y, x): padded[y:y + 8, x:x + 8] for y in range(9) for x in range(9)}
     seen = {next(pos for pos, w in windows.items() if torch.equal(crop[0], w)) for crop in crops[:600]}
@@ -463,3 +463,83 @@ def test_a_class_of_two_splits_one_and_one_and_a_class_of_one_stays_in_train():
     assert (len(train), len(val)) == (2, 1) and 2 in train  # class 0: one each side; class 1's only image trains
     assert [len(side) for side in data.stratified_split(np.array([0, 0]), 0.5, seed=0)] == [1, 1]
     assert [data.held_out(n, 0.1) for n in (1, 2, 5, 6, 100)] == [0, 1, 1, 1, 10]
+
+
+def _np_window_set(image: np.ndarray, padding: int, mode: str) -> dict[tuple[int, int], np.ndarray]:
+    """Every window a crop of `image` (C, H, W) may take, from numpy's own padding."""
+    c, h, w = image.shape
+    if mode == "mean":
+        fill = np.round(image.reshape(c, -1).mean(1)).astype(np.uint8)
+        padded = np.stack([np.pad(image[i], padding, constant_values=fill[i]) for i in range(c)])
+    else:
+        padded = np.pad(image, ((0, 0), (padding, padding), (padding, padding)),
+                        mode={"reflect": "reflect", "edge": "edge", "zero": "constant"}[mode])
+    return {(y, x): padded[:, y:y + h, x:x + w] for y in range(2 * padding + 1) for x in range(2 * padding + 1)}
+
+
+@pytest.mark.parametrize("mode", data.PADDING_MODES)
+def test_crop_padding_modes_are_numpys_and_reach_every_offset(mode):
+    # A window of the padded image, filled as numpy pads (reflect: mirrored without repeating the
+    # edge; edge: the border repeated; mean: each channel's mean; zero: black), at all 81 offsets.
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 255, (3, 8, 8), dtype=np.uint8)
+    windows = _np_window_set(image, 4, mode)
+    batch = torch.from_numpy(image)[None].repeat(600, 1, 1, 1)
+    crops = _pixels(data.augment(batch, 4, False, torch.Generator().manual_seed(1), mode=mode)).numpy()
+    seen = {next(pos for pos, w in windows.items() if np.array_equal(crop, w)) for crop in crops}
+    assert seen == set(windows)
+
+
+def test_reflect_and_edge_crops_bring_in_no_colour_the_image_lacks():
+    # Dark ink on white paper: zero padding draws black borders no image has; the others do not.
+    page = torch.full((64, 3, 16, 16), 250, dtype=torch.uint8)
+    page[:, :, 6:10, 6:10] = 40
+    darkest = {mode: _pixels(data.augment(page, 4, True, torch.Generator().manual_seed(0), mode=mode)).amin().item()
+               for mode in data.PADDING_MODES}
+    assert darkest["zero"] == 0
+    assert darkest["reflect"] == darkest["edge"] == 40 and darkest["mean"] == 40
+
+
+def test_the_padding_mode_draws_nothing_and_only_changes_the_border():
+    # The same seed gives the same offsets and flips whatever the mode: pixels read from inside the
+    # image agree, and the generator ends in the same state.
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    inside = _pixels(data.augment(torch.full_like(images, 77), 3, True, torch.Generator().manual_seed(2),
+                                  mode="zero")) == 77  # where a window of zero padding reads the image
+    outs, states = {}, {}
+    for mode in data.PADDING_MODES:
+        gen = torch.Generator().manual_seed(2)
+        outs[mode] = _pixels(data.augment(images, 3, True, gen, mode=mode))
+        states[mode] = gen.get_state()
+    assert 0 < inside.float().mean() < 1
+    for mode in data.PADDING_MODES:
+        assert torch.equal(outs[mode][inside], outs["zero"][inside]), mode
+        assert torch.equal(states[mode], states["zero"]), mode
+        assert mode == "zero" or not torch.equal(outs[mode], outs["zero"]), mode
+
+
+@pytest.mark.parametrize("mode, corner", [("reflect", 0.8), ("edge", 0.8), ("mean", 0.8), ("zero", 0.0)])
+def test_rotation_fills_its_corners_per_the_padding_mode(mode, corner):
+    # A plain page turned 45 degrees: its corners come from outside the image. Only zero fills
+    # them black; reflect and edge repeat the page, mean its mean colour.
+    page = torch.full((8, 3, 16, 16), 204, dtype=torch.uint8)  # 0.8
+    out = data.augment(page, 0, False, torch.Generator().manual_seed(0), rotation=45.0, mode=mode)
+    centre = out[:, :, 6:10, 6:10]
+    torch.testing.assert_close(centre, torch.full_like(centre, 0.8), atol=1e-4, rtol=0)
+    corners = out[:, :, 0, 0]  # every image turns by its own angle; the bound keeps it near 45 for some
+    turned = out.sub(0.8).abs().amax((1, 2, 3)) > 0.1 if mode == "zero" else None
+    if mode == "zero":
+        assert turned.any() and corners[turned].max() < 0.5
+    else:
+        torch.testing.assert_close(out, torch.full_like(out, corner), atol=1e-4, rtol=0)
+
+
+def test_training_augments_with_the_configured_padding_mode():
+    # `train.augmented` (the loop, the trial step and the logged batch) passes padding_mode on.
+    from reprotune import train
+    from reprotune.config import TrainConfig
+
+    page = torch.full((64, 3, 16, 16), 250, dtype=torch.uint8)
+    darkest = {mode: train.augmented(page, TrainConfig(padding_mode=mode, random_crop=4),
+                                     torch.Generator().manual_seed(0)).amin().item() for mode in ("zero", "edge")}
+    assert darkest == {"zero": 0.0, "edge": pytest.approx(250 / 255)}

@@ -202,7 +202,7 @@ def _replay(model, images, labels, cfg: TrainConfig, seed: int, autocast=None):
     for step in range(len(images) // cfg.batch_size):
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         x = data.augment(images[idx], cfg.random_crop, cfg.hflip, generator, rotation=cfg.rotation,
-                         jitter=cfg.color_jitter)
+                         jitter=cfg.color_jitter, mode=cfg.padding_mode)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         model.zero_grad()
@@ -222,7 +222,7 @@ def test_an_epoch_sums_exactly_what_its_steps_computed(channels_last, autocast):
     # sums: crops, flips, rotations, colour jitter, smoothing, channels_last and autocast all reach the step.
     images, labels = _data(48)
     cfg = TrainConfig(batch_size=16, grad_clip=0.5, random_crop=4, hflip=True, rotation=15, color_jitter=0.4,
-                      label_smoothing=0.1, channels_last=channels_last)
+                      label_smoothing=0.1, channels_last=channels_last, padding_mode="edge")
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
     if channels_last:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from reprotune import __version__
-from reprotune.errors import ReprotuneError, run_cli
+from reprotune.errors import ReprotuneError, UsageError, run_cli
 from reprotune.stage import ParamsFile, invoke
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -72,12 +72,21 @@ def demo(params: ParamsFile = Path("params.yaml")) -> None:
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def experiments(ctx: typer.Context) -> None:
-    """Experiments side by side: name, the params that differ, the headline metrics (dvc exp show)."""
-    from reprotune.review import headline_view
+def experiments(
+    ctx: typer.Context,
+    seeds: Annotated[bool, typer.Option("--seeds", help="Group the runs that differ only in `seed`: mean ± std "
+                                                        "of the headline metrics over seeds, as Markdown.")] = False,
+) -> None:
+    """Experiments side by side: name, the params that differ, the headline metrics (dvc exp show).
+    Other options go to `dvc exp show` (`-A`, `--rev`, ...)."""
+    from reprotune import review
 
     dvc = _tool("dvc")
-    code = subprocess.call([dvc, "exp", "show", *headline_view(), *ctx.args], env=_venv_env())
+    if seeds:
+        runs = review.exp_show_runs(review.dvc_json(dvc, ["exp", "show", *ctx.args], _venv_env()))
+        print("\n".join(review.seed_table(review.seed_groups(runs), runs, review.count_test_images(Path.cwd()))))
+        return
+    code = subprocess.call([dvc, "exp", "show", *review.headline_view(), *ctx.args], env=_venv_env())
     if code != 0:
         raise typer.Exit(code)
 
@@ -120,6 +129,31 @@ def params(write: Annotated[bool, typer.Option("--write", help="Rewrite params.y
         return
     for path in paramsdoc.write(Path.cwd()):
         print(f"rewrote {path}")
+
+
+@cli.command()
+def recipe(
+    name: Annotated[str | None, typer.Argument(help="A recipe's name; none lists them.")] = None,
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """A named recipe as `dvc exp run -S` arguments: dvc exp run $(reprotune recipe scratch)."""
+    from reprotune.config import load_params
+    from reprotune.recipes import RECIPES
+
+    if name is None:
+        width = max(map(len, RECIPES))
+        for key, r in RECIPES.items():
+            print(f"{key:<{width}}  {r.summary}: {' '.join(r.arguments())}")
+        return
+    if name not in RECIPES:
+        raise ReprotuneError(f"no recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    chosen = RECIPES[name]
+    if params.exists():  # the overrides must fit this project's params.yaml, not just the defaults
+        try:
+            chosen.params(load_params(params).model_dump(mode="json"))
+        except ReprotuneError as exc:
+            raise ReprotuneError(f"recipe {name} does not fit {params}: {exc}") from None
+    print(" ".join(chosen.arguments()))
 
 
 def _free_experiment_name(dvc: str, base: str) -> str:
@@ -178,6 +212,26 @@ def monitor(
     write_json(metrics, report)
     if fail_on_drift and report["drift"]:
         raise typer.Exit(DRIFT_EXIT)
+
+
+@cli.command(name="lr-find")
+def lr_find(
+    params: ParamsFile = Path("params.yaml"),
+    steps: Annotated[int, typer.Option(min=5, help="Optimizer steps in the sweep, one training batch each.")] = 100,
+    start_lr: Annotated[float, typer.Option(help="train.lr at the first step.")] = 1e-6,
+    end_lr: Annotated[float, typer.Option(help="train.lr at the last step (the sweep stops earlier if the "
+                                                "loss diverges).")] = 10.0,
+    out: Annotated[Path, typer.Option(help="Folder for the plot, the record and the TensorBoard run "
+                                           "(replaced).")] = Path("runs/lr-find"),
+) -> None:
+    """LR range test: train a few batches at a growing LR on data/processed/, suggest train.lr."""
+    from reprotune.config import load_params  # keeps `reprotune --version` light
+    from reprotune.lrfind import PLOT, run, summary
+
+    if not 0 < start_lr < end_lr:
+        raise UsageError(f"--start-lr ({start_lr:g}) must be positive and below --end-lr ({end_lr:g})")
+    suggestion = run(load_params(params), Path("data/processed/train.pt"), out, steps, start_lr, end_lr)
+    print(f"{summary(suggestion)}\nplot: {out / PLOT}; TensorBoard run: {out}")
 
 
 @cli.command()

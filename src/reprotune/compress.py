@@ -5,12 +5,16 @@ removes the matching input channel of every layer that reads it, across residual
 BatchNorm. The result is an ordinary, narrower ResNet18: dense kernels run it faster on any
 hardware, unlike unstructured (zeroed-weight) sparsity. Recovery goes through finetune's loop,
 checkpoints and logs (`train.finetune` with a `start` model), optionally distilling from the
-unpruned model. Before and after are measured the way they are served: ONNX Runtime on the CPU.
+unpruned model, for at least `compress.min_steps` optimizer steps whatever the dataset's size.
+Before and after are measured the way they are served: ONNX Runtime on the CPU; a compressed model
+that lost more than `compress.max_acc_drop` test accuracy is marked rejected (export leaves it out)
+or, with `compress.gate: required`, fails the stage.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import tempfile
 import time
@@ -22,9 +26,10 @@ from tensorboardX import SummaryWriter
 from torch.utils.flop_counter import FlopCounterMode
 
 from reprotune import tb
-from reprotune.checkpoint import Checkpoints
+from reprotune.checkpoint import Checkpoints, run_key
 from reprotune.config import CompressConfig, Params
 from reprotune.data import Split, to_float
+from reprotune.errors import ReprotuneError
 from reprotune.evaluate import predict
 from reprotune.export import export_onnx
 from reprotune.model import Classifier
@@ -61,14 +66,46 @@ def prune(model: Classifier, cfg: CompressConfig, example: torch.Tensor, seed: i
     return pruned
 
 
-def recovery_params(params: Params) -> Params:
-    """`params` with the recovery fine-tune's train settings: `compress.epochs` at `compress.lr`, every
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of finetune's loop, which takes full batches only."""
+    return max(1, train_images // batch_size)
+
+
+def recovery_epochs(cfg: CompressConfig, train_images: int, batch_size: int) -> int:
+    """Epochs the recovery runs: `cfg.epochs`, raised to cover `cfg.min_steps` optimizer steps of
+    `batch_size` on `train_images`; 0 (no recovery) when `cfg.epochs` is 0."""
+    if not cfg.epochs:
+        return 0
+    return max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch(train_images, batch_size)))
+
+
+def recovery_params(params: Params, train_images: int) -> Params:
+    """`params` with the recovery fine-tune's train settings: `recovery_epochs` at `compress.lr`, every
     layer training, no warmup or early stop (it starts from trained weights), in one process."""
     c = params.compress
     train = params.train.model_copy(update={
-        "epochs": c.epochs, "lr": c.lr, "strategy": "full", "unfreeze_after": 0, "warmup_epochs": 0.0,
-        "early_stop_patience": 0, "nproc": 1, "nnodes": 1})
+        "epochs": recovery_epochs(c, train_images, params.train.batch_size), "lr": c.lr, "strategy": "full",
+        "unfreeze_after": 0, "warmup_epochs": 0.0, "early_stop_patience": 0, "nproc": 1, "nnodes": 1})
     return params.model_copy(update={"train": train})
+
+
+def recovery_key(params: Params, inputs: list[Path]) -> str:
+    """The recovery checkpoint's key: what shapes the recovery, not the gate's settings, so that after
+    a run the gate failed, a rerun with the gate changed resumes the finished recovery in seconds."""
+    ungated = params.compress.model_copy(update={"max_acc_drop": 0.0, "gate": "optional"})
+    return run_key(params.model_copy(update={"compress": ungated}), inputs, ("train", "log", "compress"))
+
+
+def gate(acc_drop: float, cfg: CompressConfig) -> str | None:
+    """None if a compressed model that lost `acc_drop` test accuracy keeps `cfg.max_acc_drop`; else the
+    verdict, one line, or, with `cfg.gate` required, raise with it."""
+    if acc_drop <= cfg.max_acc_drop:
+        return None
+    verdict = (f"the compressed model lost {acc_drop:.4f} test accuracy to pruning "
+               f"(> compress.max_acc_drop {cfg.max_acc_drop})")
+    if cfg.gate == "required":
+        raise ReprotuneError(f"{verdict}; compress.gate is required, so nothing was written")
+    return verdict
 
 
 def _accuracy(model: Classifier, test: Split) -> float:
@@ -111,9 +148,11 @@ def speed(models: list[Path], test: Split) -> list[dict]:
 
 
 def compress(params: Params, model: Classifier, train: Split, val: Split, test: Split,
-             checkpoints: Checkpoints) -> tuple[Classifier, dict]:
-    """Prune `model`, fine-tune it back (resuming if interrupted), measure both: the compressed model
-    (CPU, eval mode) and metrics/compress.json. The recovery's curves go to `checkpoints.logdir`."""
+             checkpoints: Checkpoints) -> tuple[Classifier, dict, str | None]:
+    """Prune `model`, fine-tune it back (resuming if interrupted), measure both, gate: the compressed
+    model (CPU, eval mode), metrics/compress.json, and the gate's verdict when it missed
+    `compress.max_acc_drop` (with `compress.gate` required, raise instead). The recovery's curves go to
+    `checkpoints.logdir`."""
     cfg = params.compress
     with tempfile.TemporaryDirectory() as work:
         before = profile(model, test, Path(work) / "unpruned.onnx")
@@ -121,20 +160,23 @@ def compress(params: Params, model: Classifier, train: Split, val: Split, test: 
         pruned_acc = _accuracy(pruned, test)
         recovery = {"epochs": 0}
         if cfg.epochs:
-            result = finetune(recovery_params(params), train, val, checkpoints, start=pruned,
+            result = finetune(recovery_params(params, len(train.labels)), train, val, checkpoints, start=pruned,
                               teacher=model if cfg.distill else None)
             pruned = result.model
             recovery = {k: result.metrics[k] for k in ("epochs", "best_epoch", "best_val_acc", "train_seconds")}
+            recovery["steps"] = recovery["epochs"] * steps_per_epoch(len(train.labels), params.train.batch_size)
         after = profile(pruned, test, Path(work) / "compressed.onnx")
+        acc_drop = before["test_acc"] - after["test_acc"]
+        verdict = gate(acc_drop, cfg)  # raises when required and missed: before the timing and any output
         timed = speed([Path(work) / "unpruned.onnx", Path(work) / "compressed.onnx"], test)
         before, after = {**before, **timed[0]}, {**after, **timed[1]}
-    # Headline first (`dvc exp show` keeps the leftmost columns): accuracy and what it bought.
-    metrics = {"test_acc": after["test_acc"], "acc_change": after["test_acc"] - before["test_acc"],
+    # Headline first (`dvc exp show` keeps the leftmost columns): accuracy, the verdict, what it bought.
+    metrics = {"test_acc": after["test_acc"], "acc_change": -acc_drop, "accepted": verdict is None,
                "flops_ratio": after["flops"] / before["flops"],
                "speedup": after["images_per_second"] / before["images_per_second"], "ratio": cfg.ratio,
                "pruned_test_acc": pruned_acc,  # straight after pruning, before recovery
                "before": before, "after": after, "recovery": recovery}
-    return pruned, metrics
+    return pruned, metrics, verdict
 
 
 def log_compress(writer: SummaryWriter, metrics: dict) -> None:

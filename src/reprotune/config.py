@@ -221,11 +221,17 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     """cross-entropy target smoothing"""
     random_crop: int = Field(4, ge=0, le=16)
-    """px of zero padding for random crops; 0 = off"""
+    """px of padding (filled per padding_mode) for random crops; 0 = off"""
+    padding_mode: Literal["reflect", "edge", "mean", "zero"] = "reflect"
+    """what fills pixels from outside the image (crop padding, rotation corners): reflect | edge | mean | zero
+
+    reflect mirrors the image's own pixels, edge repeats its border, mean is each image's mean colour,
+    zero is black (the old default: it draws borders that data with a light background never has).
+    Measured on real data (`python bench/recipes.py`, bench/results/recipes.md)."""
     hflip: bool = True
     """random horizontal flips"""
     rotation: float = Field(0.0, ge=0, le=180)
-    """degrees, random rotations uniform in +-rotation (bilinear, zero-filled corners); 0 = off
+    """degrees, random rotations uniform in +-rotation (bilinear, corners per padding_mode); 0 = off
 
     Anticlockwise for a positive draw, after the crop and flip: one `grid_sample` for the whole
     batch on the device; e.g. 15."""
@@ -329,6 +335,11 @@ class CompressConfig(Section):
     """magnitude (L2 of each channel group) | lamp | fpgm (geometric median) | random (the control)"""
     epochs: int = Field(3, ge=0)
     """recovery fine-tune after pruning, through finetune's loop and `train` settings; 0 = none"""
+    min_steps: int = Field(500, ge=0)
+    """optimizer steps the recovery takes at least: `epochs` is raised to cover them; 0 = `epochs` alone
+
+    Recovery needs about as many steps whatever the dataset's size: 3 epochs are 1,000 steps on
+    CIFAR-10 but 54 on 1,200 images, which left a pruned model 3 points short (bench/compress.py)."""
     lr: float = Field(0.01, gt=0)
     """peak LR of the recovery fine-tune (all layers train; `train.scheduler` shapes it)"""
     distill: float = Field(0.0, ge=0, le=1)
@@ -337,6 +348,14 @@ class CompressConfig(Section):
     loss = (1 - distill) * cross-entropy + distill * T^2 * KL(teacher || student), both at temperature T."""
     temperature: float = Field(4.0, gt=0)
     """distillation temperature T: softens both models' class probabilities"""
+    max_acc_drop: float = Field(0.01, ge=0, le=1)
+    """most test accuracy the compressed model may lose against the unpruned one (0.01 = 1 point)
+
+    Test, like the int8 gate: validation picked the recovery's best epoch, so it flatters the
+    compressed model. A model past the gate is still written, with `accepted: false` in
+    metrics/compress.json, and export leaves `models/compressed/` with only `rejected.json`."""
+    gate: Literal["optional", "required"] = "optional"
+    """optional (a compressed model past `max_acc_drop` is not exported, with a warning) | required (fails)"""
 
 
 class MonitorConfig(Section):
@@ -462,7 +481,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
-        raise ReprotuneError(f"{path}: {_describe(exc.errors()[0], raw)}") from None
+        raise ReprotuneError(f"{path}: {describe(exc.errors()[0], raw)}") from None
     params._source = path
     return params
 
@@ -474,7 +493,7 @@ _ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
             "pretrained": "weights", "img_size": "image_size", "input_size": "image_size"}
 
 
-def _describe(error: dict[str, Any], raw: dict) -> str:
+def describe(error: dict[str, Any], raw: dict | None = None) -> str:
     """One line for the first pydantic error, with a spelling suggestion for unknown keys."""
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "params"

@@ -6,7 +6,8 @@ images in [0, 1] (N, 3, S, S) and gets logits, S being the side of the cached im
 trained on (`input_size`: 32 for CIFAR). The fp32 exports must match PyTorch within
 `export.tolerance` on real test images; the int8 model must agree with PyTorch's top-1 class on at
 least `export.int8_min_agreement` of the test set. Each one's test accuracy is recomputed through
-the exported file itself. Nothing is renamed into place unless every check passes.
+the exported file itself. Nothing is renamed into place unless every check passes. The compress
+stage's model is exported only if it passed its own gate (`compress.max_acc_drop`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ EXPORTS = ("onnx", "onnx_int8", "torchscript", "executorch", "executorch_int8", 
 INT8_FILE = "model.int8.onnx"  # inside ExportPaths.int8, when the int8 model passed its gate
 INT8_REJECTED = "rejected.json"  # inside ExportPaths.int8, when it did not: the verdict, no model
 # Inside ExportPaths.compressed: the pruned model's fp32 and int8 ONNX (the latter when it passed its
-# gate, else INT8_REJECTED), or, when nothing was pruned, only NOT_PRUNED saying so.
+# gate, else INT8_REJECTED); when the pruned model missed compress.max_acc_drop, only INT8_REJECTED
+# (its name says rejected, not int8) with the compress stage's verdict; when nothing was pruned, only
+# NOT_PRUNED saying so.
 COMPRESSED_FILE, NOT_PRUNED = "model.onnx", "not_pruned.json"
 
 
@@ -215,7 +218,8 @@ def export_executorch(model: Classifier, ref: Reference, calibration: torch.Tens
 
 
 def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: ExportConfig,
-               paths: ExportPaths, compressed: Classifier | None = None) -> dict:
+               paths: ExportPaths, compressed: Classifier | None = None, compressed_verdict: str | None = None
+               ) -> dict:
     """Export every format, verify each against PyTorch and on the test set, rename what passed into place.
 
     The fp32 exports must pass (else nothing is written). An int8 model that misses its agreement
@@ -223,7 +227,8 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
     holds only the verdict, and the report says why. With `export.executorch`, the ExecuTorch programs
     go to `paths.executorch` the same way. `compressed`: the compress stage's pruned model,
     exported to ONNX and int8 ONNX in `paths.compressed` and checked against itself the same way
-    (None: nothing was pruned).
+    (None: nothing was pruned). `compressed_verdict`: why the compress stage's gate rejected it: then
+    it is left out like an int8 model below its gate, `paths.compressed` holding only the verdict.
     """
     if cfg.executorch:  # before any work: without the mobile extra, say so at once
         mobile.require_executorch()
@@ -251,6 +256,13 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
         if compressed is None:
             (compressed_dir / NOT_PRUNED).write_text(json.dumps(
                 {"verdict": "compress.ratio is 0: models/model.compressed.pt is the fine-tuned model itself"}) + "\n")
+        elif compressed_verdict:
+            report["compressed_pytorch"] = {"test_acc": Reference.of(compressed.eval(), test, cfg).test_acc,
+                                            "shipped": False}
+            (compressed_dir / INT8_REJECTED).write_text(json.dumps(
+                {"verdict": compressed_verdict, "test_acc": report["compressed_pytorch"]["test_acc"],
+                 "unpruned_test_acc": ref.test_acc}, indent=2) + "\n")
+            rejected.append((compressed_verdict, paths.compressed))
         else:
             entries, verdict = export_compressed(compressed.eval(), test, calibration, cfg, compressed_dir)
             report.update(entries)
@@ -271,7 +283,8 @@ def export_compressed(model: Classifier, test: Split, calibration: torch.Tensor,
     entry = verify(onnx_runner(fp32), fp32, ref, cfg)
     within_tolerance(entry, "compressed ONNX", cfg)
     int8, verdict = export_int8(fp32, entry, ref, calibration, cfg, folder, "compressed int8 ONNX")
-    return {"compressed_pytorch": {"test_acc": ref.test_acc}, "compressed": entry, "compressed_int8": int8}, verdict
+    return {"compressed_pytorch": {"test_acc": ref.test_acc, "shipped": True}, "compressed": entry,
+            "compressed_int8": int8}, verdict
 
 
 def export_metrics(report: dict) -> dict:
@@ -283,8 +296,10 @@ def export_metrics(report: dict) -> dict:
     int8_names = [name for name in ("onnx_int8", "executorch_int8", "compressed_int8") if name in report]
     # The headline, short enough for `dvc exp show` at 120 columns: the worst |logit difference| of
     # any fp32 export against its PyTorch model, and the share of test images where int8 picks PyTorch's class.
+    # `compressed_shipped`: whether the pruned model passed compress.max_acc_drop (absent: none pruned).
+    shipped = {"compressed_shipped": report["compressed_pytorch"]["shipped"]} if "compressed_pytorch" in report else {}
     return {"parity": max(report[name]["max_abs_diff"] for name in fp32_names),
-            "int8_agree": report["onnx_int8"]["agreement"],
+            "int8_agree": report["onnx_int8"]["agreement"], **shipped,
             **{name: {k: report[name][k] for k in fp32} for name in fp32_names},
             **{name: {k: report[name][k] for k in int8} for name in int8_names}}
 
@@ -315,6 +330,7 @@ def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict |
     side = saved.get("input_size", CIFAR_SIDE)  # models saved before folder datasets: CIFAR's 32
     shipped = {name: name in report and report[name]["shipped"]
                for name in ("onnx_int8", "executorch_int8", "compressed_int8")}
+    compressed_shipped = "compressed" in report  # pruned, and through compress.max_acc_drop
     card = {
         "architecture": saved["model"]["arch"],
         "classes": saved["classes"],
@@ -329,20 +345,18 @@ def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict |
         "output": {"name": OUTPUT, "shape": ["batch", len(saved["classes"])],
                    "meaning": "unnormalized logits; softmax gives class probabilities"},
         # Paths relative to this card; an int8 model only when it passed its gate, the compressed ones
-        # only when the compress stage pruned (compress.ratio > 0). All take the same input.
+        # only when the compress stage pruned (compress.ratio > 0) and its model passed compress.max_acc_drop.
+        # All take the same input.
         "files": {"onnx": "model.onnx", "torchscript": "model.torchscript.pt",
                   "onnx_int8": f"int8/{INT8_FILE}" if shipped["onnx_int8"] else None,
                   "executorch": f"executorch/{mobile.PTE_FILE}" if "executorch" in report else None,
                   "executorch_int8": f"executorch/{mobile.PTE_INT8_FILE}" if shipped["executorch_int8"] else None,
-                  "compressed_onnx": f"compressed/{COMPRESSED_FILE}" if compressed else None,
+                  "compressed_onnx": f"compressed/{COMPRESSED_FILE}" if compressed_shipped else None,
                   "compressed_onnx_int8": f"compressed/{INT8_FILE}" if shipped["compressed_int8"] else None},
         "models": {
             "onnx, torchscript, onnx_int8, executorch, executorch_int8":
                 "the fine-tuned model, models/model.pt (int8: quantized from it)",
-            "compressed_onnx, compressed_onnx_int8":
-                f"models/model.compressed.pt: the fine-tuned model with {compressed['compression']['ratio']:.0%} of "
-                f"its channels pruned ({compressed['compression']['flops_ratio']:.2f}x the FLOPs), then fine-tuned "
-                f"again" if compressed else "none: compress.ratio is 0"},
+            "compressed_onnx, compressed_onnx_int8": _compressed_model(compressed, compressed_shipped)},
         "bytes": {name: report[name]["bytes"] for name in EXPORTS if name in report},
         "verification": {**report["verification"], "int8_shipped": report["onnx_int8"]["shipped"],
                          "int8_agreement": report["onnx_int8"]["agreement"]},
@@ -357,6 +371,17 @@ def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict |
     if compressed:
         card["compression"] = compressed["compression"]
     return card
+
+
+def _compressed_model(saved: dict | None, shipped: bool) -> str:
+    """What the model card says the compressed files hold, or why there are none."""
+    if not saved:
+        return "none: compress.ratio is 0"
+    c = saved["compression"]
+    if not shipped:
+        return f"none: models/model.compressed.pt was not shipped ({c.get('verdict')})"
+    return (f"models/model.compressed.pt: the fine-tuned model with {c['ratio']:.0%} of its channels pruned "
+            f"({c['flops_ratio']:.2f}x the FLOPs), then fine-tuned again")
 
 
 def log_export(writer: SummaryWriter, report: dict) -> None:

@@ -1,17 +1,23 @@
-"""`reprotune review BASE`: what changed against a git revision, as Markdown for a pull request.
+"""`reprotune review BASE`: what changed against a git revision, as Markdown for a pull request;
+and `reprotune experiments --seeds`: the spread of the headline metrics over seeds.
 
-Three sections, from DVC's own diffs: the params that differ (`dvc params diff`), the metrics with
-the headline ones first and always shown (`dvc metrics diff`), and which plots changed, with
-`dvc plots diff` rendered to a folder for the reviewer to open. A GitHub Actions workflow
-(.github/workflows/pull-request.yml) posts it on every pull request.
+Three review sections, from DVC's own diffs: the params that differ (`dvc params diff`), the
+metrics with the headline ones first and always shown (`dvc metrics diff`), and which plots changed,
+with `dvc plots diff` rendered to a folder for the reviewer to open. A GitHub Actions workflow
+(.github/workflows/pull-request.yml) posts it on every pull request. When the workspace's params
+were also run with other seeds, a fourth section shows the seed spread, so that a reviewer can tell
+a gain from seed noise.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from reprotune.errors import ReprotuneError
@@ -33,8 +39,9 @@ PARAM_SECTIONS = ["seed", "data", "model", "train", "log", "evaluate", "compress
 
 def headline_view() -> list[str]:
     """`dvc exp show` options for the headline view: every experiment's name, the params that differ
-    and the headline metrics (kept even when equal), and nothing else: no other metric, no deps."""
-    names = "|".join(re.escape(key) for _, key in HEADLINE)
+    and the headline metrics (kept even when equal), and nothing else: no other metric, no deps.
+    DVC names a metric `file:key` when two files have that key (evaluate's and compress's `test_acc`)."""
+    names = "|".join(f"({re.escape(path)}:)?{re.escape(key)}" for path, key in HEADLINE)
     sections = "|".join(PARAM_SECTIONS)
     return ["--only-changed", "--keep", f"^({names})$",
             "--drop", rf"^(?!({names})$)(?!({sections})(\.|$))(?!(Experiment|State|Executor)$)"]
@@ -56,10 +63,15 @@ def review(dvc: str, base: str, plots_dir: Path, env: dict[str, str]) -> str:
     plots = dvc_json(dvc, ["plots", "diff", base], env)
     rendered = subprocess.run([dvc, "plots", "diff", base, "-o", str(plots_dir)], capture_output=True, text=True,
                               env=env)
+    runs = exp_show_runs(dvc_json(dvc, ["exp", "show"], env))
     lines = [f"## reprotune review: workspace against `{base}`", ""]
     lines += _params_section(params, base)
     lines += _metrics_section(metrics, base)
     lines += _plots_section(plots, plots_dir if rendered.returncode == 0 else None)
+    workspace = next((run for run in runs if run.kind == "workspace"), None)
+    groups = seed_groups(runs)
+    if workspace is not None and any(group.params == workspace.group_params for group in groups):
+        lines += ["### Seed spread", "", *seed_table(groups, runs, count_test_images(Path.cwd())), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -116,3 +128,174 @@ def _plots_section(plots: dict, rendered: Path | None) -> list[str]:
     if rendered is not None:
         lines.append(f"All plots, both revisions overlaid: `{rendered / 'index.html'}`.")
     return [*lines, ""]
+
+
+# Seed spread: `dvc exp show --json` rows grouped by every param but `seed`.
+
+# The metrics summarised over seeds: (file, key, column). compress.json's `test_acc` is the
+# compressed model's, a different number from evaluate.json's: it gets its own column.
+SEED_METRICS = [
+    ("metrics/train.json", "best_val_acc", "best_val_acc"),
+    ("metrics/evaluate.json", "test_acc", "test_acc"),
+    ("metrics/evaluate.json", "macro_f1", "macro_f1"),
+    ("metrics/compress.json", "test_acc", "compressed test_acc"),
+]
+SEED_PARAM = "seed"  # params.yaml's top-level seed: all the randomness of a run (not the test set)
+PRIORITY = {"experiment": 0, "commit": 1, "workspace": 2}  # which run of a repeated seed counts
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished row of `dvc exp show --json`: the workspace, a commit or an experiment."""
+
+    name: str
+    kind: str  # "workspace", "commit" or "experiment"
+    params: dict[str, object]  # flattened, "train.lr"; a params file other than params.yaml as "file:key"
+    metrics: dict[str, float]  # by SEED_METRICS column, those the run has
+
+    @property
+    def seed(self) -> object:
+        return self.params.get(SEED_PARAM)
+
+    @property
+    def group_params(self) -> dict[str, object]:
+        """What makes two runs the same recipe: every param but the seed."""
+        return {key: value for key, value in self.params.items() if key != SEED_PARAM}
+
+    @property
+    def recipe(self) -> str:
+        """`group_params` as a key."""
+        return json.dumps(self.group_params, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One metric over a group's seeds."""
+
+    n: int
+    mean: float
+    std: float  # sample standard deviation (n - 1 in the denominator)
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class SeedGroup:
+    """Runs whose params differ only in `seed`, one per seed, and their metrics' spread."""
+
+    params: dict[str, object]  # every param but the seed
+    seeds: list[object]
+    names: list[str]  # the run counted for each seed
+    spread: dict[str, Spread]  # by SEED_METRICS column; metrics fewer than 2 of the runs have are left out
+
+
+def exp_show_runs(shown: list[dict]) -> list[Run]:
+    """The finished runs in `dvc exp show --json`: the workspace, each commit and its experiments.
+    Queued, running and failed experiments are left out (a running one still shows its baseline's
+    metric files)."""
+    runs = []
+    for entry in shown:
+        kind = "workspace" if entry.get("rev") == "workspace" else "commit"
+        revs = [(entry, kind)]
+        for exp in entry.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") in (None, "success"):
+                revs.append(((exp.get("revs") or [{}])[0], "experiment"))  # the newest rev (one since DVC 3)
+        runs += [run for rev, kind in revs if (run := _run(rev, kind)) is not None]
+    return runs
+
+
+def _run(rev: dict, kind: str) -> Run | None:
+    """The run in one rev of `dvc exp show --json`, if it has params and no error."""
+    data = rev.get("data") or {}
+    if rev.get("error") or not data.get("params"):
+        return None
+    params = {}
+    for path, content in data["params"].items():
+        prefix = "" if path == "params.yaml" else f"{path}:"
+        params.update({prefix + key: value for key, value in _flatten((content or {}).get("data") or {})})
+    metrics = {}
+    for path, key, column in SEED_METRICS:
+        value = (((data.get("metrics") or {}).get(path) or {}).get("data") or {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics[column] = float(value)
+    return Run(rev.get("name") or rev.get("rev") or kind, kind, params, metrics)
+
+
+def _flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def seed_groups(runs: Sequence[Run]) -> list[SeedGroup]:
+    """Groups of 2+ seeds of the same params, best test accuracy first. A seed run twice with the
+    same params (a queued experiment and the commit it reproduced, the workspace after `dvc exp
+    run`) counts once: an experiment first, then a commit, then the workspace."""
+    by_params: dict[str, dict[object, Run]] = {}
+    for run in sorted(runs, key=lambda r: PRIORITY[r.kind]):  # stable: dvc's order within a kind
+        if run.seed is None or not run.metrics:
+            continue
+        by_params.setdefault(run.recipe, {}).setdefault(json.dumps(run.seed), run)
+    groups = []
+    for members in by_params.values():
+        if len(members) < 2:
+            continue
+        kept = sorted(members.values(), key=lambda run: (type(run.seed).__name__, run.seed))
+        spread = {}
+        for _, _, column in SEED_METRICS:
+            values = [run.metrics[column] for run in kept if column in run.metrics]
+            if len(values) >= 2:
+                spread[column] = Spread(len(values), statistics.fmean(values), statistics.stdev(values),
+                                        min(values), max(values))
+        groups.append(SeedGroup(kept[0].group_params, [run.seed for run in kept], [run.name for run in kept],
+                                spread))
+
+    def rank(group: SeedGroup) -> list[float]:
+        return [-group.spread[c].mean if c in group.spread else math.inf for c in ("test_acc", "best_val_acc")]
+
+    return sorted(groups, key=rank)
+
+
+def count_test_images(root: Path) -> int | None:
+    """How many test images the workspace's preprocess stage kept (metrics/preprocess.json), if known."""
+    path = root / "metrics" / "preprocess.json"
+    try:
+        count = json.loads(path.read_text()).get("test_images")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def seed_table(groups: Sequence[SeedGroup], runs: Sequence[Run], n_test: int | None) -> list[str]:
+    """Markdown: one row per group (the params that differ between groups, the seeds, mean ± sample
+    std of each metric), then how to read it."""
+    singles = len({run.recipe for run in runs if run.seed is not None and run.metrics}) - len(groups)
+    if not groups:
+        return ["No two finished runs differ only in `seed` (sweep one: `dvc exp run --queue -S 'seed=0,1,2'`)."]
+    keys = sorted({key for group in groups for key in group.params})
+    differ = [key for key in keys if len({json.dumps(g.params.get(key)) for g in groups}) > 1]
+    columns = [column for _, _, column in SEED_METRICS if any(column in g.spread for g in groups)]
+    lines = ["| " + " | ".join([*(f"`{k}`" for k in differ), "n", "seeds", *columns]) + " |",
+             "| " + " | ".join(["---"] * len(differ) + ["---:", "---"] + ["---:"] * len(columns)) + " |"]
+    for group in groups:
+        cells = [_cell(group.params.get(key)) for key in differ]
+        cells += [str(len(group.seeds)), ", ".join(str(seed) for seed in group.seeds)]
+        cells += [_spread_cell(group.spread.get(column), len(group.seeds)) for column in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sample standard deviation over seeds. A difference between two rows is a gain only if it "
+              "is over about twice sqrt(std1²/n1 + std2²/n2); below that it is seed noise."]
+    if n_test:
+        lines.append(f"Test set: {n_test} images (metrics/preprocess.json), so one image is "
+                     f"{1 / n_test:.4g} of test_acc ({100 / n_test:.3g} points).")
+    if singles > 0:
+        lines.append(f"Not shown: {singles} set{'s' if singles > 1 else ''} of params run with one seed only.")
+    return lines
+
+
+def _spread_cell(spread: Spread | None, seeds: int) -> str:
+    if spread is None:
+        return "-"
+    cell = f"{spread.mean:.4f} ± {spread.std:.4f}"
+    return cell if spread.n == seeds else f"{cell} (n={spread.n})"

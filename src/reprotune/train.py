@@ -121,7 +121,8 @@ def augmented(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
               part: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """uint8 `images` augmented as `cfg` says: the model's float32 input. The loop, the trial step
     and the logged sample batch all come this way, so none of them can miss a setting."""
-    return augment(images, cfg.random_crop, cfg.hflip, generator, part, cfg.rotation, cfg.color_jitter)
+    return augment(images, cfg.random_crop, cfg.hflip, generator, part, cfg.rotation, cfg.color_jitter,
+                   cfg.padding_mode)
 
 
 class Diverged(Exception):
