@@ -34,7 +34,7 @@ USER 1000:1000
 WORKDIR /home/reprotune
 
 # 8000: the Open Inference Protocol. 8080: Prometheus metrics (a server bound to 0.0.0.0 is meant to be reached,
-# so its Ray node listens on the container's network address too; `reprotune.cluster`).
+# so its Ray node listens on the container's network address too; `reprotune.inference.cluster`).
 EXPOSE 8000 8080
 
 # Ready once a replica has loaded the model (slim has no curl; the image's python does the request).

@@ -25,21 +25,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reprotune import data
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params
-from reprotune.train import finetune
+from reprotune.data.raw import RawData
+from reprotune.data.splits import Split, make_splits
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import finetune
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = [0.0, 1.0, 5.0, 20.0]
 
 
-def splits(n_train: int, n_val: int, seed: int) -> dict[str, data.Split]:
+def splits(n_train: int, n_val: int, seed: int) -> dict[str, Split]:
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n_train + n_val) % 10)
-    images = data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = data.RawData(images, labels, images[:10], labels[:10], data.SYNTHETIC_CLASSES)
-    return data.make_splits(raw, n_val / (n_train + n_val), seed=0)
+    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
+    raw = RawData(images, labels, images[:10], labels[:10], SYNTHETIC_CLASSES)
+    return make_splits(raw, n_val / (n_train + n_val), seed=0)
 
 
 def run(split, tmp: Path, name: str, epochs: int, lr: float, clip: float, weights: str = "none") -> dict:

@@ -28,14 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
-from reprotune import data, folders
-from reprotune.checkpoint import Checkpoints
-from reprotune.compress import compress
 from reprotune.config import CompressConfig, DataConfig, Params
-from reprotune.train import finetune
+from reprotune.data import folders
+from reprotune.export.compress import compress
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import finetune
 
 sys.path.insert(0, str(Path(__file__).parent))
 from realdata import write_tree  # noqa: E402 - a sibling script, not a package
+
+from reprotune.data.raw import RawData
+from reprotune.data.splits import Split, make_splits
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 
 RESULTS = Path(__file__).parent / "results"
 LOG = {"graph": False, "histograms": False, "images": 0}
@@ -50,23 +54,23 @@ DEMO = {"model": {"weights": "none"}, "log": LOG,
 CONTROL = {"min_steps": 0, "lr": 0.01, "distill": 0.0}  # recovery by epochs alone: 3 epochs at lr 0.01
 
 
-def demo_splits(n_train: int = 5000, n_test: int = 1000) -> dict[str, data.Split]:
+def demo_splits(n_train: int = 5000, n_test: int = 1000) -> dict[str, Split]:
     """The demo's data: synthetic images, 10% of the training ones held out for validation."""
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(n_train) % 10)
     test_labels = rng.permutation(np.arange(n_test) % 10)
-    raw = data.RawData(data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
-                       data.synthetic_images(test_labels, rng).reshape(-1, 3, 32, 32), test_labels,
-                       data.SYNTHETIC_CLASSES)
-    return data.make_splits(raw, 0.1, seed=0)
+    raw = RawData(synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
+                       synthetic_images(test_labels, rng).reshape(-1, 3, 32, 32), test_labels,
+                       SYNTHETIC_CLASSES)
+    return make_splits(raw, 0.1, seed=0)
 
 
-def dataset(name: str) -> tuple[dict[str, data.Split], dict]:
+def dataset(name: str) -> tuple[dict[str, Split], dict]:
     """A dataset's splits (as the preprocess stage makes them) and the recipe its base model trains with."""
     if name == "synthetic":
         return demo_splits(), DEMO
     cfg = DataConfig(dataset="folder", path=str(write_tree(name)), image_size=32)
-    return data.make_splits(folders.read(cfg), cfg.val_fraction, seed=0), SCRATCH
+    return make_splits(folders.read(cfg), cfg.val_fraction, seed=0), SCRATCH
 
 
 def variants(args: argparse.Namespace) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reprotune import folders
+from reprotune.data import folders
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from reprotune import data
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import ModelConfig, Params
-from reprotune.model import build_model
-from reprotune.train import finetune, training_flops_per_image
+from reprotune.data.raw import RawData
+from reprotune.data.splits import Split, make_splits, to_float
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import finetune, training_flops_per_image
+from reprotune.training.model import build_model
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 128
@@ -50,12 +52,12 @@ DENSE_FP16_PEAK = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "
 GOALS = {"loop_vs_bare": 0.95, "loop_vs_textbook": 3.0, "default_224_train_seconds": 180.0}
 
 
-def synthetic_splits(n_train: int, n_val: int) -> dict[str, data.Split]:
+def synthetic_splits(n_train: int, n_val: int) -> dict[str, Split]:
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(n_train + n_val) % 10)
-    images = data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = data.RawData(images, labels, images[:10], labels[:10], data.SYNTHETIC_CLASSES)
-    return data.make_splits(raw, n_val / (n_train + n_val), seed=0)
+    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
+    raw = RawData(images, labels, images[:10], labels[:10], SYNTHETIC_CLASSES)
+    return make_splits(raw, n_val / (n_train + n_val), seed=0)
 
 
 def sync(device: torch.device) -> None:
@@ -97,7 +99,7 @@ def bare(splits, size: int, device: torch.device) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     steps = len(train.labels) // BATCH
     images, labels = train.images[:steps * BATCH].to(device), train.labels[:steps * BATCH].to(device)
-    batches = [(data.to_float(images[i:i + BATCH]).contiguous(memory_format=torch.channels_last), labels[i:i + BATCH])
+    batches = [(to_float(images[i:i + BATCH]).contiguous(memory_format=torch.channels_last), labels[i:i + BATCH])
                for i in range(0, steps * BATCH, BATCH)]
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 

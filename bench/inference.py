@@ -26,12 +26,12 @@ import numpy as np
 import onnxruntime
 import torch
 
-from reprotune import mobile
 from reprotune.config import ModelConfig
 from reprotune.errors import ReprotuneError
-from reprotune.export import export_onnx, export_torchscript, quantize_int8
-from reprotune.model import build_model, load_model
-from reprotune.runtime import executorch_runner, onnx_runner, torchscript_runner
+from reprotune.export import phone
+from reprotune.export.formats import export_onnx, export_torchscript, quantize_int8
+from reprotune.inference.runtime import executorch_runner, onnx_runner, torchscript_runner
+from reprotune.training.model import build_model, load_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,13 +82,13 @@ def main() -> None:
         runners = {"PyTorch eager": eager, "TorchScript": torchscript_runner(script),
                    "ONNX Runtime fp32": onnx_runner(onnx), "ONNX Runtime int8": onnx_runner(int8)}
         try:
-            mobile.require_executorch()
+            phone.require_executorch()
         except ReprotuneError as error:
             print(f"skipping ExecuTorch: {error}")
         else:
             pte, pte8 = Path(tmp, "m.pte"), Path(tmp, "m.int8.pte")
-            mobile.export_pte(model, torch.from_numpy(batch[:2]), pte, len(batch))
-            mobile.quantize_pte(model, torch.from_numpy(batch[:2]), pte8, torch.from_numpy(batch), len(batch))
+            phone.export_pte(model, torch.from_numpy(batch[:2]), pte, len(batch))
+            phone.quantize_pte(model, torch.from_numpy(batch[:2]), pte8, torch.from_numpy(batch), len(batch))
             runners["ExecuTorch XNNPACK fp32"] = executorch_runner(pte)
             runners["ExecuTorch XNNPACK int8"] = executorch_runner(pte8)
         latency = {name: [] for name in runners}

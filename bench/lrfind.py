@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/lrfind.py [--datasets synthetic digits] [--epochs 5] [--sweeps 3]
 
-For each dataset: the LR range test (`reprotune.lrfind.sweep`, the command's defaults: 100 steps
+For each dataset: the LR range test (`reprotune.training.lrfind.sweep`, the command's defaults: 100 steps
 from 1e-6 to 10) on the training split, `--sweeps` times with different seeds (how much does a
 suggestion move from sweep to sweep?), then the from-scratch recipe (ResNet18, `model.weights none`,
 SGD + momentum, batch 64, `--epochs` epochs, cosine, `grad_clip 1.0`, flips off) trained once (seed 0)
@@ -24,14 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from reprotune import data, folders, lrfind
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import DataConfig, Params
-from reprotune.evaluate import loss_and_accuracy, predict
-from reprotune.train import finetune
+from reprotune.data import folders
+from reprotune.training import lrfind
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import finetune
+from reprotune.training.scoring import batched_logits, loss_and_accuracy
 
 sys.path.insert(0, str(Path(__file__).parent))
 import realdata  # noqa: E402 - bench/ is not a package
+
+from reprotune.data.cifar import read_archive
+from reprotune.data.splits import Split, make_splits
+from reprotune.data.synthetic import write_synthetic_archive
 
 RESULTS = Path(__file__).parent / "results" / "lrfind.md"
 FIXED = (0.01, 0.05, 0.2)
@@ -48,23 +53,23 @@ def recipe(lr: float, epochs: int, seed: int = 0) -> Params:
                   "hflip": False, "lr": lr}})
 
 
-def splits_of(name: str, work: Path) -> dict[str, data.Split]:
+def splits_of(name: str, work: Path) -> dict[str, Split]:
     """train/val/test as the preprocess stage makes them (val 10% of train, seed 0)."""
     if name == "synthetic":
         archive = work / "cifar-10-python.tar.gz"
-        data.write_synthetic_archive(archive, DEMO_TRAIN, DEMO_TEST, seed=0)
-        raw = data.read_archive(archive)
+        write_synthetic_archive(archive, DEMO_TRAIN, DEMO_TEST, seed=0)
+        raw = read_archive(archive)
     else:
         tree = realdata.write_tree(name)
         raw = folders.read(DataConfig(dataset="folder", path=str(tree), image_size=32))
-    return data.make_splits(raw, 0.1, seed=0)
+    return make_splits(raw, 0.1, seed=0)
 
 
-def test_accuracy(params: Params, splits: dict[str, data.Split], work: Path) -> float:
+def test_accuracy(params: Params, splits: dict[str, Split], work: Path) -> float:
     """Test accuracy of one training run's best-validation epoch."""
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         result = finetune(params, splits["train"], splits["val"], Checkpoints(Path(tmp), "bench"))
-    return loss_and_accuracy(predict(result.model, splits["test"].images, 512), splits["test"].labels)[1]
+    return loss_and_accuracy(batched_logits(result.model, splits["test"].images, 512), splits["test"].labels)[1]
 
 
 def measure(name: str, epochs: int, sweeps: int, work: Path) -> tuple[str, list[str]]:

@@ -4,7 +4,7 @@
 
 Trains the demo's model (`reprotune demo`'s settings, as bench/compress.py does) and builds the drift
 reference from its validation split exactly as the evaluate stage does. Then, `--resamples` times
-each, draws `--images` new images and runs the monitor's own checks (`reprotune.monitor.detect`):
+each, draws `--images` new images and runs the monitor's own checks (`reprotune.evaluation.drift.detect`):
 
 - false alarms: fresh images from the training distribution (the synthetic generator, new seeds):
   the share of checks whose verdict is drift; goal at most 5%;
@@ -33,12 +33,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from compress import DEMO, demo_splits  # noqa: E402 - the demo's data and settings, one definition
 
-from reprotune import data  # noqa: E402
-from reprotune.checkpoint import Checkpoints  # noqa: E402
 from reprotune.config import Params  # noqa: E402
-from reprotune.evaluate import classification_metrics, predict  # noqa: E402
-from reprotune.monitor import build_reference, detect, observe  # noqa: E402
-from reprotune.train import finetune  # noqa: E402
+from reprotune.data.splits import to_float
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.evaluation.drift import detect  # noqa: E402
+from reprotune.evaluation.reference import build_reference, observe
+from reprotune.evaluation.report import classification_metrics  # noqa: E402
+from reprotune.training.augment import rotate
+from reprotune.training.checkpoint import Checkpoints  # noqa: E402
+from reprotune.training.loop import finetune  # noqa: E402
+from reprotune.training.scoring import batched_logits
 
 RESULTS = Path(__file__).parent / "results"
 COST_GOAL, ALARM_GOAL, DETECT_GOAL = 0.05, 0.05, 0.95
@@ -48,7 +52,7 @@ def fresh(n: int, seed: int, classes: np.ndarray | None = None) -> tuple[torch.T
     """n new images of the training distribution (labels uniform over `classes`, all ten by default)."""
     rng = np.random.default_rng(seed)
     labels = rng.choice(np.arange(10) if classes is None else classes, n)
-    return torch.from_numpy(data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
+    return torch.from_numpy(synthetic_images(labels, rng).reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -67,29 +71,29 @@ def _new_class(n: int, seed: int) -> torch.Tensor:
 
 # Graded shifts: strength -> images. Each grid runs from mild to strong.
 def brightness(x, s, g):
-    return _to_uint8(data.to_float(x) * (1 - s))
+    return _to_uint8(to_float(x) * (1 - s))
 
 
 def contrast(x, s, g):
-    f = data.to_float(x)
+    f = to_float(x)
     return _to_uint8(f.mean((1, 2, 3), keepdim=True) + (f - f.mean((1, 2, 3), keepdim=True)) * (1 - s))
 
 
 def blur(x, s, g):
     k = int(s)  # box blur of side k, applied twice: close to a Gaussian
-    f = data.to_float(x)
+    f = to_float(x)
     for _ in range(2):
         f = F.avg_pool2d(F.pad(f, (k // 2, (k - 1) // 2, k // 2, (k - 1) // 2), mode="replicate"), k, 1)
     return _to_uint8(f)
 
 
 def noise(x, s, g):
-    return _to_uint8(data.to_float(x) + torch.randn(x.shape, generator=g) * s)
+    return _to_uint8(to_float(x) + torch.randn(x.shape, generator=g) * s)
 
 
 def rotation(x, s, g):
     degrees = (torch.rand(len(x), generator=g) * 2 - 1) * s
-    return _to_uint8(data.rotate(data.to_float(x), degrees).clamp(0, 1))
+    return _to_uint8(rotate(to_float(x), degrees).clamp(0, 1))
 
 
 GRADED = {"brightness": (brightness, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "darker by {:.0%}"),
@@ -100,7 +104,7 @@ GRADED = {"brightness": (brightness, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "darker by 
 
 
 def accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return classification_metrics(predict(model, images, 512), labels, data.SYNTHETIC_CLASSES)["test_acc"]
+    return classification_metrics(batched_logits(model, images, 512), labels, SYNTHETIC_CLASSES)["test_acc"]
 
 
 def main() -> None:
@@ -115,8 +119,8 @@ def main() -> None:
         model = finetune(Params.model_validate(DEMO), splits["train"], splits["val"],
                          Checkpoints(Path(tmp) / "base", "base")).model.cpu().eval()
     with torch.no_grad():
-        test_metrics = classification_metrics(model(data.to_float(splits["test"].images)), splits["test"].labels,
-                                              data.SYNTHETIC_CLASSES)
+        test_metrics = classification_metrics(model(to_float(splits["test"].images)), splits["test"].labels,
+                                              SYNTHETIC_CLASSES)
     reference = build_reference(model, splits["val"], test_metrics, "bench")
     big_images, big_labels = fresh(4000, 1)
     clean = accuracy(model, big_images, big_labels)
@@ -134,7 +138,7 @@ def main() -> None:
                                 "cost": cost}
                 break
     kept = np.arange(1, 10)  # class 0 missing: its share goes to the other nine
-    shifts["missing class"] = {"make": None, "what": f"no '{data.SYNTHETIC_CLASSES[0]}' images",
+    shifts["missing class"] = {"make": None, "what": f"no '{SYNTHETIC_CLASSES[0]}' images",
                                "cost": clean - accuracy(model, *fresh(4000, 3, kept))}
     new_share = 0.1
     mixed_labels = big_labels.clone()
@@ -143,7 +147,7 @@ def main() -> None:
     mixed[:count] = _new_class(count, 4)
     mixed_labels[:count] = -1  # never right: the model has no such class
     with torch.no_grad():
-        predicted = torch.cat([model(data.to_float(mixed[i:i + 512])).argmax(1) for i in range(0, len(mixed), 512)])
+        predicted = torch.cat([model(to_float(mixed[i:i + 512])).argmax(1) for i in range(0, len(mixed), 512)])
     shifts["new class"] = {"make": None, "what": f"{new_share:.0%} of the images of an unseen class",
                            "cost": clean - (predicted == mixed_labels).double().mean().item()}
 

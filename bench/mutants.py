@@ -24,17 +24,16 @@ RESULTS = Path(__file__).parent / "results"
 KILLED = {1, 3, 36, -24, 24, 152, 255}  # a failing test (1, 3) or a timeout (the rest), as mutmut counts them
 SURVIVED = {0}
 NO_TESTS = {5, 33}
-# The parts measured on their own: train.py's step and epoch, data.py's split, statistics and augmentation.
-SUBSETS = {"train": ("step and epoch", ("clip_gradients", "EpochProgress", "train_one_epoch", "pause_on_ctrl_c")),
-           "data": ("split, statistics, augmentation", ("stratified_split", "channel_stats", "make_splits", "augment",
-                                                        "rotate", "jitter_colours", "to_float"))}
+# The part of the loop measured on its own: the step and the epoch.
+SUBSETS = {"training/loop": ("step and epoch", ("clip_gradients", "EpochProgress", "train_one_epoch",
+                                                "pause_on_ctrl_c"))}
 
 
 def outcomes() -> dict[str, dict[str, int | None]]:
     """module -> {mutant name: exit code} from mutmut's .meta files."""
     found = {}
-    for meta in sorted(MUTANTS.glob("src/reprotune/*.py.meta")):
-        module = meta.name.removesuffix(".py.meta")
+    for meta in sorted(MUTANTS.glob("src/reprotune/**/*.py.meta")):
+        module = str(meta.relative_to(MUTANTS / "src/reprotune")).removesuffix(".py.meta")
         found[module] = json.loads(meta.read_text()).get("exit_code_by_key", {})
     return found
 
@@ -53,7 +52,7 @@ def rate(counts: Counter) -> str:
 
 
 def function_of(mutant: str) -> str:
-    """reprotune.train.x_train_one_epoch__mutmut_3 -> train_one_epoch; xǁEpochProgressǁsummary -> EpochProgress."""
+    """reprotune.training.loop.x_train_one_epoch__mutmut_3 -> train_one_epoch; xǁEpochProgressǁsummary -> EpochProgress."""
     name = mutant.split(".")[-1]
     name = re.sub(r"__mutmut_\d+$", "", name)
     return name.removeprefix("x_").strip("xǁ").split("ǁ")[0]

@@ -6,7 +6,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from reprotune.train import peak_memory_mib
+from reprotune.training.loop import peak_memory_mib
 
 out, script, *rest = sys.argv[1:]
 # VmHWM is this process's resident high-water mark (ru_maxrss would carry the parent's over exec);

@@ -48,12 +48,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 import realdata  # noqa: E402  (bench/realdata.py, beside this file)
 
-from reprotune import data, folders  # noqa: E402
-from reprotune.checkpoint import Checkpoints  # noqa: E402
 from reprotune.config import DataConfig, Params  # noqa: E402
-from reprotune.evaluate import predict  # noqa: E402
+from reprotune.data import folders  # noqa: E402
+from reprotune.data.raw import RawData
+from reprotune.data.splits import make_splits
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 from reprotune.recipes import RECIPES  # noqa: E402
-from reprotune.train import finetune  # noqa: E402
+from reprotune.training.checkpoint import Checkpoints  # noqa: E402
+from reprotune.training.loop import finetune  # noqa: E402
+from reprotune.training.scoring import batched_logits  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = RESULTS / "recipes.json"
@@ -84,20 +87,20 @@ VARIANTS = {  # name -> params overrides on top of the recipe: one difference fr
 # --------------------------------------------------------------------------- data
 
 
-def raw_data(name: str) -> data.RawData:
+def raw_data(name: str) -> RawData:
     """The dataset as preprocess reads it: a folder tree through `folders.read`, or synthetic images
     drawn as the demo's are."""
     if name == "synthetic":
         rng = np.random.default_rng(0)
         labels, test_labels = rng.permutation(np.arange(2000) % 10), rng.permutation(np.arange(500) % 10)
-        return data.RawData(data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
-                            data.synthetic_images(test_labels, rng).reshape(-1, 3, 32, 32), test_labels,
-                            data.SYNTHETIC_CLASSES)
+        return RawData(synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
+                            synthetic_images(test_labels, rng).reshape(-1, 3, 32, 32), test_labels,
+                            SYNTHETIC_CLASSES)
     tree = realdata.write_tree(name)
     return folders.read(DataConfig(dataset="folder", path=str(tree), image_size=SIZE))
 
 
-def plain_images(name: str, raw: data.RawData, split: str) -> tuple[np.ndarray, np.ndarray]:
+def plain_images(name: str, raw: RawData, split: str) -> tuple[np.ndarray, np.ndarray]:
     """What a plain loop reads: every file of the split opened with Pillow, RGB, resized to 32 px."""
     if name == "synthetic":
         return (raw.train_images, raw.train_labels) if split == "train" else (raw.test_images, raw.test_labels)
@@ -131,15 +134,15 @@ def _nested(overrides: dict[str, object]) -> dict:
     return out
 
 
-def pipeline_run(name: str, raw: data.RawData, params: Params) -> dict:
+def pipeline_run(name: str, raw: RawData, params: Params) -> dict:
     """The stages' functions: split (seeded), fine-tune, score the best epoch's model on test."""
-    splits = data.make_splits(raw, params.data.val_fraction, params.seed)
+    splits = make_splits(raw, params.data.val_fraction, params.seed)
     with tempfile.TemporaryDirectory() as work:
         started = time.perf_counter()
         result = finetune(params, splits["train"], splits["val"], Checkpoints(Path(work), "bench"))
         seconds = time.perf_counter() - started
     test = splits["test"]
-    acc = (predict(result.model, test.images, 512).argmax(1) == test.labels).double().mean().item()
+    acc = (batched_logits(result.model, test.images, 512).argmax(1) == test.labels).double().mean().item()
     return {"test_acc": acc, "val_acc": result.metrics["best_val_acc"], "seconds": seconds,
             "final_train_acc": result.history[-1]["train_acc"]}
 
@@ -181,14 +184,14 @@ def plain_loop(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.
 # --------------------------------------------------------------------------- backbones
 
 
-def backbone(source: str, raw: dict[str, data.RawData]) -> str:
+def backbone(source: str, raw: dict[str, RawData]) -> str:
     """A ResNet18 trained from scratch on `source` (the scratch recipe, 10 epochs), saved as a plain
     torchvision state dict, the format `model.weights` takes."""
     path = BACKBONES / f"{source}.pt"
     if not path.exists():
         params = params_for(source, "scratch", 0, "default", None)
         params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": 10})})
-        splits = data.make_splits(raw.setdefault(source, raw_data(source)), 0.1, 0)
+        splits = make_splits(raw.setdefault(source, raw_data(source)), 0.1, 0)
         with tempfile.TemporaryDirectory() as work:
             model = finetune(params, splits["train"], splits["val"], Checkpoints(Path(work), "bb")).model
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +266,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)  # two bench processes side by side on a small machine
     cache = load_cache()
-    raw: dict[str, data.RawData] = {}
+    raw: dict[str, RawData] = {}
     plain: dict[tuple[str, str], tuple] = {}
     for dataset in [] if args.report_only else args.datasets:
         for recipe in args.recipes:
@@ -277,7 +280,7 @@ def main() -> None:
                     rd = raw.setdefault(dataset, raw_data(dataset))
                     params = params_for(dataset, recipe, seed, run if run in VARIANTS else "default", weights)
                     if run == "plain-90":
-                        split = data.make_splits(rd, params.data.val_fraction, seed)
+                        split = make_splits(rd, params.data.val_fraction, seed)
                         result = plain_loop((split["train"].images.numpy(), split["train"].labels.numpy()),
                                             (split["test"].images.numpy(), split["test"].labels.numpy()), params, weights)
                     elif run == "plain":

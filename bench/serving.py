@@ -36,8 +36,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from reprotune.predict import load_card
-from reprotune.runtime import onnx_runner
+from reprotune.inference.predict import load_card
+from reprotune.inference.runtime import onnx_runner
 
 RESULTS = Path(__file__).parent / "results"
 LEVELS = (1, 8, 32)
@@ -121,8 +121,8 @@ def export_random(folder: Path, image_size: int) -> Path:
     import torch
 
     from reprotune.config import ModelConfig
-    from reprotune.export import export_onnx
-    from reprotune.model import build_model
+    from reprotune.export.formats import export_onnx
+    from reprotune.training.model import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none", image_size=image_size), 10, [0.5] * 3, [0.25] * 3).eval()

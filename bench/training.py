@@ -41,23 +41,26 @@ import torchvision
 import yaml
 from torchvision import transforms
 
-from reprotune import data
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import ModelConfig, Params
-from reprotune.model import build_model
-from reprotune.train import finetune, training_flops_per_image
+from reprotune.data.raw import RawData
+from reprotune.data.splits import Split, make_splits, to_float
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images, write_synthetic_archive
+from reprotune.training.augment import augment
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import finetune, training_flops_per_image
+from reprotune.training.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 PEAK = REPO / "bench" / "peak.py"
 
 
-def synthetic_splits(n_train: int, n_val: int, seed: int = 0) -> dict[str, data.Split]:
+def synthetic_splits(n_train: int, n_val: int, seed: int = 0) -> dict[str, Split]:
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n_train + n_val) % 10)
-    images = data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = data.RawData(images, labels, images[:10], labels[:10], data.SYNTHETIC_CLASSES)
-    return data.make_splits(raw, n_val / (n_train + n_val), seed)
+    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
+    raw = RawData(images, labels, images[:10], labels[:10], SYNTHETIC_CLASSES)
+    return make_splits(raw, n_val / (n_train + n_val), seed)
 
 
 def reprotune_images_per_second(splits, batch_size: int, epochs: int, workdir: Path) -> float:
@@ -74,7 +77,7 @@ def bare_images_per_second(splits, batch_size: int, steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), 10, splits["train"].mean, splits["train"].std).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    images, labels = data.to_float(splits["train"].images), splits["train"].labels
+    images, labels = to_float(splits["train"].images), splits["train"].labels
     batches = [(images[i:i + batch_size], labels[i:i + batch_size])
                for i in range(0, len(images) - batch_size + 1, batch_size)][:steps]
     for _ in range(2):  # time the second pass: steady state, as for reprotune's last epoch
@@ -107,7 +110,7 @@ def augmentation_share(splits, batch_size: int, steps: int) -> dict:
             idx = torch.randperm(len(images), generator=generator)[:batch_size]
             batch = images[idx]
             gathered = time.perf_counter()
-            x = data.augment(batch, 4, True, generator, **settings)
+            x = augment(batch, 4, True, generator, **settings)
             augmented = time.perf_counter()
             loss = F.cross_entropy(model(x), labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -212,7 +215,7 @@ def main() -> None:
 
         print("2. against the textbook recipe (batch 64)", flush=True)
         archive = tmp / "small.tar.gz"
-        data.write_synthetic_archive(archive, len(splits["train"].labels), 10, seed=0)
+        write_synthetic_archive(archive, len(splits["train"].labels), 10, seed=0)
         with tarfile.open(archive) as tar:
             tar.extractall(tmp / "textbook", filter="data")
         textbook = textbook_images_per_second(tmp / "textbook")
@@ -223,7 +226,7 @@ def main() -> None:
 
         print(f"3. stages at full scale ({full_train:,} + {full_test:,} images)", flush=True)
         big = tmp / "cifar-sized.tar.gz"
-        md5 = data.write_synthetic_archive(big, full_train, full_test, seed=0)["md5"]
+        md5 = write_synthetic_archive(big, full_train, full_test, seed=0)["md5"]
         project = stage_project(tmp / "full", big, md5, {"train.epochs": 1})
         report["stages"] = {stage: run_stage(project, stage)
                             for stage in ("download", "preprocess", "finetune", "evaluate", "export")}
@@ -234,7 +237,7 @@ def main() -> None:
         scaling = []
         for size in ((1000, 2000) if args.quick else (5000, 20_000)):
             archive = tmp / f"scale{size}.tar.gz"
-            md5 = data.write_synthetic_archive(archive, round(size / 0.9), 1000, seed=0)["md5"]
+            md5 = write_synthetic_archive(archive, round(size / 0.9), 1000, seed=0)["md5"]
             sub = stage_project(tmp / f"scale{size}", archive, md5, {"train.epochs": 3 if size == min(
                 (1000, 2000) if args.quick else (5000, 20_000)) else 1})
             for stage in ("download", "preprocess"):

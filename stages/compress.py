@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from reprotune.config import ModelConfig, load_params
-from reprotune.io import atomic_dir, atomic_file, write_json
-from reprotune.stage import ParamsFile, run_stage
+from reprotune.entrypoint import ParamsFile, run_stage
+from reprotune.files import atomic_dir, atomic_file, write_json
 
 MODEL, OUT = Path("models/model.pt"), Path("models/model.compressed.pt")
 SPLITS = [Path(f"data/processed/{split}.pt") for split in ("train", "val", "test")]
@@ -29,20 +29,20 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
         write_json("metrics/compress.json", {"ratio": 0.0})
         print(f"{OUT}: a copy of {MODEL} (compress.ratio is 0)")
         return
-    from reprotune import tb  # torch, the pruner and the training loop: only when there is work
-    from reprotune.checkpoint import Checkpoints
-    from reprotune.compress import compress, log_compress, recovery_key
-    from reprotune.data import load_split
-    from reprotune.model import load_model, save_model
+    from reprotune.data.splits import load_split
+    from reprotune.export.compress import compress, log_compress, recovery_key
+    from reprotune.tracking import tensorboard  # torch, the pruner and the training loop: only when there is work
+    from reprotune.training.checkpoint import Checkpoints
+    from reprotune.training.model import load_model, save_model
 
     model, saved = load_model(MODEL)
     train, val, test = (load_split(path) for path in SPLITS)
     checkpoints = Checkpoints(WORK, recovery_key(cfg, [MODEL, *SPLITS]))
     pruned, metrics, verdict = compress(cfg, model, train, val, test, checkpoints)
     checkpoints.logdir.mkdir(parents=True, exist_ok=True)  # none yet without a recovery fine-tune
-    with tb.open_writer(checkpoints.logdir) as writer:
+    with tensorboard.open_writer(checkpoints.logdir) as writer:
         log_compress(writer, metrics)
-    tb.publish(checkpoints.logdir, "runs/compress")
+    tensorboard.publish(checkpoints.logdir, "runs/compress")
     save_model(OUT, pruned, ModelConfig.model_validate(saved["model"]), saved["classes"], {
         **{key: saved[key] for key in ("seed", "train", "input_size") if key in saved},
         "best_epoch": metrics["recovery"].get("best_epoch"), "val_acc": metrics["recovery"].get("best_val_acc"),

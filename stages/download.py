@@ -2,16 +2,17 @@
 
 from pathlib import Path
 
-from reprotune import data, tb
 from reprotune.config import load_params
-from reprotune.io import write_json
-from reprotune.stage import ParamsFile, run_stage
+from reprotune.data.download import download
+from reprotune.entrypoint import ParamsFile, run_stage
+from reprotune.files import write_json
+from reprotune.tracking import tensorboard
 
 
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
-    with tb.stage_writer("runs/download") as writer:
-        info = data.download(cfg.data, writer)
+    with tensorboard.stage_writer("runs/download") as writer:
+        info = download(cfg.data, writer)
     write_json("metrics/download.json", info)
     if info["url"] is None:
         print(f"{cfg.data.path}: a local image tree, read by preprocess; nothing to fetch")

@@ -3,14 +3,14 @@ and the drift reference `reprotune monitor` compares new images with (models/ref
 
 from pathlib import Path
 
-from reprotune import tb
 from reprotune.config import load_params
-from reprotune.data import load_split
-from reprotune.evaluate import evaluate_model
-from reprotune.io import atomic_file, file_md5, write_json
-from reprotune.model import load_model
-from reprotune.monitor import build_reference, save_reference
-from reprotune.stage import ParamsFile, run_stage
+from reprotune.data.splits import load_split
+from reprotune.entrypoint import ParamsFile, run_stage
+from reprotune.evaluation.reference import build_reference, save_reference
+from reprotune.evaluation.report import evaluate_model
+from reprotune.files import atomic_file, file_md5, write_json
+from reprotune.tracking import tensorboard
+from reprotune.training.model import load_model
 
 MODEL = Path("models/model.pt")
 TEST, VAL = Path("data/processed/test.pt"), Path("data/processed/val.pt")
@@ -20,7 +20,7 @@ REFERENCE = Path("models/reference.pt")
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     model, _ = load_model(MODEL)
-    with tb.stage_writer("runs/evaluate") as writer:
+    with tensorboard.stage_writer("runs/evaluate") as writer:
         result = evaluate_model(model, load_split(TEST), cfg.evaluate, writer)
     for name, frame in (("classes", result.per_class), ("confusion", result.confusion),
                         ("reliability", result.reliability)):

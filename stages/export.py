@@ -8,13 +8,14 @@ unless it missed compress.max_acc_drop: then that folder holds only rejected.jso
 import sys
 from pathlib import Path
 
-from reprotune import tb
 from reprotune.config import load_params
-from reprotune.data import load_split
-from reprotune.export import ExportPaths, export_all, export_metrics, lineage, log_export, model_card
-from reprotune.io import write_json
-from reprotune.model import load_model
-from reprotune.stage import ParamsFile, run_stage
+from reprotune.data.splits import load_split
+from reprotune.entrypoint import ParamsFile, run_stage
+from reprotune.export.card import lineage, model_card
+from reprotune.export.release import ExportPaths, export_all, export_metrics, log_export
+from reprotune.files import write_json
+from reprotune.tracking import tensorboard
+from reprotune.training.model import load_model
 
 MODEL, COMPRESSED = Path("models/model.pt"), Path("models/model.compressed.pt")
 PATHS = ExportPaths(onnx=Path("models/model.onnx"), int8=Path("models/int8"),
@@ -29,7 +30,7 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
     if not compressed_saved.get("compression"):  # compress.ratio 0: a copy of the model, nothing to export
         compressed, compressed_saved = None, None
     test, train = load_split(Path("data/processed/test.pt")), load_split(Path("data/processed/train.pt"))
-    with tb.stage_writer("runs/export") as writer:
+    with tensorboard.stage_writer("runs/export") as writer:
         verdict = compressed_saved["compression"].get("verdict") if compressed_saved else None
         report = export_all(model, test, train.images, cfg.export, PATHS, compressed, verdict)
         log_export(writer, report)

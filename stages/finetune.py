@@ -10,14 +10,15 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from reprotune import distributed, tb
-from reprotune.checkpoint import Checkpoints, run_key
 from reprotune.config import load_params
-from reprotune.data import load_split
-from reprotune.io import atomic_file, write_json
-from reprotune.model import save_model
-from reprotune.stage import ParamsFile, run_stage
-from reprotune.train import finetune
+from reprotune.data.splits import load_split
+from reprotune.entrypoint import ParamsFile, run_stage
+from reprotune.files import atomic_file, write_json
+from reprotune.tracking import tensorboard
+from reprotune.training import distributed
+from reprotune.training.checkpoint import Checkpoints, run_key
+from reprotune.training.loop import finetune
+from reprotune.training.model import save_model
 
 SPLITS = [Path("data/processed/train.pt"), Path("data/processed/val.pt")]
 MODEL = Path("models/model.pt")
@@ -37,7 +38,7 @@ def main(params: ParamsFile = Path("params.yaml"),
         result = finetune(cfg, train, val, checkpoints, group)
     if result is None:
         return  # not rank 0: rank 0 writes the outputs
-    tb.publish(checkpoints.logdir, "runs/finetune")
+    tensorboard.publish(checkpoints.logdir, "runs/finetune")
     save_model(MODEL, result.model, cfg.model, train.classes,
                {"best_epoch": result.metrics["best_epoch"], "val_acc": result.metrics["best_val_acc"],
                 "seed": cfg.seed, "train": cfg.train.model_dump(mode="json"),

@@ -9,9 +9,9 @@ is the command for cron and CI.
 from pathlib import Path
 
 from reprotune.config import load_params
+from reprotune.entrypoint import ParamsFile, run_stage
+from reprotune.files import atomic_dir, write_json
 from reprotune.images import SUFFIXES
-from reprotune.io import atomic_dir, write_json
-from reprotune.stage import ParamsFile, run_stage
 
 INCOMING = Path("data/incoming")
 MODEL, REFERENCE = Path("models/model.pt"), Path("models/reference.pt")
@@ -26,7 +26,7 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
             (tmp / "README.txt").write_text(f"No images in {INCOMING}/: nothing was checked.\n")
         print(f"monitor: no images in {INCOMING}/")
         return
-    from reprotune.monitor import check  # the model and the statistics only when there is something to check
+    from reprotune.evaluation.drift import check  # the model and the statistics only when there is something to check
 
     report = check(INCOMING, MODEL, REFERENCE, RUNS, cfg.monitor.alpha, cfg.monitor.permutations)
     write_json(METRICS, report)

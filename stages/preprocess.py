@@ -6,10 +6,12 @@ from pathlib import Path
 
 import torch
 
-from reprotune import data, folders, tb
 from reprotune.config import load_params
-from reprotune.io import atomic_dir, write_json
-from reprotune.stage import ParamsFile, run_stage
+from reprotune.data import folders
+from reprotune.data.preprocess import preprocess, read_cifar
+from reprotune.entrypoint import ParamsFile, run_stage
+from reprotune.files import atomic_dir, write_json
+from reprotune.tracking import tensorboard
 
 PROCESSED = Path("data/processed")
 SHOWN = 5  # unreadable files listed on stderr; skipped_images in metrics/preprocess.json counts them all
@@ -18,9 +20,9 @@ SHOWN = 5  # unreadable files listed on stderr; skipped_images in metrics/prepro
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     started = time.perf_counter()
-    raw = folders.read(cfg.data) if cfg.data.folder else data.read_cifar(cfg.data)
-    with tb.stage_writer("runs/preprocess") as writer:
-        splits, metrics = data.preprocess(raw, cfg.data, cfg.seed, cfg.log.images, writer)
+    raw = folders.read(cfg.data) if cfg.data.folder else read_cifar(cfg.data)
+    with tensorboard.stage_writer("runs/preprocess") as writer:
+        splits, metrics = preprocess(raw, cfg.data, cfg.seed, cfg.log.images, writer)
     metrics["seconds"] = time.perf_counter() - started  # reading and decoding included
     with atomic_dir(PROCESSED) as tmp:
         for name, split in splits.items():

@@ -6,9 +6,9 @@ import sys
 
 import torch
 
-from reprotune import checkpoint
-from reprotune.checkpoint import CHECKPOINT, KEY, Checkpoints, run_key
 from reprotune.config import Params
+from reprotune.training import checkpoint
+from reprotune.training.checkpoint import CHECKPOINT, KEY, Checkpoints, run_key
 
 
 def _inputs(tmp_path, content: bytes = b"split"):

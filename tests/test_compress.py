@@ -15,16 +15,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from conftest import REPO, run
-from reprotune import data, train
-from reprotune.checkpoint import Checkpoints
-from reprotune.compress import ROUND_TO, compress, gate, prune, recovery_epochs, recovery_key, recovery_params
 from reprotune.config import CompressConfig, ExportConfig, ModelConfig, Params
+from reprotune.data.raw import RawData
+from reprotune.data.splits import Split, load_split, make_splits, to_float
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 from reprotune.errors import ReprotuneError
-from reprotune.evaluate import predict
-from reprotune.export import ExportPaths, export_all, export_metrics, model_card
-from reprotune.model import build_model, load_model, save_model
-from reprotune.runtime import onnx_runner
-from reprotune.train import distillation
+from reprotune.export.card import model_card
+from reprotune.export.compress import ROUND_TO, compress, gate, prune, recovery_epochs, recovery_key, recovery_params
+from reprotune.export.release import ExportPaths, export_all, export_metrics
+from reprotune.inference.runtime import onnx_runner
+from reprotune.training import loop
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import distillation
+from reprotune.training.model import build_model, load_model, save_model
+from reprotune.training.scoring import batched_logits
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
 
@@ -33,9 +37,9 @@ MEAN, STD = [0.5] * 3, [0.25] * 3
 def splits():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(300) % 10)
-    images = data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = data.RawData(images, labels, images[:60], labels[:60], data.SYNTHETIC_CLASSES)
-    return data.make_splits(raw, 0.2, seed=0)
+    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
+    raw = RawData(images, labels, images[:60], labels[:60], SYNTHETIC_CLASSES)
+    return make_splits(raw, 0.2, seed=0)
 
 
 def _model():
@@ -88,7 +92,7 @@ def test_magnitude_pruning_removes_the_quietest_channels_first():
 def test_a_pruned_model_is_saved_and_loaded_like_any_other(tmp_path):
     model = prune(_model(), CompressConfig(ratio=0.3), torch.rand(2, 3, 32, 32))
     path = tmp_path / "model.compressed.pt"
-    save_model(path, model, ModelConfig(weights="none"), data.SYNTHETIC_CLASSES,
+    save_model(path, model, ModelConfig(weights="none"), SYNTHETIC_CLASSES,
                {"input_size": 32, "compression": {"ratio": 0.3}})
     loaded, saved = load_model(path)
     x = torch.rand(3, 3, 32, 32)
@@ -127,7 +131,7 @@ def test_compress_prunes_recovers_through_finetune_and_measures_both(splits, tmp
         return lambda logits, images, labels: taught.append((teacher.net.conv1.weight, len(images))) \
             or loss(logits, images, labels)
 
-    monkeypatch.setattr(train, "distillation", spy)
+    monkeypatch.setattr(loop, "distillation", spy)
     checkpoints = Checkpoints(tmp_path / "work", "key")
     pruned, metrics, verdict = compress(params, model, splits["train"], splits["val"], splits["test"], checkpoints)
     assert verdict is None and metrics["accepted"] is True  # any drop is within max_acc_drop 1.0
@@ -140,7 +144,7 @@ def test_compress_prunes_recovers_through_finetune_and_measures_both(splits, tmp
     assert metrics["after"]["parameters"] == sum(p.numel() for p in pruned.parameters())
     assert metrics["after"]["size_mb"] < 0.75 * metrics["before"]["size_mb"]
     test = splits["test"]
-    assert metrics["test_acc"] == pytest.approx((predict(pruned, test.images, 64).argmax(1) == test.labels)
+    assert metrics["test_acc"] == pytest.approx((batched_logits(pruned, test.images, 64).argmax(1) == test.labels)
                                                 .float().mean().item())
     assert metrics["acc_change"] == pytest.approx(metrics["test_acc"] - metrics["before"]["test_acc"])
     # The recovery fine-tune trained the pruned weights, through finetune's loop and its logs.
@@ -169,10 +173,10 @@ def test_the_default_ratio_copies_the_model_and_a_real_one_compresses_through_dv
     assert card["files"]["compressed_onnx"] == "compressed/model.onnx"
     exported = json.loads((root / "metrics/export.json").read_text())["compressed"]
     assert exported["max_abs_diff"] <= 1e-3
-    images = data.load_split(root / "data/processed/test.pt")
-    logits = onnx_runner(root / "models/compressed/model.onnx")(data.to_float(images.images[:8]).numpy())
+    images = load_split(root / "data/processed/test.pt")
+    logits = onnx_runner(root / "models/compressed/model.onnx")(to_float(images.images[:8]).numpy())
     with torch.no_grad():
-        assert np.abs(logits - model(data.to_float(images.images[:8])).numpy()).max() < 1e-3
+        assert np.abs(logits - model(to_float(images.images[:8])).numpy()).max() < 1e-3
 
 
 # --------------------------------------------------------------------------- recovery sizing and the gate
@@ -226,10 +230,10 @@ def _project(root: Path, splits: dict, compress_params: dict) -> Path:
     predictions (so it scores 1.0 and pruning it without recovery loses a lot), and params."""
     model = _model()
     (root / "models").mkdir(parents=True)
-    save_model(root / "models/model.pt", model, ModelConfig(weights="none"), data.SYNTHETIC_CLASSES,
+    save_model(root / "models/model.pt", model, ModelConfig(weights="none"), SYNTHETIC_CLASSES,
                {"input_size": 32, "seed": 0})
     test = splits["test"]
-    test = data.Split(test.images, predict(model, test.images, 64).argmax(1), test.classes, test.mean, test.std)
+    test = Split(test.images, batched_logits(model, test.images, 64).argmax(1), test.classes, test.mean, test.std)
     (root / "data/processed").mkdir(parents=True)
     for name, split in {**splits, "test": test}.items():
         torch.save(split.to_dict(), root / f"data/processed/{name}.pt")
@@ -269,7 +273,7 @@ def test_an_optional_gate_writes_the_model_marked_rejected_and_export_leaves_it_
 
     # Export, the way stages/export.py calls it: the compressed files are left out, the verdict kept.
     model, _ = load_model(root / "models/model.pt")
-    test = data.load_split(root / "data/processed/test.pt")
+    test = load_split(root / "data/processed/test.pt")
     out = tmp_path / "models"
     paths = ExportPaths(onnx=out / "model.onnx", int8=out / "int8", torchscript=out / "model.torchscript.pt",
                         compressed=out / "compressed", executorch=out / "executorch")

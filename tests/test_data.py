@@ -13,6 +13,7 @@ import socket
 import tarfile
 import threading
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,21 @@ import torch
 import torchvision.transforms.functional as TF
 
 from conftest import REPO, run, set_params
-from reprotune import data
+from reprotune.data import cifar, fetch
+from reprotune.data.cifar import MAX_MEMBERS, TRAIN_BATCHES, read_archive
+from reprotune.data.fetch import fetch_archive
+from reprotune.data.raw import RawData
+from reprotune.data.splits import channel_stats, held_out, make_splits, stratified_split, to_float
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, write_synthetic_archive
 from reprotune.errors import ReprotuneError
+from reprotune.training.augment import PADDING_MODES, augment, jitter_colours, rotate
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> tuple[Path, str]:
     """A small synthetic archive in the official layout, and its md5."""
     path = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
-    info = data.write_synthetic_archive(path, n_train=250, n_test=50, seed=3)
+    info = write_synthetic_archive(path, n_train=250, n_test=50, seed=3)
     return path, info["md5"]
 
 
@@ -63,15 +70,15 @@ def _download(cwd: Path, check: bool = True):
 
 def test_synthetic_archive_is_deterministic_and_in_the_official_layout(archive, tmp_path):
     path, md5 = archive
-    again = data.write_synthetic_archive(tmp_path / "again.tar.gz", n_train=250, n_test=50, seed=3)
+    again = write_synthetic_archive(tmp_path / "again.tar.gz", n_train=250, n_test=50, seed=3)
     assert again["md5"] == md5
     with tarfile.open(path) as tar:
         names = sorted(tar.getnames())
     assert names == sorted([f"cifar-10-batches-py/{n}" for n in
-                            [*data.TRAIN_BATCHES, "test_batch", "batches.meta"]])
-    raw = data.read_archive(path)
+                            [*TRAIN_BATCHES, "test_batch", "batches.meta"]])
+    raw = read_archive(path)
     assert raw.train_images.shape == (250, 3, 32, 32) and raw.test_images.shape == (50, 3, 32, 32)
-    assert raw.classes == data.SYNTHETIC_CLASSES
+    assert raw.classes == SYNTHETIC_CLASSES
     assert np.bincount(raw.train_labels).tolist() == [25] * 10
 
 
@@ -110,18 +117,18 @@ def test_md5_mismatch_is_refused_and_leaves_no_file(archive, http_server, tmp_pa
 def test_md5_mismatch_keeps_the_previous_archive(archive, tmp_path):
     path, md5 = archive
     dest = tmp_path / "cifar.tar.gz"
-    data.fetch_archive(str(path), md5, dest)
+    fetch_archive(str(path), md5, dest)
     with pytest.raises(ReprotuneError, match="does not match"):
-        data.fetch_archive(str(path), "f" * 32, dest)
+        fetch_archive(str(path), "f" * 32, dest)
     assert dest.read_bytes() == path.read_bytes()
 
 
 @pytest.mark.reliability
 def test_unreachable_server_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.0)
     expected = r"cannot download http://127\.0\.0\.1:9/x\.tar\.gz after 5 attempts \(.*refused\).*data\.url.*make demo"
     with pytest.raises(ReprotuneError, match=expected):
-        data.fetch_archive("http://127.0.0.1:9/x.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
+        fetch_archive("http://127.0.0.1:9/x.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -130,14 +137,14 @@ def test_no_dns_fails_at_once_with_the_offline_hint(tmp_path, monkeypatch):
     def no_dns(*args, **kwargs):
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", no_dns)
+    monkeypatch.setattr(urllib.request, "urlopen", no_dns)
     with pytest.raises(ReprotuneError, match=r"cannot reach https://example\.invalid/c\.tar\.gz .*make demo"):
-        data.fetch_archive("https://example.invalid/c.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
+        fetch_archive("https://example.invalid/c.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
 
 
 def test_missing_http_file_is_reported(http_server, tmp_path):
     with pytest.raises(ReprotuneError, match="HTTP 404"):
-        data.fetch_archive(f"{http_server}/nothing.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
+        fetch_archive(f"{http_server}/nothing.tar.gz", "0" * 32, tmp_path / "out.tar.gz")
 
 
 def _archive_with(tmp_path: Path, members: dict[str, bytes], extra: tuple[tarfile.TarInfo, ...] = ()) -> Path:
@@ -156,7 +163,7 @@ def _archive_with(tmp_path: Path, members: dict[str, bytes], extra: tuple[tarfil
 def _good_members(n: int = 20) -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     batch = {"labels": list(range(10)) * (n // 10), "data": rng.integers(0, 255, (n, 3072), dtype=np.uint8)}
-    members = {name: pickle.dumps(batch) for name in [*data.TRAIN_BATCHES, "test_batch"]}
+    members = {name: pickle.dumps(batch) for name in [*TRAIN_BATCHES, "test_batch"]}
     members["batches.meta"] = pickle.dumps({"label_names": [f"c{i}" for i in range(10)]})
     return members
 
@@ -174,7 +181,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     members["data_batch_3"] = pickle.dumps({"data": _RunsCode(), "labels": []})
     refused = r"data_batch_3 is not a CIFAR batch \(refusing to load (posix|os)\.system\)"
     with pytest.raises(ReprotuneError, match=refused):
-        data.read_archive(_archive_with(tmp_path, members))
+        read_archive(_archive_with(tmp_path, members))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -192,7 +199,7 @@ def test_malformed_batches_are_named(tmp_path, change, message):
     members = _good_members()
     change(members)
     with pytest.raises(ReprotuneError, match=message):
-        data.read_archive(_archive_with(tmp_path, members))
+        read_archive(_archive_with(tmp_path, members))
 
 
 @pytest.mark.reliability
@@ -200,7 +207,7 @@ def test_not_a_gzip_archive(tmp_path):
     path = tmp_path / "x.tar.gz"
     path.write_text("hello")
     with pytest.raises(ReprotuneError, match="not a readable CIFAR-10 tar.gz archive"):
-        data.read_archive(path)
+        read_archive(path)
 
 
 def test_reads_protocol_2_pickles_with_bytes_keys(tmp_path):
@@ -208,15 +215,15 @@ def test_reads_protocol_2_pickles_with_bytes_keys(tmp_path):
     members = _good_members()
     batch = {b"labels": [1, 2], b"data": np.zeros((2, 3072), np.uint8), b"batch_label": b"x"}
     members["data_batch_1"] = pickle.dumps(batch, protocol=2)
-    raw = data.read_archive(_archive_with(tmp_path, members))
+    raw = read_archive(_archive_with(tmp_path, members))
     assert raw.train_labels[:2].tolist() == [1, 2]
 
 
 def test_stratified_split_is_seeded_and_per_class():
     labels = np.repeat(np.arange(10), 50)
-    train, val = data.stratified_split(labels, 0.2, seed=1)
-    again, _ = data.stratified_split(labels, 0.2, seed=1)
-    other, _ = data.stratified_split(labels, 0.2, seed=2)
+    train, val = stratified_split(labels, 0.2, seed=1)
+    again, _ = stratified_split(labels, 0.2, seed=1)
+    other, _ = stratified_split(labels, 0.2, seed=2)
     assert np.bincount(labels[val]).tolist() == [10] * 10
     assert np.array_equal(train, again) and not np.array_equal(train, other)
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 500
@@ -230,12 +237,12 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
 def test_augment_crops_and_flips_on_the_device_without_changing_pixels():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).add(1).to(torch.uint8).view(2, 3, 8, 8)
     gen = torch.Generator().manual_seed(0)
-    out = data.augment(images, padding=0, hflip=False, generator=gen)
-    assert out.dtype == torch.float32 and torch.equal(out, data.to_float(images))  # the models' input
-    flips = [_pixels(data.augment(images, padding=0, hflip=True, generator=gen)) for _ in range(20)]
+    out = augment(images, padding=0, hflip=False, generator=gen)
+    assert out.dtype == torch.float32 and torch.equal(out, to_float(images))  # the models' input
+    flips = [_pixels(augment(images, padding=0, hflip=True, generator=gen)) for _ in range(20)]
     assert all(torch.equal(f[i], images[i]) or torch.equal(f[i], images[i].flip(2)) for f in flips for i in range(2))
     assert any(torch.equal(f[0], images[0].flip(2)) for f in flips)
-    crops = [_pixels(data.augment(images, padding=2, hflip=False, generator=gen, mode="zero")) for _ in range(20)]
+    crops = [_pixels(augment(images, padding=2, hflip=False, generator=gen, mode="zero")) for _ in range(20)]
     for crop in crops:
         assert crop.shape == images.shape
         # every crop is a shifted window of the zero-padded image
@@ -250,7 +257,7 @@ def test_channel_statistics_are_exact_from_histograms():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50, 3, 8, 8), dtype=np.uint8)
     images[:, 2] = 7  # a constant channel: mean 7/255, std 0
-    mean, std = data.channel_stats(images)
+    mean, std = channel_stats(images)
     pixels = images.astype(np.float64) / 255
     assert mean == pytest.approx(pixels.mean(axis=(0, 2, 3)).tolist(), abs=1e-12)
     assert std == pytest.approx(pixels.std(axis=(0, 2, 3)).tolist(), abs=1e-12)
@@ -262,40 +269,40 @@ def test_splits_carry_the_training_split_statistics_and_every_image_once():
     labels = np.repeat(np.arange(4), 10)
     images = rng.integers(0, 256, (40, 3, 4, 4), dtype=np.uint8)
     test_images = rng.integers(0, 256, (6, 3, 4, 4), dtype=np.uint8)
-    raw = data.RawData(images, labels, test_images, np.arange(6) % 4, ["a", "b", "c", "d"])
-    splits = data.make_splits(raw, 0.3, seed=0)
+    raw = RawData(images, labels, test_images, np.arange(6) % 4, ["a", "b", "c", "d"])
+    splits = make_splits(raw, 0.3, seed=0)
     train, val, test = splits["train"], splits["val"], splits["test"]
     assert (len(train.labels), len(val.labels), len(test.labels)) == (28, 12, 6)
-    train_idx, _ = data.stratified_split(labels, 0.3, seed=0)
-    expected_mean, expected_std = data.channel_stats(images[train_idx])
+    train_idx, _ = stratified_split(labels, 0.3, seed=0)
+    expected_mean, expected_std = channel_stats(images[train_idx])
     for split in (train, val, test):  # every split is normalized with the training split's statistics
         assert split.mean == expected_mean and split.std == expected_std and split.classes == ["a", "b", "c", "d"]
     everything = torch.cat([train.images, val.images]).flatten(1)
     assert sorted(map(tuple, everything.tolist())) == sorted(map(tuple, torch.from_numpy(images).flatten(1).tolist()))
     assert torch.equal(test.images, torch.from_numpy(test_images)) and train.images.dtype == torch.uint8
-    assert data.to_float(train.images).max() <= 1.0 and data.to_float(train.images).dtype == torch.float32
+    assert to_float(train.images).max() <= 1.0 and to_float(train.images).dtype == torch.float32
 
 
 @pytest.mark.reliability
 def test_a_split_that_would_leave_a_side_empty_is_refused():
     labels = np.arange(10)  # one image per class
     with pytest.raises(ReprotuneError, match=r"data.val_fraction=0.01 leaves an empty split of 10 training images"):
-        data.stratified_split(labels, 0.01, seed=0)  # rounds to 0 per class: no validation images
+        stratified_split(labels, 0.01, seed=0)  # rounds to 0 per class: no validation images
     with pytest.raises(ReprotuneError, match=r"data.val_fraction=0.99 leaves an empty split"):
-        data.stratified_split(labels, 0.99, seed=0)  # rounds to 1 per class: no training images
-    train, val = data.stratified_split(np.repeat(np.arange(2), 2), 0.5, seed=0)
+        stratified_split(labels, 0.99, seed=0)  # rounds to 1 per class: no training images
+    train, val = stratified_split(np.repeat(np.arange(2), 2), 0.5, seed=0)
     assert len(train) == len(val) == 2  # one of each class on each side: not too few to split
 
 
 def test_crops_use_every_offset_and_flips_about_half():
     # 4 px of padding: 9 x 9 window positions (offsets 0..8 on each axis), every one of them drawn.
     wide = torch.arange(1, 65, dtype=torch.uint8).view(1, 1, 8, 8).repeat(2000, 1, 1, 1)
-    crops = _pixels(data.augment(wide, padding=4, hflip=False, generator=torch.Generator().manual_seed(1), mode="zero"))
+    crops = _pixels(augment(wide, padding=4, hflip=False, generator=torch.Generator().manual_seed(1), mode="zero"))
     padded = torch.nn.functional.pad(wide[0, 0], (4,) * 4)
     windows = {(y, x): padded[y:y + 8, x:x + 8] for y in range(9) for x in range(9)}
     seen = {next(pos for pos, w in windows.items() if torch.equal(crop[0], w)) for crop in crops[:600]}
     assert seen == set(windows)  # all 81, none outside (next() would fail on a window not among them)
-    flipped = _pixels(data.augment(wide, padding=0, hflip=True, generator=torch.Generator().manual_seed(2)))
+    flipped = _pixels(augment(wide, padding=0, hflip=True, generator=torch.Generator().manual_seed(2)))
     share = (flipped[:, 0, 0, 0] == 8).float().mean().item()  # a mirrored first row starts with 8
     assert 0.45 < share < 0.55
     assert ((flipped[:, 0, 0, 0] == 8) | (flipped[:, 0, 0, 0] == 1)).all()
@@ -306,9 +313,9 @@ def test_each_rank_gets_its_slice_of_the_global_batch_augmentation(rotation, jit
     # Under DDP rank k of n augments the k-th slice of a global batch: it must get exactly the crops,
     # flips, rotations and jitter that slice gets when the whole batch is augmented at once.
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    whole = data.augment(images, 2, True, torch.Generator().manual_seed(4), rotation=rotation, jitter=jitter)
+    whole = augment(images, 2, True, torch.Generator().manual_seed(4), rotation=rotation, jitter=jitter)
     for k in range(3):
-        part = data.augment(images[4 * k:4 * (k + 1)], 2, True, torch.Generator().manual_seed(4), part=(k, 3),
+        part = augment(images[4 * k:4 * (k + 1)], 2, True, torch.Generator().manual_seed(4), part=(k, 3),
                             rotation=rotation, jitter=jitter)
         assert torch.equal(part, whole[4 * k:4 * (k + 1)]), k
 
@@ -328,10 +335,10 @@ def test_rotation_by_quarter_turns_matches_rot90_anticlockwise():
     inside = _inside_circle(12)
     for degrees, expected in ((90, image.rot90(1, (2, 3))), (-90, image.rot90(-1, (2, 3))),
                               (180, image.flip(2, 3))):
-        turned = data.rotate(image, torch.tensor([float(degrees)]))
+        turned = rotate(image, torch.tensor([float(degrees)]))
         torch.testing.assert_close(turned[..., inside], expected[..., inside], atol=1e-5, rtol=0, msg=str(degrees))
     wide = torch.rand(1, 3, 8, 12, generator=torch.Generator().manual_seed(1))  # not square: still a half turn
-    torch.testing.assert_close(data.rotate(wide, torch.tensor([180.0])), wide.flip(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate(wide, torch.tensor([180.0])), wide.flip(2, 3), atol=1e-5, rtol=0)
 
 
 def test_rotating_there_and_back_keeps_the_content():
@@ -343,8 +350,8 @@ def test_rotating_there_and_back_keeps_the_content():
                          y])[None].repeat(4, 1, 1, 1)  # (4, 3, 32, 32): four images, each turned its own way
     degrees = torch.tensor([7.0, -23.0, 45.0, 160.0])
     inside = _inside_circle(side)
-    turned = data.rotate(image, degrees)
-    back = data.rotate(turned, -degrees)
+    turned = rotate(image, degrees)
+    back = rotate(turned, -degrees)
     assert (back - image)[..., inside].abs().max() < 0.05
     assert ((turned - image)[..., inside].abs().amax((1, 2)) > 0.2).all()  # each image really turned
 
@@ -356,7 +363,7 @@ def test_rotation_angles_are_uniform_within_the_bound():
     n, side, bound = 2000, 32, 30.0
     images = torch.zeros(n, 3, side, side, dtype=torch.uint8)
     images[:, :, 15:17, 25:27] = 255  # a 2x2 dot centred at (15.5 + 10, 15.5): radius 10, angle 0
-    out = data.augment(images, 0, False, torch.Generator().manual_seed(0), rotation=bound).sum(1)  # (N, H, W)
+    out = augment(images, 0, False, torch.Generator().manual_seed(0), rotation=bound).sum(1)  # (N, H, W)
     coords = torch.arange(side, dtype=torch.float32) - (side - 1) / 2
     mass = out.sum((1, 2))
     cx = (out.sum(1) * coords).sum(1) / mass
@@ -378,7 +385,7 @@ def test_jitter_is_torchvisions_colour_jitter_and_stays_in_range():
     images[:, :, 1] = 0.0
     factors = torch.tensor([[2.0, 0.5, 1.5], [0.0, 1.0, 1.0], [1.0, 2.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 2.0],
                             [1.7, 1.9, 1.8]])
-    got = data.jitter_colours(images, factors)
+    got = jitter_colours(images, factors)
     expected = torch.stack([TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
                             for image, (b, c, s) in zip(images, factors.tolist(), strict=True)])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
@@ -392,7 +399,7 @@ def test_jitter_factors_are_uniform_per_image_and_strength_zero_draws_nothing():
     n, s = 1000, 0.5
     images = torch.full((n, 3, 4, 4), 51, dtype=torch.uint8)
     images[:, :, 2:] = 153
-    out = data.augment(images, 0, False, torch.Generator().manual_seed(0), jitter=s)
+    out = augment(images, 0, False, torch.Generator().manual_seed(0), jitter=s)
     brightness = out.mean((1, 2, 3)) / (102 / 255)
     contrast = (out[:, 0, 3, 0] - out[:, 0, 0, 0]) / (102 / 255) / brightness
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])  # still grey
@@ -403,8 +410,8 @@ def test_jitter_factors_are_uniform_per_image_and_strength_zero_draws_nothing():
     assert not torch.allclose(brightness, contrast)  # independent draws, not one factor for all
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
-    plain = data.augment(images, 0, False, generator, rotation=0.0, jitter=0.0)
-    assert torch.equal(plain, data.to_float(images)) and torch.equal(generator.get_state(), state)
+    plain = augment(images, 0, False, generator, rotation=0.0, jitter=0.0)
+    assert torch.equal(plain, to_float(images)) and torch.equal(generator.get_state(), state)
 
 
 @pytest.mark.reliability
@@ -420,24 +427,24 @@ def test_links_are_refused_and_other_entries_are_never_read_or_extracted(tmp_pat
     hostile = [tarfile.TarInfo(name) for name in ("../escaped", "/tmp/absolute-escape", "cifar-10-batches-py/../x")]
     for info in hostile:
         info.size = 1
-    raw = data.read_archive(_archive_with(tmp_path, members, tuple(hostile)))  # beside a whole layout: ignored
+    raw = read_archive(_archive_with(tmp_path, members, tuple(hostile)))  # beside a whole layout: ignored
     assert raw.train_images.shape == (100, 3, 32, 32) and raw.classes == [f"c{i}" for i in range(10)]
     del members["data_batch_4"]
     link = tarfile.TarInfo("cifar-10-batches-py/data_batch_4")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with pytest.raises(ReprotuneError, match="data_batch_4 is a link or special file"):
-        data.read_archive(_archive_with(tmp_path, members, (link, *hostile)))
+        read_archive(_archive_with(tmp_path, members, (link, *hostile)))
 
 
 @pytest.mark.reliability
 def test_an_archive_with_too_many_entries_is_refused_early(tmp_path):
     path = tmp_path / "many.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
-        for i in range(data.MAX_MEMBERS + 1):
+        for i in range(MAX_MEMBERS + 1):
             info = tarfile.TarInfo(f"junk/{i}")
             tar.addfile(info, io.BytesIO(b""))
     with pytest.raises(ReprotuneError, match="more than 64 entries"):
-        data.read_archive(path)
+        read_archive(path)
 
 
 @pytest.mark.reliability
@@ -446,23 +453,23 @@ def test_a_truncated_archive_is_reported(archive, tmp_path):
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ReprotuneError, match="not a readable CIFAR-10 tar.gz archive"):
-        data.read_archive(cut)
+        read_archive(cut)
 
 
 @pytest.mark.reliability
 def test_a_member_larger_than_any_cifar_batch_is_not_read(archive, monkeypatch):
     path, _ = archive
-    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 1000)  # stands in for 512 MiB: the same check
+    monkeypatch.setattr(cifar, "MAX_MEMBER_BYTES", 1000)  # stands in for 512 MiB: the same check
     with pytest.raises(ReprotuneError, match=r"batches.meta is \d+ bytes, more than a CIFAR batch can be|"
                                              r"data_batch_1 is \d+ bytes, more than a CIFAR batch can be"):
-        data.read_archive(path)
+        read_archive(path)
 
 
 def test_a_class_of_two_splits_one_and_one_and_a_class_of_one_stays_in_train():
-    train, val = data.stratified_split(np.array([0, 0, 1]), 0.1, seed=0)
+    train, val = stratified_split(np.array([0, 0, 1]), 0.1, seed=0)
     assert (len(train), len(val)) == (2, 1) and 2 in train  # class 0: one each side; class 1's only image trains
-    assert [len(side) for side in data.stratified_split(np.array([0, 0]), 0.5, seed=0)] == [1, 1]
-    assert [data.held_out(n, 0.1) for n in (1, 2, 5, 6, 100)] == [0, 1, 1, 1, 10]
+    assert [len(side) for side in stratified_split(np.array([0, 0]), 0.5, seed=0)] == [1, 1]
+    assert [held_out(n, 0.1) for n in (1, 2, 5, 6, 100)] == [0, 1, 1, 1, 10]
 
 
 def _np_window_set(image: np.ndarray, padding: int, mode: str) -> dict[tuple[int, int], np.ndarray]:
@@ -477,7 +484,7 @@ def _np_window_set(image: np.ndarray, padding: int, mode: str) -> dict[tuple[int
     return {(y, x): padded[:, y:y + h, x:x + w] for y in range(2 * padding + 1) for x in range(2 * padding + 1)}
 
 
-@pytest.mark.parametrize("mode", data.PADDING_MODES)
+@pytest.mark.parametrize("mode", PADDING_MODES)
 def test_crop_padding_modes_are_numpys_and_reach_every_offset(mode):
     # A window of the padded image, filled as numpy pads (reflect: mirrored without repeating the
     # edge; edge: the border repeated; mean: each channel's mean; zero: black), at all 81 offsets.
@@ -485,7 +492,7 @@ def test_crop_padding_modes_are_numpys_and_reach_every_offset(mode):
     image = rng.integers(1, 255, (3, 8, 8), dtype=np.uint8)
     windows = _np_window_set(image, 4, mode)
     batch = torch.from_numpy(image)[None].repeat(600, 1, 1, 1)
-    crops = _pixels(data.augment(batch, 4, False, torch.Generator().manual_seed(1), mode=mode)).numpy()
+    crops = _pixels(augment(batch, 4, False, torch.Generator().manual_seed(1), mode=mode)).numpy()
     seen = {next(pos for pos, w in windows.items() if np.array_equal(crop, w)) for crop in crops}
     assert seen == set(windows)
 
@@ -494,8 +501,8 @@ def test_reflect_and_edge_crops_bring_in_no_colour_the_image_lacks():
     # Dark ink on white paper: zero padding draws black borders no image has; the others do not.
     page = torch.full((64, 3, 16, 16), 250, dtype=torch.uint8)
     page[:, :, 6:10, 6:10] = 40
-    darkest = {mode: _pixels(data.augment(page, 4, True, torch.Generator().manual_seed(0), mode=mode)).amin().item()
-               for mode in data.PADDING_MODES}
+    darkest = {mode: _pixels(augment(page, 4, True, torch.Generator().manual_seed(0), mode=mode)).amin().item()
+               for mode in PADDING_MODES}
     assert darkest["zero"] == 0
     assert darkest["reflect"] == darkest["edge"] == 40 and darkest["mean"] == 40
 
@@ -504,15 +511,15 @@ def test_the_padding_mode_draws_nothing_and_only_changes_the_border():
     # The same seed gives the same offsets and flips whatever the mode: pixels read from inside the
     # image agree, and the generator ends in the same state.
     images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-    inside = _pixels(data.augment(torch.full_like(images, 77), 3, True, torch.Generator().manual_seed(2),
+    inside = _pixels(augment(torch.full_like(images, 77), 3, True, torch.Generator().manual_seed(2),
                                   mode="zero")) == 77  # where a window of zero padding reads the image
     outs, states = {}, {}
-    for mode in data.PADDING_MODES:
+    for mode in PADDING_MODES:
         gen = torch.Generator().manual_seed(2)
-        outs[mode] = _pixels(data.augment(images, 3, True, gen, mode=mode))
+        outs[mode] = _pixels(augment(images, 3, True, gen, mode=mode))
         states[mode] = gen.get_state()
     assert 0 < inside.float().mean() < 1
-    for mode in data.PADDING_MODES:
+    for mode in PADDING_MODES:
         assert torch.equal(outs[mode][inside], outs["zero"][inside]), mode
         assert torch.equal(states[mode], states["zero"]), mode
         assert mode == "zero" or not torch.equal(outs[mode], outs["zero"]), mode
@@ -523,7 +530,7 @@ def test_rotation_fills_its_corners_per_the_padding_mode(mode, corner):
     # A plain page turned 45 degrees: its corners come from outside the image. Only zero fills
     # them black; reflect and edge repeat the page, mean its mean colour.
     page = torch.full((8, 3, 16, 16), 204, dtype=torch.uint8)  # 0.8
-    out = data.augment(page, 0, False, torch.Generator().manual_seed(0), rotation=45.0, mode=mode)
+    out = augment(page, 0, False, torch.Generator().manual_seed(0), rotation=45.0, mode=mode)
     centre = out[:, :, 6:10, 6:10]
     torch.testing.assert_close(centre, torch.full_like(centre, 0.8), atol=1e-4, rtol=0)
     corners = out[:, :, 0, 0]  # every image turns by its own angle; the bound keeps it near 45 for some
@@ -536,10 +543,10 @@ def test_rotation_fills_its_corners_per_the_padding_mode(mode, corner):
 
 def test_training_augments_with_the_configured_padding_mode():
     # `train.augmented` (the loop, the trial step and the logged batch) passes padding_mode on.
-    from reprotune import train
     from reprotune.config import TrainConfig
+    from reprotune.training import loop
 
     page = torch.full((64, 3, 16, 16), 250, dtype=torch.uint8)
-    darkest = {mode: train.augmented(page, TrainConfig(padding_mode=mode, random_crop=4),
+    darkest = {mode: loop.augmented(page, TrainConfig(padding_mode=mode, random_crop=4),
                                      torch.Generator().manual_seed(0)).amin().item() for mode in ("zero", "edge")}
     assert darkest == {"zero": 0.0, "edge": pytest.approx(250 / 255)}

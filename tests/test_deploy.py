@@ -18,7 +18,7 @@ import yaml
 from conftest import REPO, run
 
 if "ray" not in sys.modules:  # another test module may have imported ray already
-    from reprotune.cluster import ray_environment
+    from reprotune.inference.cluster import ray_environment
 
     ray_environment(None)
 
@@ -34,7 +34,7 @@ with warnings.catch_warnings():  # Ray Serve's own models use pydantic v1-style 
     warnings.simplefilter("ignore", PydanticDeprecatedSince20)
     from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-    from reprotune.serve import DEPLOYMENT, Settings, build
+    from reprotune.inference.server import DEPLOYMENT, Settings, build
 
 DOCKERFILE = REPO / "Dockerfile"
 RAYSERVICE = REPO / "deploy/rayservice.yaml"
@@ -128,7 +128,7 @@ def test_the_serve_config_names_the_builder_its_settings_and_the_deployment(name
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
     (app,) = config["applications"]
     assert set(app) <= set(ServeApplicationSchema.model_fields), "a misspelt key Serve would ignore"
-    assert (app["name"], app["route_prefix"], app["import_path"]) == ("reprotune", "/", "reprotune.serve:build")
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("reprotune", "/", "reprotune.inference.server:build")
     module, _, attribute = app["import_path"].partition(":")
     assert getattr(importlib.import_module(module), attribute) is build
     assert set(app["args"]) <= {field.name for field in fields(Settings)}

@@ -27,15 +27,14 @@ import torch
 import torchvision
 
 from conftest import env, free_port, make_project, run, set_params
-from reprotune import device
-from reprotune import model as model_module
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, load_params
-from reprotune.data import load_split
-from reprotune.device import claim_gpu, select_device
-from reprotune.distributed import torchrun_args
+from reprotune.data.splits import load_split
 from reprotune.errors import ReprotuneError
-from reprotune.train import finetune
+from reprotune.training import device, model
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.device import claim_gpu, select_device
+from reprotune.training.distributed import torchrun_args
+from reprotune.training.loop import finetune
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # Each test sets how it launches (tests share a project). On the CPU whatever the host has: these
@@ -104,7 +103,7 @@ def one_process(project, tmp_path_factory):
 def _one_process(root: Path, tmp_path: Path, ghost_batchnorm: bool, monkeypatch) -> dict[str, torch.Tensor]:
     """The single-process run on one thread: its best model's state dict."""
     if ghost_batchnorm:
-        monkeypatch.setattr(model_module.Classifier, "forward", _per_rank_batchnorm(model_module.Classifier.forward))
+        monkeypatch.setattr(model.Classifier, "forward", _per_rank_batchnorm(model.Classifier.forward))
     monkeypatch.chdir(root)  # model.weights is relative to the project
     params = load_params(root / "params.yaml")
     splits = [load_split(root / f"data/processed/{name}.pt") for name in ("train", "val")]
@@ -281,7 +280,7 @@ def test_each_process_takes_the_gpu_of_its_local_rank():
 
 
 def test_runs_side_by_side_claim_different_gpus(tmp_path):
-    holder = subprocess.Popen(["python", "-c", "import sys; from reprotune.device import claim_gpu; "
+    holder = subprocess.Popen(["python", "-c", "import sys; from reprotune.training.device import claim_gpu; "
                                f"print(claim_gpu(3, {str(tmp_path)!r}), flush=True); sys.stdin.read()"],
                               env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from reprotune import data
+from reprotune.data import fetch
+from reprotune.data.fetch import RETRIES, fetch_archive
 from reprotune.errors import ReprotuneError
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
@@ -55,8 +56,8 @@ class _FlakyServer(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    monkeypatch.setattr(data, "BACKOFF_SECONDS", 0.0)
-    monkeypatch.setattr(data, "TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(fetch, "TIMEOUT_SECONDS", 0.5)
     _FlakyServer.requests = []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyServer)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -68,7 +69,7 @@ def server(monkeypatch):
 def _fetch(server, tmp_path, md5=None):
     url = f"http://127.0.0.1:{server.server_address[1]}/cifar.tar.gz"
     expected = md5 or __import__("hashlib").md5(PAYLOAD).hexdigest()
-    return data.fetch_archive(url, expected, tmp_path / "archive.tar.gz")
+    return fetch_archive(url, expected, tmp_path / "archive.tar.gz")
 
 
 @pytest.mark.parametrize("behaviour", ["drop", "stall"])
@@ -91,15 +92,15 @@ def test_retries_are_bounded_and_leave_nothing_behind(server, tmp_path):
     _FlakyServer.behaviour = "error"
     with pytest.raises(ReprotuneError, match=r"cannot download .* after 5 attempts \(HTTP 503 busy\)"):
         _fetch(server, tmp_path)
-    assert len(_FlakyServer.requests) == 1 + data.RETRIES
+    assert len(_FlakyServer.requests) == 1 + RETRIES
     assert list(tmp_path.iterdir()) == []
 
 
 def test_backoff_doubles_between_attempts(server, tmp_path, monkeypatch):
     _FlakyServer.behaviour = "error"
     waits = []
-    monkeypatch.setattr(data, "BACKOFF_SECONDS", 2.0)
-    monkeypatch.setattr(data.time, "sleep", waits.append)
+    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 2.0)
+    monkeypatch.setattr(time, "sleep", waits.append)
     with pytest.raises(ReprotuneError):
         _fetch(server, tmp_path)
     assert waits == [2.0, 4.0, 8.0, 16.0]

@@ -9,19 +9,18 @@ from tensorboard.util import tensor_util
 from tensorboardX import SummaryWriter
 from torch import nn
 
-from reprotune import tb
 from reprotune.config import EvaluateConfig
-from reprotune.data import Split
-from reprotune.evaluate import (
+from reprotune.data.splits import Split
+from reprotune.evaluation.report import (
     classification_metrics,
     confusion_rows,
     evaluate_model,
-    loss_and_accuracy,
-    predict,
     reliability,
     top_k_accuracy,
     tta_logits,
 )
+from reprotune.tracking import tensorboard
+from reprotune.training.scoring import batched_logits, loss_and_accuracy
 
 CLASSES = ["a", "b", "c"]
 # Four images, three classes: two right (0 and 1), image 2 (a "c") called "b", image 3 (an "a") called "c".
@@ -63,8 +62,8 @@ def test_predict_under_autocast_runs_the_model_in_that_dtype():
             return out
 
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    plain = predict(Probe(), images, 2)
-    mixed = predict(Probe(), images, 2, autocast=torch.bfloat16)
+    plain = batched_logits(Probe(), images, 2)
+    mixed = batched_logits(Probe(), images, 2, autocast=torch.bfloat16)
     assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
     assert mixed.dtype == torch.float32 and mixed.shape == plain.shape  # logits come back as float32
 
@@ -205,8 +204,8 @@ def test_tensorboard_shows_what_evaluate_reports(tmp_path, monkeypatch):
     test = Split(images, labels, CLASSES, [0.5] * 3, [0.25] * 3)
     drawn = {}
     for name in ("log_predictions", "log_confusion", "log_reliability"):
-        real = getattr(tb, name)
-        monkeypatch.setattr(tb, name, lambda *a, _real=real, _name=name: (drawn.__setitem__(_name, a), _real(*a)))
+        real = getattr(tensorboard, name)
+        monkeypatch.setattr(tensorboard, name, lambda *a, _real=real, _name=name: (drawn.__setitem__(_name, a), _real(*a)))
     with SummaryWriter(str(tmp_path)) as writer:
         result = evaluate_model(_Lookup(table), test, EvaluateConfig(tta=True, calibration_bins=5,
                                                                      misclassified_images=2), writer)

@@ -12,13 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from reprotune import export, mobile
 from reprotune.config import ExportConfig
-from reprotune.data import Split, load_split, to_float
+from reprotune.data.splits import Split, load_split, to_float
 from reprotune.errors import ReprotuneError
-from reprotune.export import ExportPaths, export_all
-from reprotune.model import Classifier, load_model
-from reprotune.predict import load_predictor
+from reprotune.export import phone, release
+from reprotune.export.release import ExportPaths, export_all
+from reprotune.inference.predict import load_predictor
+from reprotune.inference.runtime import executorch_runner
+from reprotune.training.model import Classifier, load_model
 from test_pipeline import tags
 
 MAX_BATCH = 24  # above 15: a batch axis narrowed by the CPU convolution heuristics (see mobile.py) fails
@@ -127,24 +128,24 @@ def _config(**overrides) -> ExportConfig:
 def _int8_is_a_copy_of_fp32(monkeypatch) -> None:
     """Skip PT2E (seconds even for a small model; the stage test above runs it): the int8 program is the
     fp32 one, which the gate tests then make disagree through its runner."""
-    monkeypatch.setattr(mobile, "quantize_pte", lambda model, example, path, calibration, max_batch:
-                        shutil.copy(path.with_name(mobile.PTE_FILE), path))
+    monkeypatch.setattr(phone, "quantize_pte", lambda model, example, path, calibration, max_batch:
+                        shutil.copy(path.with_name(phone.PTE_FILE), path))
 
 
 def _wrong(monkeypatch, program: str, change) -> None:
     """Make the runner of `program` (a .pte file name) return changed logits, the others untouched."""
-    real = export.executorch_runner
+    real = executorch_runner
 
     def runner(path):
         run_ = real(path)
         return (lambda images: change(run_(images))) if path.name == program else run_
-    monkeypatch.setattr(export, "executorch_runner", runner)
+    monkeypatch.setattr(release, "executorch_runner", runner)
 
 
 @pytest.mark.reliability
 def test_a_program_outside_the_tolerance_is_one_line_and_nothing_is_written(tmp_path, monkeypatch):
     model, split = _small()
-    _wrong(monkeypatch, mobile.PTE_FILE, lambda logits: logits + 1e-2)
+    _wrong(monkeypatch, phone.PTE_FILE, lambda logits: logits + 1e-2)
     with pytest.raises(ReprotuneError) as error:
         export_all(model, split, split.images, _config(tolerance=1e-3), _paths(tmp_path))
     assert str(error.value).startswith("executorch export differs from PyTorch by 0.01 (> export.tolerance 0.001)")
@@ -157,7 +158,7 @@ def test_a_program_outside_the_tolerance_is_one_line_and_nothing_is_written(tmp_
 def test_an_int8_program_below_its_gate_is_left_out_or_fails(tmp_path, monkeypatch, int8):
     model, split = _small()
     _int8_is_a_copy_of_fp32(monkeypatch)
-    _wrong(monkeypatch, mobile.PTE_INT8_FILE, lambda logits: np.roll(logits, 1, axis=1))  # another class each time
+    _wrong(monkeypatch, phone.PTE_INT8_FILE, lambda logits: np.roll(logits, 1, axis=1))  # another class each time
     if int8 == "required":
         with pytest.raises(ReprotuneError, match=r"int8 ExecuTorch model agrees with PyTorch on 0\.000 .*; "
                                                  "export.int8 is required, so nothing was written"):

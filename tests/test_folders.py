@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from conftest import make_project, run
-from reprotune import data, folders
 from reprotune.config import DataConfig, Params
+from reprotune.data import folders
+from reprotune.data.cifar import cifar100, read_archive
 from reprotune.errors import ReprotuneError
 from reprotune.images import load_image
 
@@ -182,13 +183,13 @@ def cifar100_archive(path: Path, n_train=40, n_test=20) -> Path:
 
 def test_cifar100_reads_fine_labels_by_default_and_coarse_when_asked(tmp_path):
     archive = cifar100_archive(tmp_path / "cifar-100-python.tar.gz")
-    fine = data.read_archive(archive, data.cifar100())
-    coarse = data.read_archive(archive, data.cifar100("coarse"))
+    fine = read_archive(archive, cifar100())
+    coarse = read_archive(archive, cifar100("coarse"))
     assert len(fine.classes) == 100 and fine.classes[7] == "fine7" and len(coarse.classes) == 20
     assert np.array_equal(coarse.train_labels, fine.train_labels // 5)
     assert fine.train_images.shape == (40, 3, 32, 32) and fine.test_images.shape == (20, 3, 32, 32)
     with pytest.raises(ReprotuneError, match=r"cifar-10-batches-py/batches.meta is missing"):
-        data.read_archive(archive)  # a CIFAR-100 archive is not CIFAR-10's layout
+        read_archive(archive)  # a CIFAR-100 archive is not CIFAR-10's layout
     assert DataConfig(dataset="cifar100").source == ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                                                      "eb9058c3a382ffc7106e4002c42a8d85")
 

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from conftest import REPO, run, set_params
-from reprotune import data
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params
-from reprotune.train import finetune
+from reprotune.data.raw import RawData
+from reprotune.data.splits import make_splits
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import finetune
 
 pytestmark = pytest.mark.gpu
 
@@ -28,9 +30,9 @@ pytestmark = pytest.mark.gpu
 def splits():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(2000) % 10)
-    images = data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = data.RawData(images, labels, images[:200], labels[:200], data.SYNTHETIC_CLASSES)
-    return data.make_splits(raw, 0.2, seed=0)
+    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
+    raw = RawData(images, labels, images[:200], labels[:200], SYNTHETIC_CLASSES)
+    return make_splits(raw, 0.2, seed=0)
 
 
 def _fit(splits, tmp_path, name="run", model=None, **train_cfg):
@@ -91,9 +93,9 @@ def test_evaluate_and_export_a_model_trained_on_cuda(tmp_path):
     (root / "data/processed").mkdir(parents=True)
     rng = np.random.default_rng(1)
     labels = rng.permutation(np.arange(1200) % 10)
-    images = data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = data.RawData(images[:1000], labels[:1000], images[1000:], labels[1000:], data.SYNTHETIC_CLASSES)
-    for name, split in data.make_splits(raw, 0.2, seed=0).items():
+    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
+    raw = RawData(images[:1000], labels[:1000], images[1000:], labels[1000:], SYNTHETIC_CLASSES)
+    for name, split in make_splits(raw, 0.2, seed=0).items():
         torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": 3, "train.batch_size": 64,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, env, run
-from reprotune import io
+from reprotune import files
 from reprotune.errors import ReprotuneError
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
@@ -22,14 +22,14 @@ pytestmark = pytest.mark.reliability  # every test here is part of the reliabili
 
 def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "metrics.json"
-    io.write_json(target, {"acc": 0.5})
+    files.write_json(target, {"acc": 0.5})
 
     def disk_full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", disk_full)
     with pytest.raises(ReprotuneError, match=r"metrics.json: cannot write: No space left on device"):
-        io.write_json(target, {"acc": 0.9})
+        files.write_json(target, {"acc": 0.9})
     monkeypatch.undo()
     assert json.loads(target.read_text()) == {"acc": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
@@ -37,9 +37,9 @@ def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_a_failed_directory_write_keeps_the_previous_directory(tmp_path):
     target = tmp_path / "processed"
-    with io.atomic_dir(target) as tmp:
+    with files.atomic_dir(target) as tmp:
         (tmp / "train.pt").write_text("old")
-    with pytest.raises(RuntimeError), io.atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError), files.atomic_dir(target) as tmp:
         (tmp / "train.pt").write_text("half")
         raise RuntimeError("killed halfway")
     assert (target / "train.pt").read_text() == "old"
@@ -48,8 +48,8 @@ def test_a_failed_directory_write_keeps_the_previous_directory(tmp_path):
 
 def test_a_failed_file_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "model.pt"
-    io.write_text(target, "old")
-    with pytest.raises(RuntimeError), io.atomic_file(target) as tmp:
+    files.write_text(target, "old")
+    with pytest.raises(RuntimeError), files.atomic_file(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("failed halfway")
     assert target.read_text() == "old"
@@ -60,9 +60,9 @@ def test_a_failed_file_write_keeps_the_previous_file(tmp_path):
 HALF_WRITTEN = """
 import sys, time
 from pathlib import Path
-from reprotune import io
+from reprotune import files
 target = Path(sys.argv[2])
-with (io.atomic_file if sys.argv[1] == "file" else io.atomic_dir)(target) as tmp:
+with (files.atomic_file if sys.argv[1] == "file" else files.atomic_dir)(target) as tmp:
     (tmp if sys.argv[1] == "file" else tmp / "train.pt").write_text("half")
     print("writing", flush=True)
     time.sleep(60)
@@ -72,7 +72,7 @@ with (io.atomic_file if sys.argv[1] == "file" else io.atomic_dir)(target) as tmp
 @pytest.mark.parametrize("kind", ["file", "dir"])
 def test_sigkill_mid_write_keeps_the_previous_output_and_the_next_write_clears_up(tmp_path, kind):
     target = tmp_path / "out"
-    write = io.atomic_file if kind == "file" else io.atomic_dir
+    write = files.atomic_file if kind == "file" else files.atomic_dir
     with write(target) as tmp:
         (tmp if kind == "file" else tmp / "train.pt").write_text("old")
     proc = subprocess.Popen([sys.executable, "-c", HALF_WRITTEN, kind, str(target)], env=env(),
@@ -91,15 +91,15 @@ def test_an_unwritable_output_location_is_one_clear_error(tmp_path):
     blocker = tmp_path / "metrics"
     blocker.write_text("a file where a directory should be")
     with pytest.raises(ReprotuneError, match=r"metrics/train.json: cannot write: .*/metrics is not a directory"):
-        io.write_json(blocker / "train.json", {})
+        files.write_json(blocker / "train.json", {})
 
 
 def test_temporaries_left_by_a_killed_write_are_cleared_next_time(tmp_path):
     target = tmp_path / "model.pt"
     (tmp_path / ".model.pt.abc123.tmp").write_text("torn")
     (tmp_path / ".processed.xyz.tmp").mkdir()
-    io.write_text(target, "whole")
-    with io.atomic_dir(tmp_path / "processed"):
+    files.write_text(target, "whole")
+    with files.atomic_dir(tmp_path / "processed"):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "processed"]
 
@@ -117,8 +117,8 @@ def test_outputs_get_the_modes_a_plain_write_gets(tmp_path):
     # a TensorBoard service could not read them (DVC's own checkouts give 0666/0777 less the umask).
     previous = os.umask(0o027)
     try:
-        io.write_json(tmp_path / "a/metrics.json", {})
-        with io.atomic_dir(tmp_path / "runs") as tmp:
+        files.write_json(tmp_path / "a/metrics.json", {})
+        with files.atomic_dir(tmp_path / "runs") as tmp:
             (tmp / "events").write_text("x")
         plain = tmp_path / "plain"
         plain.write_text("")

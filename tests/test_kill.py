@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import env, run
-from reprotune.data import read_archive
+from reprotune.data.cifar import read_archive
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 

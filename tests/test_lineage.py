@@ -22,7 +22,7 @@ PACKAGE = "reprotune"
 
 
 def module_path(name: str, root: Path = REPO) -> Path | None:
-    """`reprotune.data` -> src/reprotune/data.py (relative to `root`); None outside the package."""
+    """`reprotune.data.cifar` -> src/reprotune/data/cifar.py (relative to `root`); None outside the package."""
     parts = name.split(".")
     if parts[0] != PACKAGE:
         return None
@@ -121,12 +121,12 @@ def _edited(root: Path, paths: list[str]):
 
 
 def test_dvc_status_names_exactly_the_stages_that_run_an_edited_module(pipeline):
-    restore = _edited(pipeline, ["src/reprotune/predict.py", "src/reprotune/cli.py"])
+    restore = _edited(pipeline, ["src/reprotune/inference/predict.py", "src/reprotune/cli.py"])
     try:  # code no stage runs: nothing to rerun
         assert _status(pipeline) == {}
     finally:
         restore()
-    modules = sorted(str(p.relative_to(pipeline)) for p in (pipeline / "src/reprotune").glob("*.py"))
+    modules = sorted(str(p.relative_to(pipeline)) for p in (pipeline / "src/reprotune").rglob("*.py"))
     restore = _edited(pipeline, modules)
     try:  # every module at once: each stage names exactly its own modules among the changed deps
         assert _status(pipeline) == {name: {d for d in deps if d.startswith("src/")}

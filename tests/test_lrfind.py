@@ -16,11 +16,14 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from reprotune import data, lrfind
-from reprotune.checkpoint import Checkpoints
 from reprotune.cli import app
 from reprotune.config import Params
-from reprotune.train import finetune
+from reprotune.data.raw import RawData
+from reprotune.data.splits import make_splits
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.training import lrfind
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import finetune
 
 STEPS = 40  # the fixture's sweep: 1e-4 to 10, 8 steps a decade
 # Tiny and from scratch: ResNet18 with random weights, 32 px synthetic images, batch 32 on the CPU
@@ -64,9 +67,9 @@ def test_the_first_points_are_skipped_and_a_loss_that_never_falls_gives_no_sugge
 def splits():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(480) % 10)
-    images = data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = data.RawData(images, labels, images[:40], labels[:40], data.SYNTHETIC_CLASSES)
-    return data.make_splits(raw, 0.25, seed=0)
+    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
+    raw = RawData(images, labels, images[:40], labels[:40], SYNTHETIC_CLASSES)
+    return make_splits(raw, 0.25, seed=0)
 
 
 def _lr_find(root, *args: str) -> tuple[int, str, str]:

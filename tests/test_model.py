@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import torchvision
 
 from reprotune.config import ModelConfig
-from reprotune.device import amp_dtype, select_device
 from reprotune.errors import ReprotuneError
-from reprotune.model import apply_strategy, build_model, frozen_stages, load_model, save_model
+from reprotune.training.device import amp_dtype, select_device
+from reprotune.training.model import apply_strategy, build_model, frozen_stages, load_model, save_model
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 

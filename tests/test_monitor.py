@@ -14,35 +14,24 @@ import torch
 from PIL import Image
 
 from conftest import run
-from reprotune import data
 from reprotune.cli import app
-from reprotune.data import Split, load_split
+from reprotune.data.splits import Split, load_split, to_float
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 from reprotune.errors import ReprotuneError
-from reprotune.model import load_model
-from reprotune.monitor import (
-    FAMILIES,
-    INPUT_STATS,
-    Incoming,
-    build_reference,
-    detect,
-    image_stats,
-    load_reference,
-    mmd_test,
-    monitor,
-    observe,
-    read_incoming,
-)
-from reprotune.requestlog import ROTATE_EVERY, RequestLog
+from reprotune.evaluation.drift import FAMILIES, Incoming, detect, mmd_test, monitor, read_incoming
+from reprotune.evaluation.reference import INPUT_STATS, build_reference, image_stats, load_reference, observe
+from reprotune.inference.requestlog import ROTATE_EVERY, RequestLog
+from reprotune.training.model import load_model
 from test_pipeline import tags
 
-CLASSES = data.SYNTHETIC_CLASSES
+CLASSES = SYNTHETIC_CLASSES
 TEST_METRICS = {"test_acc": 0.5, "macro_f1": 0.5, "ece": 0.1}
 
 
 def synthetic(n: int, seed: int, labels: np.ndarray | None = None) -> Split:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n) if labels is None else labels
-    images = torch.from_numpy(data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32))
+    images = torch.from_numpy(synthetic_images(labels, rng).reshape(-1, 3, 32, 32))
     return Split(images, torch.from_numpy(labels), CLASSES, [0.5] * 3, [0.25] * 3)
 
 
@@ -118,7 +107,7 @@ def test_labelled_images_report_accuracy_f1_and_ece_next_to_the_test_split(train
     split = synthetic(300, 400)
     report, _ = monitor(model, reference, Incoming(split.images, split.labels, []), permutations=99)
     with torch.no_grad():
-        expected = (model(data.to_float(split.images)).argmax(1) == split.labels).double().mean().item()
+        expected = (model(to_float(split.images)).argmax(1) == split.labels).double().mean().item()
     assert report["labelled"]["accuracy"] == pytest.approx(expected)
     assert report["labelled"]["test_accuracy"] == TEST_METRICS["test_acc"]
     assert 0 <= report["labelled"]["ece"] <= 1 and 0 <= report["labelled"]["macro_f1"] <= 1
@@ -193,7 +182,7 @@ def test_reprotune_monitor_on_folders_and_archives(pipeline, tmp_path, capsys, m
     model, _ = load_model(pipeline / "models/model.pt")
     incoming = read_incoming(labelled, test.classes, 32)
     with torch.no_grad():
-        accuracy = (model(data.to_float(incoming.images)).argmax(1) == incoming.labels).double().mean().item()
+        accuracy = (model(to_float(incoming.images)).argmax(1) == incoming.labels).double().mean().item()
     assert labelled_report["accuracy"] == pytest.approx(accuracy)
     assert sorted(set(incoming.labels.tolist())) == [0, 1, 2]
 
@@ -257,7 +246,7 @@ def test_the_request_log_keeps_the_newest_images_with_their_predictions(tmp_path
     folder = tmp_path / "requests"
     log = RequestLog(folder, test.classes, max_images=30, max_mb=100)
     logits = np.eye(10, dtype=np.float32)[np.arange(ROTATE_EVERY + 20) % 10] * 5
-    images = data.to_float(test.images[: ROTATE_EVERY + 20]).numpy()
+    images = to_float(test.images[: ROTATE_EVERY + 20]).numpy()
     for start in range(0, len(images), 10):  # requests of 10 images
         log.record(images[start:start + 10], logits[start:start + 10])
     pngs = sorted(folder.glob("*.png"))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from reprotune.config import ModelConfig, TrainConfig
-from reprotune.model import build_model
-from reprotune.optim import WARMUP_START, make_optimizer, make_scheduler, param_groups
+from reprotune.training.model import build_model
+from reprotune.training.optim import WARMUP_START, make_optimizer, make_scheduler, param_groups
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
 

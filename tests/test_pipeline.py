@@ -21,8 +21,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, env, free_port, run, set_params
-from reprotune.data import load_split, to_float
-from reprotune.model import load_model
+from reprotune.data.splits import load_split, to_float
+from reprotune.training.model import load_model
 
 OUTPUTS = [
     "data/raw/download/cifar-10-python.tar.gz", "metrics/download.json",

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import run
-from reprotune.data import load_split
+from reprotune.data.splits import load_split
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from reprotune.protocol import Contract, ProtocolError, decode_files, encode_response, parse_request
+from reprotune.inference.protocol import Contract, ProtocolError, decode_files, encode_response, parse_request
 
 CONTRACT = Contract("m", "v1", [f"class{i}" for i in range(5)], 4, max_batch_size=3, max_pixels=10_000)
 

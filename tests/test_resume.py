@@ -21,7 +21,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, env, run, set_params
-from reprotune import data
+from reprotune.data.raw import RawData
+from reprotune.data.splits import make_splits
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 
@@ -42,9 +44,9 @@ def _workspace(root: Path, device: str = "cpu") -> Path:
     (root / "data/processed").mkdir(parents=True)
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(TRAIN_IMAGES * 5 // 4) % 10)
-    raw = data.RawData(data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
-                       np.zeros((10, 3, 32, 32), np.uint8), np.arange(10), data.SYNTHETIC_CLASSES)
-    for name, split in data.make_splits(raw, 0.2, seed=0).items():
+    raw = RawData(synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
+                       np.zeros((10, 3, 32, 32), np.uint8), np.arange(10), SYNTHETIC_CLASSES)
+    for name, split in make_splits(raw, 0.2, seed=0).items():
         torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": EPOCHS,

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import run
-from reprotune.review import exp_show_runs, seed_groups, seed_table
+from reprotune.tracking.review import exp_show_runs, seed_groups, seed_table
 
 N_TEST = 400  # test images: one is 0.0025 of test_acc
 

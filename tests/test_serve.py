@@ -26,9 +26,9 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from conftest import env, free_port, run
+from reprotune.evaluation.drift import read_incoming
 from reprotune.images import load_image
-from reprotune.monitor import read_incoming
-from reprotune.runtime import onnx_runner
+from reprotune.inference.runtime import onnx_runner
 
 REPROTUNE = str(Path(sys.executable).parent / "reprotune")
 MAX_BATCH, MAX_PIXELS = 16, 1_000_000
@@ -351,13 +351,13 @@ def test_bad_setup_fails_in_one_line_before_ray_starts(model, tmp_path):
 
 # Two Ray nodes on this machine, each its own raylet and object store, joined in one cluster: Ray's own
 # tool for a multi-node cluster on one host. (`ray start` for the second node would swap its loopback
-# address for the machine's network address; see reprotune.cluster.)
+# address for the machine's network address; see reprotune.inference.cluster.)
 TWO_NODES = """
 import os, signal, threading
 # Serve's proxy prefers replicas on its own node and spilled to the other one only sometimes here; with
 # plain power-of-two-choices routing, every replica takes requests.
 os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
-from reprotune.cluster import ray_environment
+from reprotune.inference.cluster import ray_environment
 ray_environment("127.0.0.1:0")
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
@@ -406,7 +406,7 @@ def test_two_replicas_on_a_two_node_loopback_cluster_both_answer(model, tmp_path
     (None, "127.0.0.1", True), ("127.0.0.1:6379", "127.0.0.1", True), ("[::1]:6379", "::1", True),
     (None, "0.0.0.0", False), ("10.0.0.5:6379", "127.0.0.1", False), ("head.example:6379", "127.0.0.1", False)])
 def test_ray_is_kept_on_loopback_only_when_the_cluster_and_the_server_are(address, host, local):
-    code = ("import os; from reprotune.cluster import ray_environment; "
+    code = ("import os; from reprotune.inference.cluster import ray_environment; "
             f"ray_environment({address!r}, {host!r}); "
             "print(os.environ['RAY_USAGE_STATS_ENABLED'], os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'))")
     environ = {k: v for k, v in env().items() if not k.startswith("RAY_")}

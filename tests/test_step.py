@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from reprotune import data, train
 from reprotune.config import ModelConfig, TrainConfig
-from reprotune.model import build_model
-from reprotune.train import Diverged, EpochProgress, clip_gradients, pause_on_ctrl_c, train_one_epoch
+from reprotune.training import loop
+from reprotune.training.augment import augment
+from reprotune.training.loop import Diverged, EpochProgress, clip_gradients, pause_on_ctrl_c, train_one_epoch
+from reprotune.training.model import build_model
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
 
@@ -64,7 +65,7 @@ def test_a_paused_epoch_resumes_on_the_training_device():
     # tensor to the device it is handed, here PyTorch's "meta" device standing in for a GPU;
     # tests/test_gpu.py interrupts and resumes a real CUDA run.
     saved = {"order": torch.randperm(10), "sums": torch.zeros(5), "step": 3, "seen": 96, "seconds": 1.5}
-    progress = train.EpochProgress.restore(saved, torch.device("meta"))
+    progress = loop.EpochProgress.restore(saved, torch.device("meta"))
     assert progress.order.device.type == "meta" and progress.sums.device.type == "meta"
     assert (progress.step, progress.seen, progress.seconds) == (3, 96, 1.5)
 
@@ -171,7 +172,7 @@ def test_a_pause_asked_at_the_last_step_finishes_the_epoch():
 
 
 def test_a_diverging_step_is_caught_at_the_next_check(monkeypatch):
-    monkeypatch.setattr(train, "CHECK_EVERY", 3)
+    monkeypatch.setattr(loop, "CHECK_EVERY", 3)
     images, labels = _data(40)
     progress = EpochProgress.start(images, torch.Generator().manual_seed(0))
     with pytest.raises(Diverged) as caught:
@@ -201,7 +202,7 @@ def _replay(model, images, labels, cfg: TrainConfig, seed: int, autocast=None):
     loss_sum, correct, norms = 0.0, 0, []
     for step in range(len(images) // cfg.batch_size):
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        x = data.augment(images[idx], cfg.random_crop, cfg.hflip, generator, rotation=cfg.rotation,
+        x = augment(images[idx], cfg.random_crop, cfg.hflip, generator, rotation=cfg.rotation,
                          jitter=cfg.color_jitter, mode=cfg.padding_mode)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -252,7 +253,7 @@ def test_a_run_of_epochs_uses_only_its_own_generator():
         torch.manual_seed(global_seed)
         orders.append(EpochProgress.start(images, torch.Generator().manual_seed(9)).order)
         torch.manual_seed(global_seed + 10)
-        orders.append(data.augment(images[:8], 4, True, torch.Generator().manual_seed(9)))
+        orders.append(augment(images[:8], 4, True, torch.Generator().manual_seed(9)))
     assert torch.equal(orders[0], orders[2]) and torch.equal(orders[1], orders[3])
 
 

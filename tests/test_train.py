@@ -13,13 +13,18 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from reprotune import data, tb, train
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import ModelConfig, Params
-from reprotune.device import set_deterministic
+from reprotune.data.raw import RawData
+from reprotune.data.splits import Split, make_splits
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 from reprotune.errors import ReprotuneError
-from reprotune.model import Classifier, build_model
-from reprotune.train import finetune
+from reprotune.tracking import tensorboard
+from reprotune.training import augment as augmentation
+from reprotune.training import loop
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.device import set_deterministic
+from reprotune.training.loop import finetune
+from reprotune.training.model import Classifier, build_model
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
 
@@ -28,9 +33,9 @@ MEAN, STD = [0.5] * 3, [0.25] * 3
 def splits():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(400) % 10)
-    images = data.synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = data.RawData(images, labels, images[:50], labels[:50], data.SYNTHETIC_CLASSES)
-    return data.make_splits(raw, 0.2, seed=0)
+    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
+    raw = RawData(images, labels, images[:50], labels[:50], SYNTHETIC_CLASSES)
+    return make_splits(raw, 0.2, seed=0)
 
 
 def _params(model=None, **train_cfg) -> Params:
@@ -59,7 +64,7 @@ def test_training_is_seeded_learns_and_keeps_the_best_epoch(splits, tmp_path):
 
 def test_fp16_autocast_with_grad_scaler_on_cpu(splits, tmp_path, recwarn):
     # fp16 autocast is slow on CPU: a few steps on a slice are enough to exercise the scaler.
-    small = {name: data.Split(s.images[:48], s.labels[:48], s.classes, s.mean, s.std) for name, s in splits.items()}
+    small = {name: Split(s.images[:48], s.labels[:48], s.classes, s.mean, s.std) for name, s in splits.items()}
     result = _fit(_params(amp="fp16", grad_clip=0.5, epochs=1, batch_size=16), small, tmp_path)
     assert math.isfinite(result.metrics["final_train_loss"])
     assert result.history[0]["loss_scale"] < 65536.0  # the scaler backed off at least once
@@ -107,7 +112,7 @@ def _with_steps(splits, per_epoch_steps: int, batch_size: int = 8):
     """The splits, with the training split cut to exactly `per_epoch_steps` batches."""
     train_split = splits["train"]
     n = per_epoch_steps * batch_size
-    return {**splits, "train": data.Split(train_split.images[:n], train_split.labels[:n], train_split.classes,
+    return {**splits, "train": Split(train_split.images[:n], train_split.labels[:n], train_split.classes,
                                           train_split.mean, train_split.std)}
 
 
@@ -119,7 +124,7 @@ def test_a_diverging_run_stops_within_a_bounded_number_of_steps(splits, tmp_path
     with pytest.raises(ReprotuneError) as error:
         _fit(_params(lr=1e12, grad_clip=0, batch_size=8, epochs=1), _with_steps(splits, 40), tmp_path, "nan")
     message = str(error.value)
-    assert re.fullmatch(rf"training loss became (nan|inf) in epoch 1 at step {train.CHECK_EVERY} of 40: lower "
+    assert re.fullmatch(rf"training loss became (nan|inf) in epoch 1 at step {loop.CHECK_EVERY} of 40: lower "
                         r"train.lr or set train.grad_clip \(no epoch had finished, so no checkpoint was kept\)",
                         message), message
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
@@ -132,9 +137,9 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(splits, tmp_
     def exploding(optimizer, cfg, steps_per_epoch):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < steps_per_epoch else 1e12)
 
-    monkeypatch.setattr(train, "make_scheduler", exploding)
+    monkeypatch.setattr(loop, "make_scheduler", exploding)
     with pytest.raises(ReprotuneError, match=rf"training loss became (nan|inf) in epoch 2 at step "
-                                             rf"{train.CHECK_EVERY} of 40: .*\(the checkpoint of epoch 1 is kept"):
+                                             rf"{loop.CHECK_EVERY} of 40: .*\(the checkpoint of epoch 1 is kept"):
         _fit(_params(grad_clip=0, batch_size=8, epochs=3), _with_steps(splits, 40), tmp_path, "nan")
     saved = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert saved["run"]["epoch"] == 1 and saved["run"]["paused"] is None
@@ -172,13 +177,13 @@ def test_deterministic_mode_refuses_an_op_without_a_deterministic_kernel_before_
 def test_the_deterministic_trial_step_rehearses_rotation_and_jitter(splits, tmp_path, monkeypatch, hook, setting):
     # The trial step augments as the loop does: an op without a deterministic kernel in the rotation
     # or the jitter is refused before training, not met in the middle of the first epoch.
-    real = getattr(data, hook)
+    real = getattr(augmentation, hook)
 
     def nondeterministic(images, *args):
         torch.zeros(2).put_(torch.tensor([0]), torch.ones(1))
         return real(images, *args)
 
-    monkeypatch.setattr(data, hook, nondeterministic)
+    monkeypatch.setattr(augmentation, hook, nondeterministic)
     try:
         with pytest.raises(ReprotuneError, match="put_ has no deterministic implementation"):
             _fit(_params(deterministic=True, epochs=1, **setting), splits, tmp_path, "refused")
@@ -190,7 +195,7 @@ def test_the_deterministic_trial_step_rehearses_rotation_and_jitter(splits, tmp_
 def test_the_logged_sample_batch_is_augmented_as_training_is(splits, tmp_path):
     # TensorBoard's train/augmented_batch shows the run's rotation and jitter, read back with
     # TensorBoard's own reader: the grid of `augmented` with the sample generator, not a plain one.
-    small = {name: data.Split(s.images[:32], s.labels[:32], s.classes, s.mean, s.std) for name, s in splits.items()}
+    small = {name: Split(s.images[:32], s.labels[:32], s.classes, s.mean, s.std) for name, s in splits.items()}
     params = _params(epochs=1, rotation=45, color_jitter=0.5)
     _fit(params, small, tmp_path)
     events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0})
@@ -198,14 +203,14 @@ def test_the_logged_sample_batch_is_augmented_as_training_is(splits, tmp_path):
     png = events.Images("train/augmented_batch")[0].encoded_image_string
     logged = torch.from_numpy(np.array(PIL.Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
     images = small["train"].images[:4]
-    expected, plain = (tb.image_grid(train.augmented(images, cfg, torch.Generator().manual_seed(params.seed + 1)), 4)
+    expected, plain = (tensorboard.image_grid(loop.augmented(images, cfg, torch.Generator().manual_seed(params.seed + 1)), 4)
                        for cfg in (params.train, _params().train))
     assert torch.equal(logged, expected) and not torch.equal(logged, plain)
 
 
 def test_torch_compile_trains_the_model_it_returns(splits, tmp_path):
     # Compiling takes ~40 s on 2 CPU cores: two steps on two batches are enough to prove the path.
-    small = {name: data.Split(s.images[:64], s.labels[:64], s.classes, s.mean, s.std) for name, s in splits.items()}
+    small = {name: Split(s.images[:64], s.labels[:64], s.classes, s.mean, s.std) for name, s in splits.items()}
     torch.manual_seed(0)  # finetune seeds the same way before building: these are its initial weights
     initial = build_model(ModelConfig(weights="none"), 10, small["train"].mean, small["train"].std).state_dict()
     result = _fit(_params(compile=True, epochs=1, batch_size=32), small, tmp_path)
@@ -247,11 +252,11 @@ def test_training_from_host_memory_trains_exactly_as_from_the_device(splits, tmp
     # already on the device. On a CPU the two are one memory, so the runs must agree bit for bit;
     # with auto, images that do not fit take the host path (images_fit is a GPU question).
     gathered = []
-    real = train.HostImages.__getitem__
-    monkeypatch.setattr(train.HostImages, "__getitem__", lambda self, idx: gathered.append(len(idx)) or real(self, idx))
+    real = loop.HostImages.__getitem__
+    monkeypatch.setattr(loop.HostImages, "__getitem__", lambda self, idx: gathered.append(len(idx)) or real(self, idx))
     on_device = _fit(_params(deterministic=True, epochs=1), splits, tmp_path, "device")
     assert gathered == []
-    monkeypatch.setattr(train, "images_fit", lambda nbytes, device: False)
+    monkeypatch.setattr(loop, "images_fit", lambda nbytes, device: False)
     on_host = _fit(_params(deterministic=True, epochs=1), splits, tmp_path, "host")
     assert gathered == [32] * (len(splits["train"].labels) // 32)
     for key, value in on_device.model.state_dict().items():
@@ -260,7 +265,7 @@ def test_training_from_host_memory_trains_exactly_as_from_the_device(splits, tmp
 
 def test_host_images_gather_the_batch_asked_for():
     images = torch.arange(5 * 3 * 2 * 2, dtype=torch.uint8).reshape(5, 3, 2, 2)
-    host = train.HostImages(images, torch.device("cpu"))
+    host = loop.HostImages(images, torch.device("cpu"))
     assert len(host) == 5 and host.device == torch.device("cpu")
     for idx in ([4, 0], [1, 2, 3], [3]):  # the two buffers alternate and are reused at any size
         assert torch.equal(host[torch.tensor(idx)], images[idx])

@@ -13,8 +13,8 @@ from typing import Annotated
 import typer
 
 from reprotune import __version__
+from reprotune.entrypoint import ParamsFile, invoke
 from reprotune.errors import ReprotuneError, UsageError, run_cli
-from reprotune.stage import ParamsFile, invoke
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="reprotune: a reproducible fine-tuning pipeline (run the stages with `dvc repro`).")
@@ -79,7 +79,7 @@ def experiments(
 ) -> None:
     """Experiments side by side: name, the params that differ, the headline metrics (dvc exp show).
     Other options go to `dvc exp show` (`-A`, `--rev`, ...)."""
-    from reprotune import review
+    from reprotune.tracking import review
 
     dvc = _tool("dvc")
     if seeds:
@@ -97,7 +97,7 @@ def review(
     plots: Annotated[Path, typer.Option(help="Where `dvc plots diff` renders the plots.")] = Path("dvc_plots"),
 ) -> None:
     """Markdown report of the workspace against BASE: params, metrics (headline first), plots."""
-    from reprotune.review import review as make_report
+    from reprotune.tracking.review import review as make_report
 
     dvc = _tool("dvc")
     print(make_report(dvc, base, plots, _venv_env()), end="")
@@ -110,7 +110,7 @@ def tensorboard(
     = "127.0.0.1",
 ) -> None:
     """TensorBoard over every DVC experiment's runs and the workspace's, side by side."""
-    from reprotune.board import serve
+    from reprotune.tracking.board import serve
 
     board = _tool("tensorboard")
     code = serve(Path.cwd(), host, port, board)
@@ -173,7 +173,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
 ) -> None:
     """Classify images; one JSON line per image on stdout, one error line per bad file on stderr."""
-    from reprotune.predict import classify, load_predictor  # keeps `reprotune demo` light
+    from reprotune.inference.predict import classify, load_predictor  # keeps `reprotune demo` light
 
     predictor = load_predictor(model)
     failed = 0
@@ -204,8 +204,8 @@ def monitor(
 ) -> None:
     """Compare new images with the data the model was trained for: input, feature and prediction drift."""
     from reprotune.config import MonitorConfig, load_params  # keeps `reprotune --version` light
-    from reprotune.io import write_json
-    from reprotune.monitor import check
+    from reprotune.evaluation.drift import check
+    from reprotune.files import write_json
 
     cfg = load_params(params).monitor if params.is_file() else MonitorConfig()
     report = check(source, model, reference, logdir, cfg.alpha, cfg.permutations)
@@ -226,7 +226,7 @@ def lr_find(
 ) -> None:
     """LR range test: train a few batches at a growing LR on data/processed/, suggest train.lr."""
     from reprotune.config import load_params  # keeps `reprotune --version` light
-    from reprotune.lrfind import PLOT, run, summary
+    from reprotune.training.lrfind import PLOT, run, summary
 
     if not 0 < start_lr < end_lr:
         raise UsageError(f"--start-lr ({start_lr:g}) must be positive and below --end-lr ({end_lr:g})")
@@ -270,10 +270,10 @@ def serve(
     log_max_mb: Annotated[float, typer.Option(min=0, help="MiB of PNG --log-requests keeps.")] = 512.0,
 ) -> None:
     """Serve the exported model over the Open Inference Protocol (KServe V2) with Ray Serve."""
-    from reprotune.cluster import ray_environment
+    from reprotune.inference.cluster import ray_environment
 
     ray_environment(address, host)  # before anything imports ray
-    from reprotune.serve import Settings, run
+    from reprotune.inference.server import Settings, run
 
     settings = Settings(model=str(model.resolve()), name=name, replicas=replicas, max_replicas=max_replicas,
                         threads=threads or 1, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,

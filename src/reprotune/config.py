@@ -128,7 +128,7 @@ class DataConfig(Section):
 
     @property
     def folder(self) -> bool:
-        """A folder dataset (one subfolder per class), read by folders.py; else a CIFAR archive."""
+        """A folder dataset (one subfolder per class), read by data/folders.py; else a CIFAR archive."""
         return self.dataset in ("folder", "imagenette")
 
     @property

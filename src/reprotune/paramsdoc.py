@@ -1,8 +1,8 @@
-"""params.yaml and the README's parameter table, both written from config.py.
+"""params.yaml and the parameter reference's table (docs/reference/parameters.md), both written from config.py.
 
 One source for every default and its description: the config classes' field defaults and
 docstrings. A docstring's first line is the comment beside the key in params.yaml; the whole
-docstring is its row in the README. `reprotune params --write` regenerates both files, and
+docstring is its row in the reference. `reprotune params --write` regenerates both files, and
 tests/test_config.py checks that the shipped ones are exactly what it writes.
 """
 
@@ -25,6 +25,7 @@ HEADER = """\
 """
 COMMENT_COLUMN = 29  # where the comments start, as in a hand-aligned file
 TABLE_BEGIN, TABLE_END = "<!-- params table: begin -->", "<!-- params table: end -->"
+REFERENCE = Path("docs/reference/parameters.md")  # where the table lives, between the markers
 
 
 def yaml_value(value) -> str:
@@ -71,7 +72,7 @@ def _line(text: str, doc: str | None) -> str:
 
 
 def params_table() -> str:
-    """The README's table: key, default and the whole description of every parameter."""
+    """The reference's table: key, default and the whole description of every parameter."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     defaults = Params().model_dump()
     for name, section in _sections():
@@ -85,19 +86,22 @@ def params_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def readme_with_table(readme: str) -> str:
-    """`readme` with the text between the table markers replaced by `params_table()`."""
+def with_table(text: str, name: str = str(REFERENCE)) -> str:
+    """`text` (the file `name`) with what lies between the table markers replaced by `params_table()`."""
     pattern = re.compile(rf"{re.escape(TABLE_BEGIN)}.*?{re.escape(TABLE_END)}", re.S)
-    if not pattern.search(readme):
-        raise ReprotuneError(f"README.md has no {TABLE_BEGIN} ... {TABLE_END} section")
-    return pattern.sub(lambda m: f"{TABLE_BEGIN}\n{params_table()}{TABLE_END}", readme)
+    if not pattern.search(text):
+        raise ReprotuneError(f"{name} has no {TABLE_BEGIN} ... {TABLE_END} section")
+    return pattern.sub(lambda m: f"{TABLE_BEGIN}\n{params_table()}{TABLE_END}", text)
 
 
 def write(root: Path) -> list[Path]:
-    """Rewrite params.yaml and the README's table under `root`; the files that changed."""
+    """Rewrite params.yaml and the parameter reference's table under `root`; the files that changed."""
+    reference = root / REFERENCE
+    if not reference.is_file():
+        raise ReprotuneError(f"{reference} is missing: run `reprotune params --write` in the project's root")
     changed = []
     for path, text in ((root / "params.yaml", params_yaml()),
-                       (root / "README.md", readme_with_table((root / "README.md").read_text()))):
+                       (reference, with_table(reference.read_text(), str(REFERENCE)))):
         if path.read_text() != text:
             path.write_text(text)
             changed.append(path)

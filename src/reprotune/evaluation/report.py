@@ -1,48 +1,21 @@
-"""Evaluation: batched prediction on uint8 tensors and the metrics a reviewer reads."""
+"""The test report a reviewer reads: accuracy, top-k, macro F1, per-class figures, the confusion matrix
+and calibration (reliability), with optional test-time augmentation, written to TensorBoard.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tensorboardX import SummaryWriter
 from torch import nn
 
-from reprotune import tb
 from reprotune.config import EvaluateConfig
-from reprotune.data import Split, to_float
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int,
-            autocast: torch.dtype | None = None) -> torch.Tensor:
-    """Logits (N, classes) float32 on CPU for uint8 images (N, 3, H, W), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = to_float(images[start:start + batch_size].to(device, non_blocking=True))
-        with _autocast(device, autocast):
-            outputs.append(model(batch).float())
-    model.train(was_training)
-    return torch.cat(outputs).cpu() if outputs else torch.empty(0, 0)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy (a fraction)."""
-    loss = F.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).double().mean().item()  # exact: 0.4, not 0.40000000596
+from reprotune.data.splits import Split
+from reprotune.tracking import tensorboard
+from reprotune.training.scoring import batched_logits, loss_and_accuracy
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -100,7 +73,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 
 def tta_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Test-time augmentation: the mean of the logits for each image and its horizontal mirror."""
-    return (predict(model, images, batch_size) + predict(model, images.flip(3), batch_size)) / 2
+    return (batched_logits(model, images, batch_size) + batched_logits(model, images.flip(3), batch_size)) / 2
 
 
 def confusion_rows(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> pd.DataFrame:
@@ -121,7 +94,7 @@ class Evaluation:
 
 def evaluate_model(model: nn.Module, test: Split, cfg: EvaluateConfig, writer: SummaryWriter) -> Evaluation:
     """Metrics on the test split (plus flip TTA when asked), logged to TensorBoard too."""
-    logits = predict(model, test.images, cfg.batch_size)
+    logits = batched_logits(model, test.images, cfg.batch_size)
     metrics = classification_metrics(logits, test.labels, test.classes, cfg.calibration_bins)
     if cfg.tta:
         tta = classification_metrics(tta_logits(model, test.images, cfg.batch_size), test.labels, test.classes)
@@ -148,13 +121,14 @@ def _log_evaluation(writer: SummaryWriter, metrics: dict, logits: torch.Tensor, 
         writer.add_scalar(f"test_class_f1/{name}", metrics["class_f1"][name], 0)  # logged before the split
     predicted = logits.argmax(1)
     matrix = confusion_matrix(test.labels.numpy(), predicted.numpy(), len(test.classes))
-    tb.log_confusion(writer, "test/confusion_matrix", matrix, test.classes)
-    tb.log_reliability(writer, "test/reliability_diagram", frame, metrics["ece"])
+    tensorboard.log_confusion(writer, "test/confusion_matrix", matrix, test.classes)
+    tensorboard.log_reliability(writer, "test/reliability_diagram", frame, metrics["ece"])
     probs = logits.softmax(1)
     for c, name in enumerate(test.classes):  # one-vs-rest precision-recall curves
         writer.add_pr_curve(f"pr_curve/{name}", (test.labels == c).numpy(), probs[:, c].numpy(), 0)
     wrong = (predicted != test.labels).nonzero().flatten()
     worst = wrong[probs[wrong].max(1).values.argsort(descending=True)][:misclassified]
     if len(worst):
-        tb.log_predictions(writer, "test/most_confident_mistakes", test.images[worst], test.labels[worst],
+        tensorboard.log_predictions(writer, "test/most_confident_mistakes", test.images[worst], test.labels[worst],
                            predicted[worst], test.classes, 0)
+

@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from reprotune.config import Params, TrainConfig
-from reprotune.device import select_device
 from reprotune.errors import Interrupted, ReprotuneError
+from reprotune.training.device import select_device
 
 
 @dataclass(frozen=True)

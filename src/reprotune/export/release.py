@@ -1,5 +1,5 @@
 """Export for serving: ONNX (dynamic batch), int8 ONNX, TorchScript and, with `export.executorch`,
-ExecuTorch programs for phones (`mobile.py`), each verified before it lands.
+ExecuTorch programs for phones (`phone.py`), each verified before it lands.
 
 All exports carry the `Classifier`'s normalization and resize, so a consumer feeds float32 RGB
 images in [0, 1] (N, 3, S, S) and gets logits, S being the side of the cached images the model was
@@ -12,39 +12,31 @@ stage's model is exported only if it passed its own gate (`compress.max_acc_drop
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import statistics
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from tensorboardX import SummaryWriter
 
-from reprotune import mobile, tb
-from reprotune.config import CIFAR_SIDE, ExportConfig
-from reprotune.data import Split, to_float
+from reprotune.config import ExportConfig
+from reprotune.data.splits import Split, to_float
 from reprotune.errors import ReprotuneError
-from reprotune.evaluate import predict
-from reprotune.io import atomic_dir, atomic_file, file_md5
-from reprotune.model import Classifier
-from reprotune.runtime import INPUT, OUTPUT, Runner, executorch_runner, onnx_runner, torchscript_runner
+from reprotune.export import phone
+from reprotune.export.formats import export_onnx, export_torchscript, quantize_int8
+from reprotune.files import atomic_dir, atomic_file
+from reprotune.inference.runtime import Runner, executorch_runner, onnx_runner, torchscript_runner
+from reprotune.tracking import tensorboard
+from reprotune.training.model import Classifier
+from reprotune.training.scoring import batched_logits
 
 BATCH = 256  # images per run when measuring accuracy through an export
 # Report keys of the exported files, in the order tables list them (those not made are skipped).
 EXPORTS = ("onnx", "onnx_int8", "torchscript", "executorch", "executorch_int8", "compressed", "compressed_int8")
-
-
 INT8_FILE = "model.int8.onnx"  # inside ExportPaths.int8, when the int8 model passed its gate
 INT8_REJECTED = "rejected.json"  # inside ExportPaths.int8, when it did not: the verdict, no model
 # Inside ExportPaths.compressed: the pruned model's fp32 and int8 ONNX (the latter when it passed its
@@ -79,60 +71,11 @@ class Reference:
         with torch.no_grad():
             logits = model.eval()(check).numpy()
         return cls(check, logits, to_float(test.images).numpy(), test.labels.numpy(),
-                   predict(model, test.images, BATCH).argmax(1).numpy())
+                   batched_logits(model, test.images, BATCH).argmax(1).numpy())
 
     @property
     def test_acc(self) -> float:
         return float((self.predicted == self.labels).mean())
-
-
-def export_onnx(model: Classifier, example: torch.Tensor, path: Path, opset: int) -> None:
-    """Write an ONNX model with a dynamic batch axis (torch.export-based exporter, one file)."""
-    batch = torch.export.Dim("batch", min=1)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter narrates each step; failures still raise
-        torch.onnx.export(model, (example,), path, input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_shapes={"images": {0: batch}}, opset_version=opset,
-                          external_data=False, dynamo=True)
-
-
-def export_torchscript(model: Classifier, example: torch.Tensor, path: Path) -> None:
-    """Write a traced TorchScript module (shapes other than the batch are fixed by the trace)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the trace itself is checked
-        torch.jit.save(torch.jit.trace(model, example), path)
-
-
-class _Calibration(CalibrationDataReader):
-    """Feeds ONNX Runtime's static quantizer batches of training images."""
-
-    def __init__(self, images: np.ndarray, batch: int = 32):
-        self._batches = iter([{INPUT: images[i:i + batch]} for i in range(0, len(images), batch)])
-
-    def get_next(self) -> dict | None:
-        return next(self._batches, None)
-
-
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> None:
-    """Static int8 quantization (QDQ, per-channel weights) calibrated on `calibration` images."""
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet("root"):
-        warnings.simplefilter("ignore")
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-
-
-@contextlib.contextmanager
-def _quiet(logger: str):
-    """Silence a chatty library logger for the duration of the block."""
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def batched(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
@@ -205,12 +148,12 @@ def export_executorch(model: Classifier, ref: Reference, calibration: torch.Tens
     """ExecuTorch programs for XNNPACK in `folder`: fp32 (within `export.tolerance`, else raise) and
     int8 (gated like the int8 ONNX model), each run through ExecuTorch's own runtime to verify it.
     Their report entries, and the int8 program's verdict if it was not shipped."""
-    fp32 = folder / mobile.PTE_FILE
-    mobile.export_pte(model, ref.check[:2], fp32, cfg.executorch_max_batch)
+    fp32 = folder / phone.PTE_FILE
+    phone.export_pte(model, ref.check[:2], fp32, cfg.executorch_max_batch)
     entry = {**verify(executorch_runner(fp32), fp32, ref, cfg), "max_batch": cfg.executorch_max_batch}
     within_tolerance(entry, "executorch", cfg)
-    int8 = folder / mobile.PTE_INT8_FILE
-    mobile.quantize_pte(model, ref.check[:2], int8, to_float(calibration[: cfg.calibration_images]),
+    int8 = folder / phone.PTE_INT8_FILE
+    phone.quantize_pte(model, ref.check[:2], int8, to_float(calibration[: cfg.calibration_images]),
                         cfg.executorch_max_batch)
     quantized = verify(executorch_runner(int8), int8, ref, cfg)
     verdict = gate_int8(quantized, entry, int8, cfg, "int8 ExecuTorch")
@@ -231,7 +174,7 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
     it is left out like an int8 model below its gate, `paths.compressed` holding only the verdict.
     """
     if cfg.executorch:  # before any work: without the mobile extra, say so at once
-        mobile.require_executorch()
+        phone.require_executorch()
     model = model.eval()
     ref = Reference.of(model, test, cfg)
     report = {"pytorch": {"test_acc": ref.test_acc},
@@ -252,7 +195,7 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
             report.update(entries)
             rejected.append((verdict, paths.executorch))
         else:
-            mobile.write_off_note(pte_dir)
+            phone.write_off_note(pte_dir)
         if compressed is None:
             (compressed_dir / NOT_PRUNED).write_text(json.dumps(
                 {"verdict": "compress.ratio is 0: models/model.compressed.pt is the fine-tuned model itself"}) + "\n")
@@ -304,86 +247,6 @@ def export_metrics(report: dict) -> dict:
             **{name: {k: report[name][k] for k in int8} for name in int8_names}}
 
 
-def lineage(lock: Path, model_file: Path) -> dict | None:
-    """The data, params and model hashes DVC recorded for the stages this model came from."""
-    if not lock.is_file():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    if "finetune" not in stages:
-        return None
-    recorded = {}
-    for stage in ("download", "preprocess", "finetune"):
-        entry = stages.get(stage, {})
-        recorded[stage] = {
-            "deps": {d["path"]: d["md5"] for d in entry.get("deps", [])},
-            "outs": {o["path"]: o["md5"] for o in entry.get("outs", [])},
-            "params": entry.get("params", {}).get("params.yaml", {}),
-        }
-    model_md5 = file_md5(model_file)
-    return {"source": str(lock), "stages": recorded, "model_md5": model_md5,
-            "model_matches_lock": recorded["finetune"]["outs"].get(str(model_file)) == model_md5}
-
-
-def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict | None = None) -> dict:
-    """What a consumer needs to feed the exported models, which model each file holds, how well they
-    do, and where they came from. `compressed`: the compress stage's saved model, when it pruned one."""
-    side = saved.get("input_size", CIFAR_SIDE)  # models saved before folder datasets: CIFAR's 32
-    shipped = {name: name in report and report[name]["shipped"]
-               for name in ("onnx_int8", "executorch_int8", "compressed_int8")}
-    compressed_shipped = "compressed" in report  # pruned, and through compress.max_acc_drop
-    card = {
-        "architecture": saved["model"]["arch"],
-        "classes": saved["classes"],
-        "input": {
-            "name": INPUT, "layout": "NCHW", "dtype": "float32", "channels": "RGB",
-            "shape": ["batch", 3, side, side], "value_range": [0.0, 1.0],
-            "normalization": "inside the model: (x - mean) / std per channel",
-            "mean": saved["mean"], "std": saved["std"],
-            "resize": f"inside the model, bilinear to {saved['model']['image_size']}x"
-                      f"{saved['model']['image_size']}",
-        },
-        "output": {"name": OUTPUT, "shape": ["batch", len(saved["classes"])],
-                   "meaning": "unnormalized logits; softmax gives class probabilities"},
-        # Paths relative to this card; an int8 model only when it passed its gate, the compressed ones
-        # only when the compress stage pruned (compress.ratio > 0) and its model passed compress.max_acc_drop.
-        # All take the same input.
-        "files": {"onnx": "model.onnx", "torchscript": "model.torchscript.pt",
-                  "onnx_int8": f"int8/{INT8_FILE}" if shipped["onnx_int8"] else None,
-                  "executorch": f"executorch/{mobile.PTE_FILE}" if "executorch" in report else None,
-                  "executorch_int8": f"executorch/{mobile.PTE_INT8_FILE}" if shipped["executorch_int8"] else None,
-                  "compressed_onnx": f"compressed/{COMPRESSED_FILE}" if compressed_shipped else None,
-                  "compressed_onnx_int8": f"compressed/{INT8_FILE}" if shipped["compressed_int8"] else None},
-        "models": {
-            "onnx, torchscript, onnx_int8, executorch, executorch_int8":
-                "the fine-tuned model, models/model.pt (int8: quantized from it)",
-            "compressed_onnx, compressed_onnx_int8": _compressed_model(compressed, compressed_shipped)},
-        "bytes": {name: report[name]["bytes"] for name in EXPORTS if name in report},
-        "verification": {**report["verification"], "int8_shipped": report["onnx_int8"]["shipped"],
-                         "int8_agreement": report["onnx_int8"]["agreement"]},
-        "training": {"seed": saved.get("seed"), "model": saved["model"], "train": saved.get("train")},
-        "metrics": {"best_epoch": saved.get("best_epoch"), "val_acc": saved.get("val_acc"),
-                    **{f"{name}_test_acc": report[name]["test_acc"]
-                       for name in ("pytorch", "compressed_pytorch", *EXPORTS) if name in report}},
-        "lineage": trace,
-    }
-    if "executorch" in report:  # ExecuTorch plans its buffers for one largest batch: 1..max images per call
-        card["executorch"] = {"backend": "XNNPACK", "batch": {"min": 1, "max": report["executorch"]["max_batch"]}}
-    if compressed:
-        card["compression"] = compressed["compression"]
-    return card
-
-
-def _compressed_model(saved: dict | None, shipped: bool) -> str:
-    """What the model card says the compressed files hold, or why there are none."""
-    if not saved:
-        return "none: compress.ratio is 0"
-    c = saved["compression"]
-    if not shipped:
-        return f"none: models/model.compressed.pt was not shipped ({c.get('verdict')})"
-    return (f"models/model.compressed.pt: the fine-tuned model with {c['ratio']:.0%} of its channels pruned "
-            f"({c['flops_ratio']:.2f}x the FLOPs), then fine-tuned again")
-
-
 def log_export(writer: SummaryWriter, report: dict) -> None:
     """Parity, accuracy, size and latency of each export, as scalars and a table."""
     rows = []
@@ -394,5 +257,6 @@ def log_export(writer: SummaryWriter, report: dict) -> None:
         writer.add_scalar(f"export/{name}_megabytes", entry["bytes"] / 2**20, 0)
         rows.append([name, f"{entry['max_abs_diff']:.3g}", f"{entry['test_acc']:.4f}", f"{entry['agreement']:.4f}",
                      f"{entry['bytes'] / 2**20:.1f}", f"{entry['latency_ms']:.3f}"])
-    tb.log_table(writer, "export/summary", ["format", "max abs diff vs PyTorch", "test acc",
+    tensorboard.log_table(writer, "export/summary", ["format", "max abs diff vs PyTorch", "test acc",
                                             "top-1 agreement", "MiB", "batch-1 latency ms"], rows)
+

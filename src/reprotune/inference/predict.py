@@ -17,7 +17,7 @@ import numpy as np
 
 from reprotune.errors import ReprotuneError
 from reprotune.images import SUFFIXES, load_image
-from reprotune.runtime import Runner, executorch_runner, onnx_runner, softmax, torchscript_runner
+from reprotune.inference.runtime import Runner, executorch_runner, onnx_runner, softmax, torchscript_runner
 
 
 @dataclass

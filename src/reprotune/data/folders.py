@@ -30,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from reprotune.config import DataConfig
-from reprotune.data import RawData, held_out
+from reprotune.data.raw import RawData
+from reprotune.data.splits import held_out
 from reprotune.errors import ReprotuneError
 from reprotune.images import load_image
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reprotune.runtime import softmax
+from reprotune.inference.runtime import softmax
 
 ROTATE_EVERY = 100
 TOP = 3  # classes listed per image in its JSON

@@ -28,16 +28,24 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from reprotune import tb
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import Params, TrainConfig
-from reprotune.data import Split, augment, to_float
-from reprotune.device import HostImages, amp_dtype, check_deterministic, images_fit, select_device, set_deterministic
-from reprotune.distributed import ONE_PROCESS, Group
+from reprotune.data.splits import Split, to_float
 from reprotune.errors import Interrupted, ReprotuneError
-from reprotune.evaluate import loss_and_accuracy, predict
-from reprotune.model import Classifier, apply_strategy, build_model, frozen_stages
-from reprotune.optim import make_optimizer, make_scheduler
+from reprotune.tracking import tensorboard
+from reprotune.training.augment import augment
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.device import (
+    HostImages,
+    amp_dtype,
+    check_deterministic,
+    images_fit,
+    select_device,
+    set_deterministic,
+)
+from reprotune.training.distributed import ONE_PROCESS, Group
+from reprotune.training.model import Classifier, apply_strategy, build_model, frozen_stages
+from reprotune.training.optim import make_optimizer, make_scheduler
+from reprotune.training.scoring import batched_logits, loss_and_accuracy
 
 # Steps between reads of the running loss: each one waits for the device (a sync point), and it
 # both updates the progress bar and catches a diverged loss within this many steps, before NaN
@@ -452,7 +460,7 @@ def open_log(t: Training, state: RunState, params: Params, train: Split, checkpo
         yield None
         return
     resumed = state.epoch > 0 or state.paused is not None
-    with tb.open_writer(checkpoints.logdir, purge_step=state.epoch * t.steps + 1 if resumed else None) as writer:
+    with tensorboard.open_writer(checkpoints.logdir, purge_step=state.epoch * t.steps + 1 if resumed else None) as writer:
         if not resumed:
             _log_setup(writer, params, t.model, train, t.device, t.autocast, t.flops_per_image, t.group.world)
         yield writer
@@ -516,7 +524,7 @@ def train_epoch(t: Training, cfg: TrainConfig, state: RunState, epoch: int, stop
 
 def validate(t: Training, cfg: TrainConfig) -> tuple[torch.Tensor | None, float, float]:
     """Rank 0 validates; every rank gets the loss and accuracy, to stop early at the same epoch."""
-    logits = predict(t.evaluated, t.val_images, cfg.batch_size, t.autocast) if t.group.is_main else None
+    logits = batched_logits(t.evaluated, t.val_images, cfg.batch_size, t.autocast) if t.group.is_main else None
     loss, acc = t.group.share(loss_and_accuracy(logits, t.val_labels) if t.group.is_main else None)
     return logits, loss, acc
 
@@ -585,13 +593,13 @@ def _log_setup(writer: SummaryWriter, params: Params, model: Classifier, train: 
                     f"{params.train.strategy}: {trainable:,} of {total:,} parameters train, "
                     f"frozen: {', '.join(model.frozen) or 'nothing'}; {flops_per_image / 1e9:.3f} GFLOPs "
                     "per training image (forward + backward)", 0)
-    tb.log_layout(writer)
+    tensorboard.log_layout(writer)
     count = params.log.images
     if count:
         # A separate generator, so logging never shifts the training run's random stream.
         sample_gen = torch.Generator(train.images.device).manual_seed(params.seed + 1)
         batch = augmented(train.images[:count], params.train, sample_gen)
-        tb.log_samples(writer, "train/augmented_batch", batch, train.labels, train.classes, count)
+        tensorboard.log_samples(writer, "train/augmented_batch", batch, train.labels, train.classes, count)
 
 
 def _log_epoch(writer: SummaryWriter, model: Classifier, row: dict, params: Params, val: Split,
@@ -604,10 +612,10 @@ def _log_epoch(writer: SummaryWriter, model: Classifier, row: dict, params: Para
                  "achieved_tflops", "epoch"):
         writer.add_scalar(f"train/{name}", row[name], step)
     if params.log.histograms:
-        tb.log_histograms(writer, model, step)
+        tensorboard.log_histograms(writer, model, step)
     count = min(PREDICTION_IMAGES, params.log.images, len(val.labels))
     if count:
-        tb.log_predictions(writer, "val/predictions", val.images[:count], val.labels[:count],
+        tensorboard.log_predictions(writer, "val/predictions", val.images[:count], val.labels[:count],
                            val_logits[:count].argmax(1), val.classes, step)
     writer.flush()
 
@@ -619,7 +627,7 @@ def _log_end(writer: SummaryWriter, params: Params, model: Classifier, val_image
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and shape notices
             writer.add_graph(model.eval(), to_float(val_images[:2].to(next(model.parameters()).device)))
-    tb.log_hparams(writer, _hparams(params), {f"hparam/{k}": float(metrics[k]) for k in
+    tensorboard.log_hparams(writer, _hparams(params), {f"hparam/{k}": float(metrics[k]) for k in
                                               ("best_val_acc", "final_val_loss", "final_train_loss")})
 
 

@@ -16,7 +16,7 @@ import torch
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams
 
-from reprotune.io import atomic_dir
+from reprotune.files import atomic_dir
 
 
 def _pyplot():

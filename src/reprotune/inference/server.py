@@ -4,7 +4,7 @@
   (dynamic batching, counted in images), replicas and autoscaling are deployment options, and the same
   application runs on one machine, on a multi-machine Ray cluster, or on Kubernetes through KubeRay
   (`build` is the import path a Serve config file names).
-- The protocol's routes sit on Serve's FastAPI ingress; `reprotune.protocol` parses and encodes, so
+- The protocol's routes sit on Serve's FastAPI ingress; `protocol.py` parses and encodes, so
   this module only moves bytes, bounds the body and counts.
 - Metrics: Ray exports Prometheus text at http://127.0.0.1:METRICS_PORT/metrics on every node: Serve's
   own request, latency, error and batch-size series (`ray_serve_num_http_requests_total`,
@@ -12,7 +12,7 @@
   `ray_serve_actual_batch_size`) and ours (`ray_reprotune_images_total`, `ray_reprotune_rejected_total`).
 - A request is bytes in memory only: nothing in it names a file, so no request reads or writes one.
   With `log_requests`, the server itself writes what it classified into that folder, under names it
-  makes (`reprotune.requestlog`), for `reprotune monitor`.
+  makes (`requestlog.py`), for `reprotune monitor`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations (Request)
@@ -36,12 +36,12 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from reprotune import __version__
-from reprotune.cluster import loopback
 from reprotune.errors import ReprotuneError
+from reprotune.files import file_md5
 from reprotune.images import MAX_PIXELS
-from reprotune.io import file_md5
-from reprotune.predict import load_card
-from reprotune.protocol import (
+from reprotune.inference.cluster import loopback
+from reprotune.inference.predict import load_card
+from reprotune.inference.protocol import (
     HEADER_LENGTH,
     Contract,
     ProtocolError,
@@ -50,8 +50,8 @@ from reprotune.protocol import (
     error_body,
     parse_request,
 )
-from reprotune.requestlog import RequestLog
-from reprotune.runtime import onnx_runner
+from reprotune.inference.requestlog import RequestLog
+from reprotune.inference.runtime import onnx_runner
 
 DEPLOYMENT = "classifier"
 
@@ -256,7 +256,7 @@ def application(settings: Settings):
 
 
 def build(args: dict):
-    """Application builder for Serve config files and KubeRay: `import_path: reprotune.serve:build`,
+    """Application builder for Serve config files and KubeRay: `import_path: reprotune.inference.server:build`,
     `args:` any Settings field (model, name, max_batch_size, ...)."""
     unknown = set(args) - set(Settings.__dataclass_fields__)
     if unknown:
@@ -271,11 +271,11 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
         proxy_everywhere: bool, auto_threads: bool = False) -> None:
     """Serve until SIGINT or SIGTERM, then drain the requests in flight, shut down and return.
     `auto_threads`: a Ray started here splits its CPUs (a container's quota, not the host's cores) among
-    the replicas. (`reprotune.cluster.ray_environment` must have run before this module was imported.)"""
+    the replicas. (`cluster.ray_environment` must have run before this module was imported.)"""
     import ray
 
     settings.contract()
-    local = loopback(host) and loopback(address)  # Ray's own addresses: see reprotune.cluster
+    local = loopback(host) and loopback(address)  # Ray's own addresses: see cluster.py
     if address is None:
         _check_free(host, port)
         _check_free("127.0.0.1" if local else "0.0.0.0", metrics_port)

@@ -25,16 +25,16 @@ import torch_pruning as tp
 from tensorboardX import SummaryWriter
 from torch.utils.flop_counter import FlopCounterMode
 
-from reprotune import tb
-from reprotune.checkpoint import Checkpoints, run_key
 from reprotune.config import CompressConfig, Params
-from reprotune.data import Split, to_float
+from reprotune.data.splits import Split, to_float
 from reprotune.errors import ReprotuneError
-from reprotune.evaluate import predict
-from reprotune.export import export_onnx
-from reprotune.model import Classifier
-from reprotune.runtime import onnx_runner
-from reprotune.train import finetune
+from reprotune.export.formats import export_onnx
+from reprotune.inference.runtime import onnx_runner
+from reprotune.tracking import tensorboard
+from reprotune.training.checkpoint import Checkpoints, run_key
+from reprotune.training.loop import finetune
+from reprotune.training.model import Classifier
+from reprotune.training.scoring import batched_logits
 
 # Channels kept per layer, a multiple of this: ONNX Runtime's CPU convolutions work on blocks of 8 (AVX2)
 # or 16 (AVX-512) channels, and a width between blocks pays for the whole block. 16 measured 1.77x the
@@ -109,7 +109,7 @@ def gate(acc_drop: float, cfg: CompressConfig) -> str | None:
 
 
 def _accuracy(model: Classifier, test: Split) -> float:
-    return (predict(model, test.images, THROUGHPUT_BATCH).argmax(1) == test.labels).float().mean().item()
+    return (batched_logits(model, test.images, THROUGHPUT_BATCH).argmax(1) == test.labels).float().mean().item()
 
 
 def profile(model: Classifier, test: Split, onnx: Path) -> dict:
@@ -185,5 +185,5 @@ def log_compress(writer: SummaryWriter, metrics: dict) -> None:
         writer.add_scalar(f"compress/{key}", metrics[key], 0)
     rows = [[key, f"{metrics['before'][key]:.4g}", f"{metrics['after'][key]:.4g}",
              f"{metrics['after'][key] / metrics['before'][key]:.3f}"] for key in PROFILE_KEYS]
-    tb.log_table(writer, "compress/summary", ["measure", "unpruned", "compressed", "ratio"], rows)
+    tensorboard.log_table(writer, "compress/summary", ["measure", "unpruned", "compressed", "ratio"], rows)
 

@@ -5,7 +5,7 @@ inside) captured by torch.export, lowered to the XNNPACK backend, with a batch a
 `export.executorch_max_batch` (ExecuTorch plans its buffers for the largest batch). The int8
 program is quantized with PT2E (XNNPACK's symmetric per-channel scheme, calibrated on training
 images). ExecuTorch is the optional `mobile` extra: it is imported only when the export runs.
-export.py verifies and gates these programs like every other export.
+release.py verifies and gates these programs like every other export.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from reprotune.errors import ReprotuneError
-from reprotune.model import Classifier
+from reprotune.training.model import Classifier
 
 PTE_FILE = "model.pte"  # inside ExportPaths.executorch, when export.executorch is on
 PTE_INT8_FILE = "model.int8.pte"  # beside it, when the int8 program passed its gate

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from reprotune.config import Params
 from reprotune.errors import ReprotuneError
-from reprotune.io import load_torch, save_torch, write_text
+from reprotune.files import load_torch, save_torch, write_text
 
 CHECKPOINT = "checkpoint.pt"
 KEY = "key"
@@ -26,7 +26,7 @@ KEY = "key"
 
 def run_key(params: Params, inputs: list[Path], sections: tuple[str, ...] = ("model", "train", "log")) -> str:
     """sha256 over the params that shape training (`sections`), the input files and the reprotune code
-    this process has loaded (the stage's code deps in dvc.yaml, no more: editing `predict.py` does not
+    this process has loaded (the stage's code deps in dvc.yaml, no more: editing `inference/predict.py` does not
     throw away a paused run)."""
     digest = hashlib.sha256()
     sections = {"seed": params.seed, **{s: getattr(params, s).model_dump() for s in sections}}

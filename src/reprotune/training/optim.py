@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from reprotune.config import TrainConfig
-from reprotune.model import Classifier
+from reprotune.training.model import Classifier
 
 WARMUP_START = 0.01  # linear warmup starts at 1% of each group's peak LR
 ONECYCLE_PCT, ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 0.3, 25.0, 1e4  # torch's OneCycleLR defaults

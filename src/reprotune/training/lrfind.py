@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reprotune import tb
 from reprotune.config import Params
-from reprotune.data import Split, load_split
-from reprotune.distributed import ONE_PROCESS
+from reprotune.data.splits import Split, load_split
 from reprotune.errors import ReprotuneError
-from reprotune.io import atomic_dir
-from reprotune.optim import make_optimizer
-from reprotune.train import Diverged, EpochProgress, setup, train_one_epoch
+from reprotune.files import atomic_dir
+from reprotune.tracking import tensorboard
+from reprotune.training.distributed import ONE_PROCESS
+from reprotune.training.loop import Diverged, EpochProgress, setup, train_one_epoch
+from reprotune.training.optim import make_optimizer
 
 BETA = 0.98  # smoothing of the loss (fastai's): an average over ~50 steps, bias-corrected at the start
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum so far (fastai, Lightning)
@@ -153,7 +153,7 @@ def write(out: Path, result: Sweep, suggestion: Suggestion) -> None:
     """The sweep's folder, replaced whole: TensorBoard events (`lr_find/*`, step = sweep step), the
     plot (PLOT) and the record (RECORD)."""
     _check_replaceable(out)
-    with atomic_dir(out) as tmp, tb.open_writer(tmp) as writer:
+    with atomic_dir(out) as tmp, tensorboard.open_writer(tmp) as writer:
         for step, (lr, loss, smoothed) in enumerate(zip(result.lrs, result.losses, result.smoothed, strict=True)):
             writer.add_scalar("lr_find/loss", loss, step)
             writer.add_scalar("lr_find/smoothed_loss", smoothed, step)
@@ -168,7 +168,7 @@ def write(out: Path, result: Sweep, suggestion: Suggestion) -> None:
 
 def plot(result: Sweep, suggestion: Suggestion):
     """Loss against LR (log scale): each batch's loss, the smoothed curve, both suggestions marked."""
-    plt = tb._pyplot()
+    plt = tensorboard._pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(result.lrs, result.losses, color="lightgray", lw=0.8, label="batch loss")
     ax.plot(result.lrs, result.smoothed, color="tab:blue", label="smoothed loss")

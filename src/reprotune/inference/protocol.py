@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe V2) for an exported classifier: parsing requests, encoding replies.
 
-No web framework and no Ray here: `reprotune.serve` hands over the body's bytes and gets bytes back,
+No web framework and no Ray here: `reprotune.inference.server` hands over the body's bytes and gets bytes back,
 so every rule below is tested in-process, and clients written for KServe, Triton or MLServer work.
 
 - Inputs: exactly one per request, either `image` (FP32, shape [N, 3, size, size], RGB in [0, 1]: the
@@ -31,7 +31,7 @@ import numpy as np
 
 from reprotune.errors import ReprotuneError
 from reprotune.images import load_image
-from reprotune.runtime import softmax
+from reprotune.inference.runtime import softmax
 
 TENSOR, FILES = "image", "image_file"  # the two ways to send images
 LOGITS, LABELS, PROBABILITIES = "logits", "top_k_labels", "top_k_probabilities"
