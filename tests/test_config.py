@@ -123,28 +123,41 @@ def test_a_gpu_that_is_not_there_is_refused_naming_the_file_and_key(tmp_path):
                         rf"device \(use auto or cpu\)|only {missing} CUDA device\(s\) exist)", str(error.value))
 
 
-def test_params_yaml_and_the_readme_table_are_written_from_the_config_classes():
+def test_params_yaml_and_the_parameter_reference_are_written_from_the_config_classes():
     # One source for every default and its description: config.py. `reprotune params --write`
     # regenerates both files after a change there.
     assert (REPO / "params.yaml").read_text() == paramsdoc.params_yaml(), "run `reprotune params --write`"
-    readme = (REPO / "README.md").read_text()
-    assert paramsdoc.readme_with_table(readme) == readme, "run `reprotune params --write`"
+    reference = (REPO / paramsdoc.REFERENCE).read_text()
+    assert paramsdoc.with_table(reference) == reference, "run `reprotune params --write`"
     for name, section in (("train", TrainConfig), ("export", ExportConfig)):  # and every key is in both
         for key, field in section.model_fields.items():
             first = field.description.split("\n\n")[0].replace("\n", " ")
             assert f"# {first}" in (REPO / "params.yaml").read_text(), f"{name}.{key}"
-            assert f"| `{name}.{key}` |" in readme
+            assert f"| `{name}.{key}` |" in reference
 
 
 def test_the_params_command_writes_both_files(tmp_path):
     (tmp_path / "params.yaml").write_text("seed: 3\n")
-    (tmp_path / "README.md").write_text(f"intro\n{paramsdoc.TABLE_BEGIN}\nold\n{paramsdoc.TABLE_END}\nrest\n")
+    reference = tmp_path / paramsdoc.REFERENCE
+    reference.parent.mkdir(parents=True)
+    reference.write_text(f"intro\n{paramsdoc.TABLE_BEGIN}\nold\n{paramsdoc.TABLE_END}\nrest\n")
     out = run(["reprotune", "params", "--write"], tmp_path).stdout
-    assert "params.yaml" in out and "README.md" in out
+    assert "params.yaml" in out and "docs/reference/parameters.md" in out
     assert (tmp_path / "params.yaml").read_text() == paramsdoc.params_yaml()
-    readme = (tmp_path / "README.md").read_text()
-    assert readme.startswith("intro\n") and readme.endswith("rest\n") and "| `train.lr` | `0.01` |" in readme
+    text = reference.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "| `train.lr` | `0.01` |" in text
     assert run(["reprotune", "params", "--write"], tmp_path).stdout == ""  # nothing left to change
+
+
+def test_the_params_command_without_the_reference_or_its_markers_says_so_in_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 3\n")
+    proc = run(["reprotune", "params", "--write"], tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "docs/reference/parameters.md is missing" in proc.stderr
+    (tmp_path / paramsdoc.REFERENCE).parent.mkdir(parents=True)
+    (tmp_path / paramsdoc.REFERENCE).write_text("no markers\n")
+    proc = run(["reprotune", "params", "--write"], tmp_path, check=False)
+    assert proc.returncode == 1 and f"has no {paramsdoc.TABLE_BEGIN}" in proc.stderr, proc.stderr
 
 
 def test_the_review_views_know_every_params_section():

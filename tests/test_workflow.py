@@ -1,10 +1,11 @@
-"""The newcomer's path, run as the README writes it: demo -> experiments -> review -> share.
+"""The newcomer's path, run as the docs write it: demo -> experiments -> review -> share.
 
 A fresh project with the shipped params (the real CIFAR-10 job) runs `reprotune demo` (what
-`make demo` runs after installing), then the README's own command blocks, taken from README.md
-(each follows a `<!-- workflow: NAME -->` marker) and run with bash in order. The only changes made
-to them: a temporary directory for the shared cache, a local bare repository as `origin`, and no
-`make install` or venv activation (the tests already run inside the environment).
+`make demo` runs after installing), then the docs' own command blocks, taken from README.md and
+docs/**/*.md (each follows a `<!-- workflow: NAME -->` marker, found exactly once; the first hour's
+are in docs/tutorial/first-hour.md) and run with bash in order. The only changes made to them: a
+temporary directory for the shared cache, a local bare repository as `origin`, and no `make install`
+or venv activation (the tests already run inside the environment).
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ CACHED = ["data/raw/download/cifar-10-python.tar.gz", "data/processed/train.pt",
 STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
 
 
-def readme_block(name: str) -> str:
-    """The fenced bash block after `<!-- workflow: NAME -->` in README.md."""
-    text = (REPO / "README.md").read_text()
-    match = re.search(rf"<!-- workflow: {re.escape(name)} -->\s*```bash\n(.*?)```", text, re.S)
-    assert match, f"README.md has no block marked workflow: {name}"
-    return match.group(1)
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def doc_block(name: str) -> str:
+    """The fenced bash block after `<!-- workflow: NAME -->`, in README.md or docs/ (exactly once)."""
+    pattern = re.compile(rf"<!-- workflow: {re.escape(name)} -->\s*```bash\n(.*?)```", re.S)
+    found = [(path, match.group(1)) for path in DOCS for match in pattern.finditer(path.read_text())]
+    where = [str(path.relative_to(REPO)) for path, _ in found]
+    assert len(found) == 1, f"workflow: {name} should mark one block in README.md or docs/; found in {where}"
+    return found[0][1]
 
 
 def run_block(name: str, cwd: Path, substitutions: dict[str, str] | None = None,
               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a README block with bash (stopping at the first failing command), as the README says."""
-    script = readme_block(name)
+    """Run a docs block with bash (stopping at the first failing command), as the docs say."""
+    script = doc_block(name)
     for old, new in {"make install && ": "", "source .venv/bin/activate && ": "", **(substitutions or {})}.items():
         script = script.replace(old, new)
     return run(["bash", "-euo", "pipefail", "-c", script], cwd, extra_env=extra_env)
@@ -70,7 +75,7 @@ def test_the_demo_leaves_params_where_experiments_build_on_them(demo):
     assert run(["dvc", "status"], demo).stdout.strip() == "Data and pipelines are up to date."
 
 
-def test_baseline_share_experiment_review_and_a_teammate_as_the_readme_says(demo, tmp_path):
+def test_baseline_share_experiment_review_and_a_teammate_as_the_docs_say(demo, tmp_path):
     # 1. The demo becomes the committed baseline, shared through a DVC remote and a git remote.
     remote, origin = tmp_path / "cache", tmp_path / "origin.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
