@@ -135,25 +135,3 @@ def file_md5(path: str | Path) -> str:
     """The md5 of a file's bytes, read in chunks (DVC's hash: what dvc.lock records for it)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
-
-
-def save_torch(path: str | Path, obj: Any) -> None:
-    """torch.save `obj` (plain dicts of tensors and primitives only), atomically."""
-    import torch  # here, not at the top: stages that only copy or note something never load torch (seconds)
-
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_torch(path: str | Path, what: str) -> Any:
-    """torch.load with weights_only=True: a file that tries to run code is refused, not run."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise ReprotuneError(f"{path}: {what} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ReprotuneError(f"{path}: not a readable {what} ({first})") from None

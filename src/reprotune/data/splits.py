@@ -12,7 +12,7 @@ import torch
 
 from reprotune.data.raw import RawData
 from reprotune.errors import ReprotuneError
-from reprotune.files import load_torch
+from reprotune.tensorfiles import load_torch
 
 
 @dataclass

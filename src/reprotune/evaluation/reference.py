@@ -17,7 +17,8 @@ import torch
 
 from reprotune.data.splits import GREY, Split, to_float
 from reprotune.errors import ReprotuneError
-from reprotune.files import file_md5, load_torch, save_torch
+from reprotune.files import file_md5
+from reprotune.tensorfiles import load_torch, save_torch
 from reprotune.training.model import Classifier
 from reprotune.training.scoring import batched_logits
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from reprotune.config import Params
 from reprotune.errors import ReprotuneError
-from reprotune.files import load_torch, save_torch, write_text
+from reprotune.files import write_text
+from reprotune.tensorfiles import load_torch, save_torch
 
 CHECKPOINT = "checkpoint.pt"
 KEY = "key"

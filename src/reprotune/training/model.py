@@ -16,7 +16,7 @@ from torch import nn
 
 from reprotune.config import ModelConfig
 from reprotune.errors import ReprotuneError
-from reprotune.files import load_torch, save_torch
+from reprotune.tensorfiles import load_torch, save_torch
 
 MODEL_FORMAT = "reprotune.model/1"
 STAGES = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]  # ResNet order, input first
