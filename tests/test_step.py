@@ -15,13 +15,19 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from fixtures import MEAN, STD
 from reprotune.config import ModelConfig, TrainConfig
 from reprotune.training import loop
 from reprotune.training.augment import augment
-from reprotune.training.loop import Diverged, EpochProgress, clip_gradients, pause_on_ctrl_c, train_one_epoch
+from reprotune.training.loop import (
+    Diverged,
+    EpochProgress,
+    StepContext,
+    clip_gradients,
+    pause_on_ctrl_c,
+    train_one_epoch,
+)
 from reprotune.training.model import build_model
-
-MEAN, STD = [0.5] * 3, [0.25] * 3
 
 
 def _scaled_step(model, scaler, loss_scale_input):
@@ -82,7 +88,7 @@ def _epoch(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, stop=la
     steps = len(images) // cfg.batch_size
     progress = progress or EpochProgress.start(images, generator)
     with tqdm(disable=True) as bar:
-        finished = train_one_epoch(model, optimizer, scheduler, scaler, None, images, labels, cfg, None, generator,
+        finished = train_one_epoch(StepContext(model, optimizer, scheduler, scaler, generator), images, labels, cfg,
                                    steps, progress, bar, stop)
     return finished, progress, model, scheduler
 
@@ -234,8 +240,9 @@ def test_an_epoch_sums_exactly_what_its_steps_computed(channels_last, autocast):
     generator = torch.Generator().manual_seed(5)
     progress = EpochProgress.start(images, generator)
     with tqdm(disable=True) as bar:
-        assert train_one_epoch(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), None, images,
-                               labels, cfg, autocast, generator, 3, progress, bar, lambda: False)
+        ctx = StepContext(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), generator,
+                          autocast=autocast)
+        assert train_one_epoch(ctx, images, labels, cfg, 3, progress, bar, lambda: False)
     loss_sum, correct, norms = _replay(reference, images, labels, cfg, seed=5, autocast=autocast)
     got_loss, got_correct, norm_sum, measured, clipped = progress.sums.tolist()
     tolerance = 1e-2 if autocast else 1e-4
@@ -267,8 +274,8 @@ def test_an_ema_follows_the_trained_weights():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator().manual_seed(0)
     with tqdm(disable=True) as bar:
-        train_one_epoch(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), ema, images, labels,
-                        TrainConfig(batch_size=16), None, generator, 2, EpochProgress.start(images, generator), bar,
+        ctx = StepContext(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), generator, ema=ema)
+        train_one_epoch(ctx, images, labels, TrainConfig(batch_size=16), 2, EpochProgress.start(images, generator), bar,
                         lambda: False)
     after = ema.module.state_dict()
     assert ema.n_averaged.item() == 2  # one update per step
@@ -291,8 +298,8 @@ def test_fp16_overflow_is_unscaled_skipped_and_reported():
     progress = EpochProgress.start(images, generator)
     with tqdm(disable=True) as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert train_one_epoch(model, optimizer, scheduler, scaler, None, images, labels, TrainConfig(batch_size=16),
-                               torch.float16, generator, 1, progress, bar, lambda: False)
+        ctx = StepContext(model, optimizer, scheduler, scaler, generator, autocast=torch.float16)
+        assert train_one_epoch(ctx, images, labels, TrainConfig(batch_size=16), 1, progress, bar, lambda: False)
     assert torch.equal(model.state_dict()["net.fc.1.weight"], before["net.fc.1.weight"])  # skipped
     loss_sum, _, norm_sum, finite_norms, clipped = progress.sums.tolist()
     assert math.isfinite(loss_sum) and norm_sum == 0 and finite_norms == 0 and clipped == 0

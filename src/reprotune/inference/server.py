@@ -151,7 +151,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 @serve.deployment(name=DEPLOYMENT, graceful_shutdown_timeout_s=30)
 @serve.ingress(APP)
-class Classifier:
+class Replica:
     """One replica: an ONNX Runtime session and the protocol's routes."""
 
     def __init__(self, settings: dict):
@@ -252,7 +252,7 @@ def application(settings: Settings):
                                          "target_ongoing_requests": settings.max_batch_size}
     else:
         options["num_replicas"] = settings.replicas
-    return Classifier.options(**options).bind(asdict(settings))
+    return Replica.options(**options).bind(asdict(settings))
 
 
 def build(args: dict):

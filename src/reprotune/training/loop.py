@@ -137,32 +137,45 @@ class Diverged(Exception):
     """The running training loss is no longer finite."""
 
 
-def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    ema: AveragedModel | None, images: torch.Tensor, labels: torch.Tensor,
-                    cfg: TrainConfig, autocast: torch.dtype | None, generator: torch.Generator,
-                    steps: int, progress: EpochProgress, bar: tqdm, stop: Callable[[], bool],
-                    group: Group = ONE_PROCESS, criterion: Criterion | None = None) -> bool:
-    """Run the epoch's remaining steps; return False if `stop()` asked to pause after a step.
+@dataclass
+class StepContext:
+    """What an optimizer step works with, apart from the data: the model and what updates it."""
+
+    model: torch.nn.Module  # what the step calls: wrapped for DDP or compiled, if so
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped after every optimizer step
+    scaler: torch.amp.GradScaler  # enabled for fp16 autocast only
+    generator: torch.Generator  # the augmentation's draws, in step on every rank
+    ema: AveragedModel | None = None  # updated after every step
+    autocast: torch.dtype | None = None
+    group: Group = ONE_PROCESS
+    criterion: Criterion | None = None  # None: cross-entropy with train.label_smoothing
+
+
+def train_one_epoch(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, steps: int,
+                    progress: EpochProgress, bar: tqdm, stop: Callable[[], bool]) -> bool:
+    """Run the epoch's remaining steps (to `steps`); return False if `stop()` asked to pause after a step.
 
     Each step takes the next global batch of the epoch's shuffle; this rank trains on its slice.
-    The loss is `criterion`'s, cross-entropy (with cfg.label_smoothing) by default. Raises Diverged
-    within CHECK_EVERY steps of the loss turning NaN or infinite. A step that
+    The loss is `ctx.criterion`'s, cross-entropy (with cfg.label_smoothing) by default. Raises
+    Diverged within CHECK_EVERY steps of the loss turning NaN or infinite. A step that
     GradScaler skipped because fp16 gradients overflowed is not that: its loss was finite.
     """
+    model, optimizer, scheduler, scaler, ema, group = (ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler,
+                                                       ctx.ema, ctx.group)
     model.train()
     device = images.device
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, correct, norm_sum, finite_norms, clipped = progress.sums.unbind()  # views: summed in place
-    criterion = criterion or cross_entropy(cfg.label_smoothing)
+    criterion = ctx.criterion or cross_entropy(cfg.label_smoothing)
     while progress.step < steps:
         batch = progress.order[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
         idx = group.part(batch)
-        x = augmented(images[idx], cfg, generator, (group.rank, group.world))
+        x = augmented(images[idx], cfg, ctx.generator, (group.rank, group.world))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
-        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=ctx.autocast) if ctx.autocast else contextlib.nullcontext():
             logits = model(x)
             loss = criterion(logits, x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -311,6 +324,10 @@ class Training:
     flops_per_image: float  # forward + backward (rank 0)
     group: Group
     criterion: Criterion
+
+    def step_context(self) -> StepContext:
+        return StepContext(self.trained, self.optimizer, self.scheduler, self.scaler, self.generator, self.ema,
+                           self.autocast, self.group, self.criterion)
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -502,9 +519,8 @@ def train_epoch(t: Training, cfg: TrainConfig, state: RunState, epoch: int, stop
         # too-high scale); torch then warns the scheduler stepped "first". Expected.
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
         try:
-            finished = train_one_epoch(t.trained, t.optimizer, t.scheduler, t.scaler, t.ema, t.images, t.labels, cfg,
-                                       t.autocast, t.generator, t.steps, progress, bar, stop_requested, t.group,
-                                       t.criterion)
+            finished = train_one_epoch(t.step_context(), t.images, t.labels, cfg, t.steps, progress, bar,
+                                       stop_requested)
         except Diverged as exc:
             raise _diverged(exc.args[0], epoch, f"step {progress.step} of {t.steps}", checkpoints) from None
         if t.device.type == "cuda":

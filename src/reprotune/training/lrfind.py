@@ -9,6 +9,7 @@ to `end_lr`, one batch per step. The loss of every step and its smoothed curve g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -86,6 +87,8 @@ def sweep(params: Params, train: Split, steps: int, start_lr: float, end_lr: flo
     optimizer = make_optimizer(t.model, cfg)
     ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, steps, start_lr, end_lr) / cfg.lr)
     lrs, losses, smoothed, average, stopped = [], [], [], 0.0, "end of the sweep"
+    # the run's step, driven by the ramp's optimizer and without the run's EMA
+    ctx = dataclasses.replace(t.step_context(), optimizer=optimizer, scheduler=ramp, ema=None)
     progress = EpochProgress.start(t.images, t.generator)
     bar = tqdm(total=steps * cfg.batch_size, unit="img", unit_scale=True, desc="lr-find", leave=False, disable=None)
     with bar, warnings.catch_warnings():
@@ -97,8 +100,7 @@ def sweep(params: Params, train: Split, steps: int, start_lr: float, end_lr: flo
             lr, seen = _head_lr(optimizer), progress.seen
             progress.sums.zero_()  # the sums now hold this one step's
             try:
-                train_one_epoch(t.trained, optimizer, ramp, t.scaler, None, t.images, t.labels, cfg, t.autocast,
-                                t.generator, progress.step + 1, progress, bar, lambda: False, t.group, t.criterion)
+                train_one_epoch(ctx, t.images, t.labels, cfg, progress.step + 1, progress, bar, lambda: False)
                 loss = progress.sums[0].item() / (progress.seen - seen)  # note: a sync point each step
             except Diverged as exc:
                 loss = exc.args[0]
