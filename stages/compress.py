@@ -45,6 +45,7 @@ def main(params: ParamsFile = Path("params.yaml")) -> None:
     tensorboard.publish(checkpoints.logdir, "runs/compress")
     save_model(OUT, pruned, ModelConfig.model_validate(saved["model"]), saved["classes"], {
         **{key: saved[key] for key in ("seed", "train", "input_size") if key in saved},
+        # no recovery fine-tune (compress.epochs 0): no epoch and no validation of its own
         "best_epoch": metrics["recovery"].get("best_epoch"), "val_acc": metrics["recovery"].get("best_val_acc"),
         "compression": {**cfg.compress.model_dump(), "flops_ratio": metrics["flops_ratio"],
                         "accepted": verdict is None, "verdict": verdict}})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run
+from fixtures import REPO, run
 
 if "ray" not in sys.modules:  # another test module may have imported ray already
     from reprotune.inference.cluster import ray_environment
@@ -128,7 +128,8 @@ def test_the_serve_config_names_the_builder_its_settings_and_the_deployment(name
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
     (app,) = config["applications"]
     assert set(app) <= set(ServeApplicationSchema.model_fields), "a misspelt key Serve would ignore"
-    assert (app["name"], app["route_prefix"], app["import_path"]) == ("reprotune", "/", "reprotune.inference.server:build")
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("reprotune", "/",
+                                                                      "reprotune.inference.server:build")
     module, _, attribute = app["import_path"].partition(":")
     assert getattr(importlib.import_module(module), attribute) is build
     assert set(app["args"]) <= {field.name for field in fields(Settings)}

@@ -9,6 +9,7 @@ from tensorboard.util import tensor_util
 from tensorboardX import SummaryWriter
 from torch import nn
 
+from fixtures import MEAN, STD
 from reprotune.config import EvaluateConfig
 from reprotune.data.splits import Split
 from reprotune.evaluation.report import (
@@ -102,7 +103,7 @@ def test_tta_changes_predictions_only_through_flipping():
 
 def test_evaluate_with_tta_reports_its_keys_from_the_mirrored_logits(tmp_path):
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    test = Split(images, torch.tensor([0, 1, 0, 1, 1, 0]), ["left", "right"], [0.5] * 3, [0.25] * 3)
+    test = Split(images, torch.tensor([0, 1, 0, 1, 1, 0]), ["left", "right"], MEAN, STD)
     model = _Halves()
     with SummaryWriter(str(tmp_path)) as writer:
         result = evaluate_model(model, test, EvaluateConfig(tta=True, misclassified_images=2), writer)
@@ -172,7 +173,7 @@ def test_confusion_rows_name_the_classes():
 
 def test_evaluate_model_returns_every_table_it_promises(tmp_path):
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    test = Split(images, torch.tensor([0, 1] * 4), ["left", "right"], [0.5] * 3, [0.25] * 3)
+    test = Split(images, torch.tensor([0, 1] * 4), ["left", "right"], MEAN, STD)
     with SummaryWriter(str(tmp_path)) as writer:
         result = evaluate_model(_Halves(), test, EvaluateConfig(calibration_bins=4, misclassified_images=1), writer)
     logits = _Halves()(images.float() / 255).detach()
@@ -201,11 +202,12 @@ def test_tensorboard_shows_what_evaluate_reports(tmp_path, monkeypatch):
     labels = torch.tensor([0, 1, 2, 0, 2, 2, 1])  # wrong: image 3 (p .99), image 4 (p .75), image 6 (p .40)
     images = torch.zeros(7, 3, 32, 32, dtype=torch.uint8)
     images[:, 0, 0, 0] = torch.arange(7, dtype=torch.uint8)
-    test = Split(images, labels, CLASSES, [0.5] * 3, [0.25] * 3)
+    test = Split(images, labels, CLASSES, MEAN, STD)
     drawn = {}
     for name in ("log_predictions", "log_confusion", "log_reliability"):
         real = getattr(tensorboard, name)
-        monkeypatch.setattr(tensorboard, name, lambda *a, _real=real, _name=name: (drawn.__setitem__(_name, a), _real(*a)))
+        monkeypatch.setattr(tensorboard, name,
+                            lambda *a, _real=real, _name=name: (drawn.__setitem__(_name, a), _real(*a)))
     with SummaryWriter(str(tmp_path)) as writer:
         result = evaluate_model(_Lookup(table), test, EvaluateConfig(tta=True, calibration_bins=5,
                                                                      misclassified_images=2), writer)

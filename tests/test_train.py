@@ -13,10 +13,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fixtures import synthetic_splits
 from reprotune.config import ModelConfig, Params
-from reprotune.data.raw import RawData
-from reprotune.data.splits import Split, make_splits
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.data.splits import Split
 from reprotune.errors import ReprotuneError
 from reprotune.tracking import tensorboard
 from reprotune.training import augment as augmentation
@@ -26,16 +25,10 @@ from reprotune.training.device import set_deterministic
 from reprotune.training.loop import finetune
 from reprotune.training.model import Classifier, build_model
 
-MEAN, STD = [0.5] * 3, [0.25] * 3
-
 
 @pytest.fixture(scope="module")
 def splits():
-    rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(400) % 10)
-    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = RawData(images, labels, images[:50], labels[:50], SYNTHETIC_CLASSES)
-    return make_splits(raw, 0.2, seed=0)
+    return synthetic_splits(400, 50, 0.2)
 
 
 def _params(model=None, **train_cfg) -> Params:
@@ -203,7 +196,8 @@ def test_the_logged_sample_batch_is_augmented_as_training_is(splits, tmp_path):
     png = events.Images("train/augmented_batch")[0].encoded_image_string
     logged = torch.from_numpy(np.array(PIL.Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
     images = small["train"].images[:4]
-    expected, plain = (tensorboard.image_grid(loop.augmented(images, cfg, torch.Generator().manual_seed(params.seed + 1)), 4)
+    generator = lambda: torch.Generator().manual_seed(params.seed + 1)  # noqa: E731 - a fresh one per config
+    expected, plain = (tensorboard.image_grid(loop.augmented(images, cfg, generator()), 4)
                        for cfg in (params.train, _params().train))
     assert torch.equal(logged, expected) and not torch.equal(logged, plain)
 

@@ -30,7 +30,14 @@ from tensorboardX import SummaryWriter
 from reprotune.config import MonitorConfig
 from reprotune.data.folders import Archive, Source, Tree
 from reprotune.errors import ReprotuneError
-from reprotune.evaluation.reference import INPUT_STATS, MIN_REFERENCE, Observation, load_reference, observe
+from reprotune.evaluation.reference import (
+    INPUT_STATS,
+    MIN_REFERENCE,
+    DriftReference,
+    Observation,
+    load_reference,
+    observe,
+)
 from reprotune.evaluation.report import classification_metrics
 from reprotune.images import SUFFIXES
 from reprotune.tracking import tensorboard
@@ -118,7 +125,7 @@ def _bonferroni(p_values: list[float]) -> float:
     return min(1.0, min(p_values) * len(p_values))
 
 
-def detect(reference: dict, new: Observation, alpha: float = ALPHA, permutations: int = PERMUTATIONS,
+def detect(reference: DriftReference, new: Observation, alpha: float = ALPHA, permutations: int = PERMUTATIONS,
            seed: int = 0) -> dict:
     """Every test's statistic and p-value, each family's Bonferroni-adjusted p-value and verdict, and
     the overall verdict (drift when any family's adjusted p-value is below alpha / 3)."""
@@ -165,7 +172,7 @@ def detect(reference: dict, new: Observation, alpha: float = ALPHA, permutations
             **families}
 
 
-def monitor(model: Classifier, reference: dict, incoming: Incoming, alpha: float = ALPHA,
+def monitor(model: Classifier, reference: DriftReference, incoming: Incoming, alpha: float = ALPHA,
             permutations: int = PERMUTATIONS, seed: int = 0) -> tuple[dict, Observation]:
     """The drift report of `incoming` against `reference` (with accuracy, macro F1 and ECE next to
     the test split's when it is labelled), and what was observed of it."""
@@ -195,7 +202,7 @@ def summary(report: dict) -> str:
     return line
 
 
-def log_monitor(writer: SummaryWriter, report: dict, reference: dict, new: Observation) -> None:
+def log_monitor(writer: SummaryWriter, report: dict, reference: DriftReference, new: Observation) -> None:
     """Drift scores as scalars, and reference-against-new histograms of every input statistic and of
     the top-1 confidence, under monitor/reference/... and monitor/new/..."""
     for name in FAMILIES:

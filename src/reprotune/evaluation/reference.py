@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -63,7 +64,33 @@ def observe(model: Classifier, images: torch.Tensor) -> Observation:
     return Observation(image_stats(images), torch.cat(captured).numpy().astype(np.float64), logits)
 
 
-def build_reference(model: Classifier, val: Split, test_metrics: dict, model_md5: str, seed: int = 0) -> dict:
+class TestFigures(TypedDict):
+    """The model's test figures when the reference was made, to compare labelled new images with."""
+
+    test_acc: float
+    macro_f1: float
+    ece: float
+
+
+class DriftReference(TypedDict):
+    """models/reference.pt, as `load_reference` returns it (arrays as numpy; saved as tensors)."""
+
+    format: str  # REFERENCE_FORMAT
+    model_md5: str  # the model it was made for: never compared against another
+    classes: list[str]
+    image_size: int  # side of the cached images; new images are resized to it
+    images: int  # validation images behind it
+    stats: np.ndarray  # (images, len(INPUT_STATS)) per-image input statistics
+    predicted: np.ndarray  # (images,) the model's class for each
+    confidence: np.ndarray  # (images,) its top-1 probability
+    pca_mean: np.ndarray  # (512,) mean embedding of the PCA's fitting half
+    pca_components: np.ndarray  # (<= PCA_DIMS, 512) principal directions
+    features: np.ndarray  # (<= FEATURE_REFERENCE, <= PCA_DIMS) the held half's projected embeddings
+    test: TestFigures
+
+
+def build_reference(model: Classifier, val: Split, test_metrics: dict, model_md5: str, seed: int = 0
+                    ) -> DriftReference:
     """The held-out reference the monitor compares new images with (see the module's docstring).
     Written for any validation split, however small (the evaluate stage must not fail on a small
     dataset); `monitor` refuses one under MIN_REFERENCE images."""
@@ -83,12 +110,12 @@ def build_reference(model: Classifier, val: Split, test_metrics: dict, model_md5
             "test": {k: test_metrics[k] for k in ("test_acc", "macro_f1", "ece")}}
 
 
-def save_reference(reference: dict, path: Path) -> None:
+def save_reference(reference: DriftReference, path: Path) -> None:
     save_torch(path, {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
                       for k, v in reference.items()})
 
 
-def load_reference(path: Path, model_file: Path) -> dict:
+def load_reference(path: Path, model_file: Path) -> DriftReference:
     """The reference made for `model_file`, or one line saying why there is none."""
     if not path.is_file():
         raise ReprotuneError(f"{model_file} has no drift reference ({path} is missing): run `dvc repro evaluate`")

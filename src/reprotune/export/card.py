@@ -10,9 +10,11 @@ import yaml
 
 from reprotune.config import CIFAR_SIDE
 from reprotune.export import phone
-from reprotune.export.release import COMPRESSED_FILE, EXPORTS, INT8_FILE
+from reprotune.export.release import COMPRESSED_FILE, EXPORTS, INT8_FILE, ExportReport
 from reprotune.files import file_md5
+from reprotune.inference.predict import ModelCard
 from reprotune.inference.runtime import INPUT, OUTPUT
+from reprotune.training.model import SavedModel
 
 
 def lineage(lock: Path, model_file: Path) -> dict | None:
@@ -35,14 +37,15 @@ def lineage(lock: Path, model_file: Path) -> dict | None:
             "model_matches_lock": recorded["finetune"]["outs"].get(str(model_file)) == model_md5}
 
 
-def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict | None = None) -> dict:
+def model_card(saved: SavedModel, report: ExportReport, trace: dict | None,
+               compressed: SavedModel | None = None) -> ModelCard:
     """What a consumer needs to feed the exported models, which model each file holds, how well they
     do, and where they came from. `compressed`: the compress stage's saved model, when it pruned one."""
     side = saved.get("input_size", CIFAR_SIDE)  # models saved before folder datasets: CIFAR's 32
     shipped = {name: name in report and report[name]["shipped"]
                for name in ("onnx_int8", "executorch_int8", "compressed_int8")}
     compressed_shipped = "compressed" in report  # pruned, and through compress.max_acc_drop
-    card = {
+    card: ModelCard = {
         "architecture": saved["model"]["arch"],
         "classes": saved["classes"],
         "input": {
@@ -84,7 +87,7 @@ def model_card(saved: dict, report: dict, trace: dict | None, compressed: dict |
     return card
 
 
-def _compressed_model(saved: dict | None, shipped: bool) -> str:
+def _compressed_model(saved: SavedModel | None, shipped: bool) -> str:
     """What the model card says the compressed files hold, or why there are none."""
     if not saved:
         return "none: compress.ratio is 0"

@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 import torch_pruning as tp
@@ -51,6 +52,42 @@ IMPORTANCE = {
     "fpgm": lambda: tp.importance.FPGMImportance(p=2),
     "random": lambda: tp.importance.RandomImportance(),
 }
+
+
+class Profile(TypedDict):
+    """One model's figures: `profile` (accuracy and size) and `speed` (timing) together."""
+
+    test_acc: float
+    parameters: int
+    flops: float  # forward FLOPs per image
+    size_mb: float  # its fp32 ONNX file
+    latency_ms: float  # ONNX Runtime, batch 1, median
+    images_per_second: float  # ONNX Runtime, batch 256, median
+
+
+class Recovery(TypedDict, total=False):
+    """The recovery fine-tune after pruning (`epochs` 0: none; the rest only when there was one)."""
+
+    epochs: int
+    best_epoch: int
+    best_val_acc: float
+    train_seconds: float
+    steps: int
+
+
+class CompressMetrics(TypedDict):
+    """metrics/compress.json when the stage pruned (compress.ratio 0 writes only {"ratio": 0.0})."""
+
+    test_acc: float  # the compressed model's
+    acc_change: float  # against the unpruned model's test accuracy
+    accepted: bool  # within compress.max_acc_drop
+    flops_ratio: float
+    speedup: float  # batch-256 throughput, compressed / unpruned
+    ratio: float
+    pruned_test_acc: float  # straight after pruning, before recovery
+    before: Profile
+    after: Profile
+    recovery: Recovery
 
 
 def prune(model: Classifier, cfg: CompressConfig, example: torch.Tensor, seed: int = 0) -> Classifier:
@@ -112,7 +149,7 @@ def _accuracy(model: Classifier, test: Split) -> float:
     return (batched_logits(model, test.images, THROUGHPUT_BATCH).argmax(1) == test.labels).float().mean().item()
 
 
-def profile(model: Classifier, test: Split, onnx: Path) -> dict:
+def profile(model: Classifier, test: Split, onnx: Path) -> dict[str, float]:
     """What the model costs and how well it does, timing aside: test accuracy (PyTorch), parameters,
     forward FLOPs per image, and the size in MiB of its fp32 ONNX file, written to `onnx` for `speed`."""
     model = model.cpu().eval()
@@ -148,7 +185,7 @@ def speed(models: list[Path], test: Split) -> list[dict]:
 
 
 def compress(params: Params, model: Classifier, train: Split, val: Split, test: Split,
-             checkpoints: Checkpoints) -> tuple[Classifier, dict, str | None]:
+             checkpoints: Checkpoints) -> tuple[Classifier, CompressMetrics, str | None]:
     """Prune `model`, fine-tune it back (resuming if interrupted), measure both, gate: the compressed
     model (CPU, eval mode), metrics/compress.json, and the gate's verdict when it missed
     `compress.max_acc_drop` (with `compress.gate` required, raise instead). The recovery's curves go to
@@ -158,7 +195,7 @@ def compress(params: Params, model: Classifier, train: Split, val: Split, test: 
         before = profile(model, test, Path(work) / "unpruned.onnx")
         pruned = prune(model, cfg, to_float(train.images[:2]), params.seed)
         pruned_acc = _accuracy(pruned, test)
-        recovery = {"epochs": 0}
+        recovery: Recovery = {"epochs": 0}
         if cfg.epochs:
             result = finetune(recovery_params(params, len(train.labels)), train, val, checkpoints, start=pruned,
                               teacher=model if cfg.distill else None)
@@ -171,15 +208,16 @@ def compress(params: Params, model: Classifier, train: Split, val: Split, test: 
         timed = speed([Path(work) / "unpruned.onnx", Path(work) / "compressed.onnx"], test)
         before, after = {**before, **timed[0]}, {**after, **timed[1]}
     # Headline first (`dvc exp show` keeps the leftmost columns): accuracy, the verdict, what it bought.
-    metrics = {"test_acc": after["test_acc"], "acc_change": -acc_drop, "accepted": verdict is None,
-               "flops_ratio": after["flops"] / before["flops"],
-               "speedup": after["images_per_second"] / before["images_per_second"], "ratio": cfg.ratio,
-               "pruned_test_acc": pruned_acc,  # straight after pruning, before recovery
-               "before": before, "after": after, "recovery": recovery}
+    metrics: CompressMetrics = {
+        "test_acc": after["test_acc"], "acc_change": -acc_drop, "accepted": verdict is None,
+        "flops_ratio": after["flops"] / before["flops"],
+        "speedup": after["images_per_second"] / before["images_per_second"], "ratio": cfg.ratio,
+        "pruned_test_acc": pruned_acc,  # straight after pruning, before recovery
+        "before": before, "after": after, "recovery": recovery}
     return pruned, metrics, verdict
 
 
-def log_compress(writer: SummaryWriter, metrics: dict) -> None:
+def log_compress(writer: SummaryWriter, metrics: CompressMetrics) -> None:
     """Before and after, side by side: scalars and a table."""
     for key in ("test_acc", "acc_change", "flops_ratio", "speedup", "pruned_test_acc"):
         writer.add_scalar(f"compress/{key}", metrics[key], 0)

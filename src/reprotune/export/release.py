@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -44,6 +45,60 @@ INT8_REJECTED = "rejected.json"  # inside ExportPaths.int8, when it did not: the
 # (its name says rejected, not int8) with the compress stage's verdict; when nothing was pruned, only
 # NOT_PRUNED saying so.
 COMPRESSED_FILE, NOT_PRUNED = "model.onnx", "not_pruned.json"
+
+
+class Verified(TypedDict):
+    """One exported file, checked through its own runtime (`verify`)."""
+
+    max_abs_diff: float  # the largest |logit difference| from its PyTorch model on the check images
+    bytes: int
+    test_acc: float
+    agreement: float  # share of test images where it picks its PyTorch model's class
+    latency_ms: float  # batch 1, median
+
+
+class Quantized(Verified):
+    """An int8 file, after its gate (`gate_int8`), against the fp32 file it was quantized from."""
+
+    shipped: bool  # agreement >= export.int8_min_agreement
+    size_ratio: float
+    acc_change: float
+    speedup: float  # batch-1 latency, fp32 / int8
+
+
+class Program(Verified):
+    """An fp32 ExecuTorch program: XNNPACK plans its buffers for batches of 1 to `max_batch`."""
+
+    max_batch: int
+
+
+class PyTorchModel(TypedDict, total=False):
+    test_acc: float
+    shipped: bool  # the compressed model only: whether it passed compress.max_acc_drop
+
+
+class Verification(TypedDict):
+    check_images: int
+    test_images: int
+    opset: int
+
+
+class ExportReport(TypedDict, total=False):
+    """What `export_all` found: one entry per file made (their keys in EXPORTS), the PyTorch models'
+    accuracy, and the warning line when something was left out. The stage writes it out as
+    metrics/export.json (`export_metrics`), the model card and TensorBoard."""
+
+    pytorch: PyTorchModel
+    verification: Verification
+    onnx: Verified
+    torchscript: Verified
+    onnx_int8: Quantized
+    executorch: Program  # with export.executorch
+    executorch_int8: Quantized
+    compressed_pytorch: PyTorchModel  # when the compress stage pruned
+    compressed: Verified  # ... and its model passed compress.max_acc_drop
+    compressed_int8: Quantized
+    warning: str  # what was not shipped, and where the verdict is
 
 
 @dataclass
@@ -94,7 +149,7 @@ def median_latency_ms(run: Callable[[np.ndarray], np.ndarray], image: np.ndarray
     return 1000 * statistics.median(times)
 
 
-def verify(run: Runner, path: Path, ref: Reference, cfg: ExportConfig) -> dict:
+def verify(run: Runner, path: Path, ref: Reference, cfg: ExportConfig) -> Verified:
     """Parity with PyTorch at batch 1 and on the whole check set (which proves the batch axis is
     really dynamic), and accuracy, agreement, size and latency recomputed through the file itself."""
     diff = max(np.abs(run(ref.check[:1].numpy()) - ref.logits[:1]).max(),
@@ -105,25 +160,25 @@ def verify(run: Runner, path: Path, ref: Reference, cfg: ExportConfig) -> dict:
             "latency_ms": median_latency_ms(run, ref.test_images[:1], cfg.latency_runs)}
 
 
-def within_tolerance(entry: dict, name: str, cfg: ExportConfig) -> None:
+def within_tolerance(entry: Verified, name: str, cfg: ExportConfig) -> None:
     """An fp32 export must match PyTorch: raise (so that nothing is written) when it does not."""
     if not entry["max_abs_diff"] <= cfg.tolerance:
         raise ReprotuneError(f"{name} export differs from PyTorch by {entry['max_abs_diff']:.3g} "
                              f"(> export.tolerance {cfg.tolerance}); nothing was written")
 
 
-def export_int8(fp32: Path, fp32_entry: dict, ref: Reference, calibration: torch.Tensor, cfg: ExportConfig,
-                folder: Path, name: str) -> tuple[dict, str | None]:
+def export_int8(fp32: Path, fp32_entry: Verified, ref: Reference, calibration: torch.Tensor, cfg: ExportConfig,
+                folder: Path, name: str) -> tuple[Quantized, str | None]:
     """Quantize `fp32` into `folder`/INT8_FILE and gate it on its agreement with PyTorch: below the
     gate the model is removed and INT8_REJECTED says why (or, with `export.int8` required, nothing is
     written). Returns its report entry and, if it was not shipped, the verdict."""
     int8 = folder / INT8_FILE
     quantize_int8(fp32, int8, to_float(calibration[: cfg.calibration_images]).numpy())
-    entry = verify(onnx_runner(int8), int8, ref, cfg)
+    entry: Quantized = verify(onnx_runner(int8), int8, ref, cfg)  # gate_int8 completes it
     return entry, gate_int8(entry, fp32_entry, int8, cfg, name)
 
 
-def gate_int8(entry: dict, fp32_entry: dict, int8: Path, cfg: ExportConfig, name: str) -> str | None:
+def gate_int8(entry: Quantized, fp32_entry: Verified, int8: Path, cfg: ExportConfig, name: str) -> str | None:
     """Ship the int8 file `int8` (its `entry` from `verify`) only if it agrees with PyTorch often
     enough: else remove it and leave INT8_REJECTED beside it saying why, or, with `export.int8`
     required, raise. Completes `entry` (shipped, and size, accuracy and speed against `fp32_entry`)
@@ -144,25 +199,25 @@ def gate_int8(entry: dict, fp32_entry: dict, int8: Path, cfg: ExportConfig, name
 
 
 def export_executorch(model: Classifier, ref: Reference, calibration: torch.Tensor, cfg: ExportConfig,
-                      folder: Path) -> tuple[dict, str | None]:
+                      folder: Path) -> tuple[ExportReport, str | None]:
     """ExecuTorch programs for XNNPACK in `folder`: fp32 (within `export.tolerance`, else raise) and
     int8 (gated like the int8 ONNX model), each run through ExecuTorch's own runtime to verify it.
     Their report entries, and the int8 program's verdict if it was not shipped."""
     fp32 = folder / phone.PTE_FILE
     phone.export_pte(model, ref.check[:2], fp32, cfg.executorch_max_batch)
-    entry = {**verify(executorch_runner(fp32), fp32, ref, cfg), "max_batch": cfg.executorch_max_batch}
+    entry: Program = {**verify(executorch_runner(fp32), fp32, ref, cfg), "max_batch": cfg.executorch_max_batch}
     within_tolerance(entry, "executorch", cfg)
     int8 = folder / phone.PTE_INT8_FILE
     phone.quantize_pte(model, ref.check[:2], int8, to_float(calibration[: cfg.calibration_images]),
                         cfg.executorch_max_batch)
-    quantized = verify(executorch_runner(int8), int8, ref, cfg)
+    quantized: Quantized = verify(executorch_runner(int8), int8, ref, cfg)  # gate_int8 completes it
     verdict = gate_int8(quantized, entry, int8, cfg, "int8 ExecuTorch")
     return {"executorch": entry, "executorch_int8": quantized}, verdict
 
 
 def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: ExportConfig,
                paths: ExportPaths, compressed: Classifier | None = None, compressed_verdict: str | None = None
-               ) -> dict:
+               ) -> ExportReport:
     """Export every format, verify each against PyTorch and on the test set, rename what passed into place.
 
     The fp32 exports must pass (else nothing is written). An int8 model that misses its agreement
@@ -177,7 +232,7 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
         phone.require_executorch()
     model = model.eval()
     ref = Reference.of(model, test, cfg)
-    report = {"pytorch": {"test_acc": ref.test_acc},
+    report: ExportReport = {"pytorch": {"test_acc": ref.test_acc},
               "verification": {"check_images": len(ref.check), "test_images": len(ref.labels), "opset": cfg.opset}}
     with atomic_file(paths.onnx) as onnx_tmp, atomic_file(paths.torchscript) as ts_tmp, \
             atomic_dir(paths.int8) as int8_dir, atomic_dir(paths.compressed) as compressed_dir, \
@@ -217,7 +272,7 @@ def export_all(model: Classifier, test: Split, calibration: torch.Tensor, cfg: E
 
 
 def export_compressed(model: Classifier, test: Split, calibration: torch.Tensor, cfg: ExportConfig,
-                      folder: Path) -> tuple[dict, str | None]:
+                      folder: Path) -> tuple[ExportReport, str | None]:
     """The pruned model as ONNX and int8 ONNX in `folder`, each verified against the pruned model:
     their report entries, and the int8 model's verdict if it was not shipped."""
     ref = Reference.of(model, test, cfg)
@@ -230,7 +285,7 @@ def export_compressed(model: Classifier, test: Split, calibration: torch.Tensor,
             "compressed_int8": int8}, verdict
 
 
-def export_metrics(report: dict) -> dict:
+def export_metrics(report: ExportReport) -> dict:
     """What `metrics/export.json` holds: numbers about the exports' quality and speed (file sizes and
     check counts go to the model card), parity and int8 agreement first, a reviewer's headline."""
     fp32 = ("max_abs_diff", "test_acc", "agreement", "latency_ms")
@@ -247,7 +302,7 @@ def export_metrics(report: dict) -> dict:
             **{name: {k: report[name][k] for k in int8} for name in int8_names}}
 
 
-def log_export(writer: SummaryWriter, report: dict) -> None:
+def log_export(writer: SummaryWriter, report: ExportReport) -> None:
     """Parity, accuracy, size and latency of each export, as scalars and a table."""
     rows = []
     for name in [name for name in EXPORTS if name in report]:

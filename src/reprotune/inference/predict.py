@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -29,7 +30,61 @@ class Predictor:
     size: int
 
 
-def load_card(model: Path) -> dict:
+# The model card (models/model_card.json), written by the export stage (export/card.py) and read here
+# and by the server: one place for its shape.
+class CardInput(TypedDict):
+    name: str  # the graph's input name
+    layout: str  # NCHW
+    dtype: str
+    channels: str  # RGB
+    shape: list[int | str]  # ["batch", 3, side, side]
+    value_range: list[float]
+    normalization: str
+    mean: list[float]
+    std: list[float]
+    resize: str
+
+
+class CardOutput(TypedDict):
+    name: str
+    shape: list[int | str]  # ["batch", classes]
+    meaning: str
+
+
+class CardFiles(TypedDict):
+    """Paths relative to the card; None for a file not made or not shipped."""
+
+    onnx: str
+    torchscript: str
+    onnx_int8: str | None
+    executorch: str | None
+    executorch_int8: str | None
+    compressed_onnx: str | None
+    compressed_onnx_int8: str | None
+
+
+class ModelCard(TypedDict):
+    architecture: str
+    classes: list[str]
+    input: CardInput
+    output: CardOutput
+    files: CardFiles
+    models: dict[str, str]  # which model each group of files holds
+    bytes: dict[str, int]  # per export made
+    verification: dict[str, Any]  # check counts, opset, the int8 gate
+    training: dict[str, Any]  # seed, model and train params
+    metrics: dict[str, Any]  # best epoch, val acc, each model's test accuracy
+    lineage: dict[str, Any] | None  # the hashes dvc.lock recorded for the stages behind the model
+    executorch: NotRequired[dict[str, Any]]  # with export.executorch: backend and batch range
+    compression: NotRequired[dict[str, Any]]  # when the compress stage pruned: how (training.model.Compression)
+
+
+def input_side(card: ModelCard) -> int:
+    """The side of the square images the exports take."""
+    return int(card["input"]["shape"][2])
+
+
+def load_card(model: Path) -> ModelCard:
     """The model card of an export (beside it, or one folder up for models/int8/ and the like), checked to list
     `model` among its files."""
     card_path = next((folder / "model_card.json" for folder in (model.parent, model.parent.parent)
@@ -37,7 +92,8 @@ def load_card(model: Path) -> dict:
     try:
         card = json.loads(card_path.read_text())
         listed = {name for name in card["files"].values() if name}
-        card["classes"], card["size"] = list(card["classes"]), int(card["input"]["shape"][2])
+        card["classes"] = list(card["classes"])
+        input_side(card)  # every reader needs the side: a card without one is not ours
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         raise ReprotuneError(f"{model}: not a reprotune export (no valid model_card.json beside it)") from None
     relative = model.resolve().relative_to(card_path.parent.resolve()).as_posix()
@@ -56,7 +112,7 @@ def load_predictor(model: Path) -> Predictor:
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime, torch.jit and ExecuTorch raise their own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ReprotuneError(f"{model}: cannot load the model ({first})") from None
-    return Predictor(run, card["classes"], card["size"])
+    return Predictor(run, card["classes"], input_side(card))
 
 
 def expand(paths: list[Path]) -> Iterator[Path]:

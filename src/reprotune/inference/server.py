@@ -40,7 +40,7 @@ from reprotune.errors import ReprotuneError
 from reprotune.files import file_md5
 from reprotune.images import MAX_PIXELS
 from reprotune.inference.cluster import loopback
-from reprotune.inference.predict import load_card
+from reprotune.inference.predict import input_side, load_card
 from reprotune.inference.protocol import (
     HEADER_LENGTH,
     Contract,
@@ -97,7 +97,7 @@ class Settings:
             raise ReprotuneError(f"{path}: the server runs ONNX exports (models/model.onnx)")
         card = load_card(path)
         version = file_md5(path)[:12]  # which exact file answered
-        return Contract(self.name, version, card["classes"], card["size"], self.max_batch_size, self.max_pixels)
+        return Contract(self.name, version, card["classes"], input_side(card), self.max_batch_size, self.max_pixels)
 
 
 APP = FastAPI(title="reprotune", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)

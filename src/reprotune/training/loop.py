@@ -477,7 +477,8 @@ def open_log(t: Training, state: RunState, params: Params, train: Split, checkpo
         yield None
         return
     resumed = state.epoch > 0 or state.paused is not None
-    with tensorboard.open_writer(checkpoints.logdir, purge_step=state.epoch * t.steps + 1 if resumed else None) as writer:
+    purge_step = state.epoch * t.steps + 1 if resumed else None
+    with tensorboard.open_writer(checkpoints.logdir, purge_step=purge_step) as writer:
         if not resumed:
             _log_setup(writer, params, t.model, train, t.device, t.autocast, t.flops_per_image, t.group.world)
         yield writer

@@ -7,7 +7,7 @@ inside its graph, so training, evaluation and every export share one input contr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -120,9 +120,51 @@ def apply_strategy(model: Classifier, frozen: list[str]) -> None:
     model.train(model.training)
 
 
-def save_model(path: Path, model: Classifier, cfg: ModelConfig, classes: list[str], extra: dict) -> None:
+# The saved model (models/model.pt, models/model.compressed.pt): a plain dict, so that it loads with
+# torch.load(weights_only=True). What crosses stages in it is typed here, one place for its keys.
+class Compression(TypedDict):
+    """How the compress stage made a model: its compress.* params (CompressConfig's fields, which
+    tests/test_records.py keeps equal to these), and what its gate said."""
+
+    ratio: float
+    importance: str
+    epochs: int
+    min_steps: int
+    lr: float
+    distill: float
+    temperature: float
+    max_acc_drop: float
+    gate: str
+    flops_ratio: float  # pruned FLOPs / the fine-tuned model's
+    accepted: bool  # within compress.max_acc_drop of the unpruned model's test accuracy
+    verdict: str | None  # why not, when it was not
+
+
+class ModelExtras(TypedDict, total=False):
+    """The optional part of a saved model: where it came from and how well it validated."""
+
+    seed: int
+    train: dict[str, Any]  # TrainConfig.model_dump(mode="json") of the run that trained it
+    input_size: int  # the side of the cached images it is fed (32 for CIFAR)
+    best_epoch: int | None  # the epoch whose weights these are
+    val_acc: float | None  # their validation accuracy
+    compression: Compression  # only in the compress stage's model
+
+
+class SavedModel(ModelExtras):
+    """Everything needed to rebuild the model and feed it."""
+
+    format: str  # MODEL_FORMAT
+    state_dict: dict[str, torch.Tensor]
+    model: dict[str, Any]  # ModelConfig.model_dump()
+    classes: list[str]
+    mean: list[float]  # per channel, on the [0, 1] scale: the training split's
+    std: list[float]
+
+
+def save_model(path: Path, model: Classifier, cfg: ModelConfig, classes: list[str], extra: ModelExtras) -> None:
     """Write weights plus everything needed to rebuild the model and feed it, as a plain dict."""
-    save_torch(path, {
+    saved: SavedModel = {
         "format": MODEL_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model": cfg.model_dump(),
@@ -130,10 +172,11 @@ def save_model(path: Path, model: Classifier, cfg: ModelConfig, classes: list[st
         "mean": model.mean.flatten().tolist(),
         "std": model.std.flatten().tolist(),
         **extra,
-    })
+    }
+    save_torch(path, saved)
 
 
-def load_model(path: Path) -> tuple[Classifier, dict]:
+def load_model(path: Path) -> tuple[Classifier, SavedModel]:
     """Rebuild a saved Classifier (eval mode, CPU) and return it with its saved metadata."""
     saved = load_torch(path, "reprotune model")
     if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
