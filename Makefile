@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # DVC runs each stage's `python stages/...` through the shell: put the venv first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install test repro demo experiments review tensorboard serve bench mutants gpu-wheels gpu-check clean
+.PHONY: install test test-fast repro demo experiments review tensorboard serve bench mutants gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
+# Tests in tiers (docs/development/testing.md): markers say what a test needs beyond one process
+# (dvc, ray, torchrun, gpu). `make test` runs them all on $(WORKERS) pytest-xdist workers, the tests
+# that share the pipeline fixture on one of them (CI); `make test-fast`, the edit loop, runs the tests
+# that need none of those. WORKERS=auto uses every core.
+WORKERS ?= 2
+PYTEST  := $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup
 test: install
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+test-fast: install
+	$(PYTEST) -m "not dvc and not ray and not torchrun and not gpu"
 
 repro: install
 	$(BIN)/dvc repro
@@ -60,7 +69,7 @@ mutants: install
 
 # For a lent GPU machine (no network, its own Python and torch): first, here, `make gpu-wheels`
 # fetches the packages its image lacks into .whl/; there, `make gpu-check` (or bash bench/gpu_check.sh)
-# runs the GPU tests and benchmark. See the README's "On a GPU".
+# runs the GPU tests and benchmark. See docs/how-to/gpus-and-clusters.md.
 GPU_WHEELS := tensorboardX pydantic pydantic_core annotated-types typing-inspection typing_extensions
 gpu-wheels:
 	rm -rf .whl && $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \

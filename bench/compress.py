@@ -3,7 +3,7 @@
     python bench/compress.py [--datasets digits mnist5k synthetic] [--seeds 0] [--ratio 0.2]
                              [--lr 0.01] [--distill 0.0] [--min-steps 500] [--epochs 3] [--control]
 
-For each dataset and seed: train the base model the way a user would (the README's from-scratch recipe
+For each dataset and seed: train the base model the way a user would (the scratch recipe of docs/reference/recipes.md
 on the real sets, `bench/realdata.py`'s digits and mnist5k read through the folder reader as
 `data.dataset: folder` does; the demo's recipe on the synthetic set), then run the compress stage's own
 function at `--ratio` (0.2: about half ResNet18's FLOPs) with each combination of `--lr`, `--distill`
@@ -40,21 +40,22 @@ from realdata import write_tree  # noqa: E402 - a sibling script, not a package
 from reprotune.data.raw import RawData
 from reprotune.data.splits import Split, make_splits
 from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.recipes import RECIPES
 
 RESULTS = Path(__file__).parent / "results"
 LOG = {"graph": False, "histograms": False, "images": 0}
-# The README's from-scratch recipe on a small real dataset (issue 23): digits are not mirror images,
+# The from-scratch recipe (docs/reference/recipes.md) on a small real dataset (issue 23): digits are not mirror images,
 # and random_crop 0 keeps the base model's accuracy independent of the crop's default padding.
 SCRATCH = {"model": {"weights": "none"}, "log": LOG,
            "train": {"epochs": 5, "batch_size": 64, "lr": 0.05, "optimizer": "sgd", "scheduler": "cosine",
                      "grad_clip": 1.0, "hflip": False, "random_crop": 0, "device": "cpu"}}
-# `reprotune demo`'s settings on the synthetic set (5,000 training, 1,000 test images).
-DEMO = {"model": {"weights": "none"}, "log": LOG,
-        "train": {"epochs": 3, "batch_size": 64, "lr": 0.05, "device": "cpu"}}
+# `reprotune demo`'s recipe on the synthetic set, on the CPU.
+DEMO = RECIPES["demo"].params({"log": LOG, "train": {"device": "cpu"}}).model_dump()
 CONTROL = {"min_steps": 0, "lr": 0.01, "distill": 0.0}  # recovery by epochs alone: 3 epochs at lr 0.01
 
 
-def demo_splits(n_train: int = 5000, n_test: int = 1000) -> dict[str, Split]:
+def demo_splits(n_train: int = DEMO["data"]["synthetic_train"], n_test: int = DEMO["data"]["synthetic_test"]
+                ) -> dict[str, Split]:
     """The demo's data: synthetic images, 10% of the training ones held out for validation."""
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(n_train) % 10)

@@ -26,6 +26,7 @@ import numpy as np
 
 from reprotune.config import DataConfig, Params
 from reprotune.data import folders
+from reprotune.recipes import RECIPES
 from reprotune.training import lrfind
 from reprotune.training.checkpoint import Checkpoints
 from reprotune.training.loop import finetune
@@ -41,11 +42,11 @@ from reprotune.data.synthetic import write_synthetic_archive
 RESULTS = Path(__file__).parent / "results" / "lrfind.md"
 FIXED = (0.01, 0.05, 0.2)
 SWEEP = {"steps": 100, "start_lr": 1e-6, "end_lr": 10.0}  # `reprotune lr-find`'s defaults
-DEMO_TRAIN, DEMO_TEST = 5000, 1000  # cli.DEMO_OVERRIDES' synthetic_train and synthetic_test
+DEMO_TRAIN, DEMO_TEST = (RECIPES["demo"].overrides[f"data.synthetic_{split}"] for split in ("train", "test"))
 
 
 def recipe(lr: float, epochs: int, seed: int = 0) -> Params:
-    """The from-scratch recipe at `lr` (the README's, flips off)."""
+    """The from-scratch recipe at `lr` (docs/reference/recipes.md's scratch, flips off)."""
     return Params.model_validate({
         "seed": seed, "model": {"weights": "none"},
         "log": {"graph": False, "images": 0, "histograms": False},

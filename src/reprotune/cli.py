@@ -32,31 +32,20 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """reprotune: a reproducible fine-tuning pipeline (run the stages with `dvc repro`)."""
 
 
-# The offline demo: the synthetic dataset, random initial weights and a CPU-sized run. `dvc exp run
-# -S` writes them into params.yaml, where they stay: the next `dvc exp run -S train.lr=0.01` builds on
-# the demo, offline, and `dvc status` agrees with what was run. `git checkout params.yaml` returns
-# to the real job.
-DEMO_OVERRIDES = [
-    "data.dataset=synthetic",
-    "data.synthetic_train=5000",  # images; CIFAR-10 has 50,000
-    "data.synthetic_test=1000",
-    "model.weights=none",  # ImageNet weights need a network
-    "train.epochs=3",
-    "train.batch_size=64",
-    "train.lr=0.05",  # per batch of 64; from scratch wants more than fine-tuning's 0.01
-]
-
-
 @cli.command()
 def demo(params: ParamsFile = Path("params.yaml")) -> None:
     """Run the whole DAG offline on the synthetic dataset, as a DVC experiment named demo."""
     from reprotune.config import load_params  # keeps `reprotune --version` light
+    from reprotune.recipes import RECIPES
 
     dvc = _tool("dvc")
     current = load_params(params)
     # Already offline (an earlier demo, or a team's committed demo baseline): run params.yaml as it is.
     offline = current.data.dataset == "synthetic" and current.model.weights != "imagenet"
-    overrides = [] if offline else DEMO_OVERRIDES
+    # Else the demo recipe's settings: `dvc exp run -S` writes them into params.yaml, where they stay,
+    # so the next `dvc exp run -S train.lr=0.01` builds on the demo, offline, and `dvc status` agrees
+    # with what was run. `git checkout params.yaml` returns to the real job.
+    overrides = [] if offline else RECIPES["demo"].arguments()[1::2]
     name = _free_experiment_name(dvc, "demo")
     command = [dvc, "exp", "run", "-n", name, *(arg for o in overrides for arg in ("-S", o))]
     print("$ dvc exp run -n " + name + "".join(f" -S {o}" for o in overrides), flush=True)
@@ -119,7 +108,7 @@ def tensorboard(
 
 
 @cli.command()
-def params(write: Annotated[bool, typer.Option("--write", help="Rewrite params.yaml and the README's table.")]
+def params(write: Annotated[bool, typer.Option("--write", help="Rewrite params.yaml and docs/reference/parameters.md's table.")]
            = False) -> None:
     """params.yaml as written from the config classes (defaults and descriptions have one source)."""
     from reprotune import paramsdoc

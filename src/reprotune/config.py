@@ -2,7 +2,7 @@
 
 Unknown or misspelled keys, wrong types and out-of-range values are rejected with one line that
 names the file, the key and, for a misspelling, the closest valid key. These classes are the one
-source of every default and its description: `params.yaml` and the README's parameter table are
+source of every default and its description: `params.yaml` and the parameter reference (docs/reference/parameters.md) are
 written from them (`reprotune params --write`, see paramsdoc.py), and a test keeps them in step.
 """
 
@@ -204,7 +204,7 @@ class TrainConfig(Section):
 
     bf16 autocast is slow on CPUs, so auto leaves the CPU in fp32."""
     grad_clip: float = Field(1.0, ge=0)
-    """global-norm threshold on the unscaled gradients; 0 = off (see the README on why 1.0)
+    """global-norm threshold on the unscaled gradients; 0 = off (docs/explanation/gradient-clipping.md: why 1.0)
 
     At 1.0 nearly every step is clipped (gradient norms run 3-10), so SGD takes normalized-gradient
     steps: measured the better recipe (`python bench/clipping.py`, bench/results/clipping.md)."""
@@ -255,7 +255,7 @@ class TrainConfig(Section):
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bitwise-repeatable runs, sometimes slower
 
-    See the README's "What bitwise means"."""
+    See docs/explanation/resume.md, "What bitwise means"."""
     device: str = "auto"
     """auto (CUDA when present; of several GPUs, one no other run holds) | cpu | cuda | cuda:N
 
@@ -268,7 +268,7 @@ class TrainConfig(Section):
     nproc: int = Field(1, ge=1)
     """training processes per machine, one per GPU; above 1 launches DDP through torchrun"""
     nnodes: int = Field(1, ge=1)
-    """machines; the one running `dvc repro` is node 0 (README: "Several machines")"""
+    """machines; the one running `dvc repro` is node 0 (docs/how-to/gpus-and-clusters.md)"""
     rdzv_endpoint: str = "localhost:29500"
     """host:port of node 0, where the other machines join (nnodes > 1 only)"""
     sync_bn: bool = False

@@ -3,7 +3,7 @@
 A recipe is a set of `dvc exp run -S` overrides, nothing more: `dvc exp run $(reprotune recipe
 scratch)` runs one as an experiment, and params.yaml keeps showing every value. Each recipe's
 figures come from `python bench/recipes.py` (bench/results/recipes.md), against a plain PyTorch
-loop with the same optimizer settings on the same data; the README's "Recipes" table quotes them.
+loop with the same optimizer settings on the same data; docs/reference/recipes.md quotes them.
 Everything a recipe leaves out stays at its default, augmentation included, so the recipes also
 test the defaults.
 """
@@ -50,6 +50,12 @@ def _yaml(value: Any) -> str:
 
 
 RECIPES = {
+    # `reprotune demo` (`make demo`): the whole DAG offline, in minutes on a laptop's CPU. The synthetic
+    # dataset (CIFAR-10 has 50,000 training images), random weights (ImageNet's need a network), a
+    # CPU-sized run; from scratch wants a larger LR than fine-tuning's 0.01 (per batch of 64).
+    "demo": Recipe("the offline demo: synthetic data, random weights, a CPU-sized run (`reprotune demo`)", {
+        "data.dataset": "synthetic", "data.synthetic_train": 5000, "data.synthetic_test": 1000,
+        "model.weights": "none", "train.epochs": 3, "train.batch_size": 64, "train.lr": 0.05}),
     # Random weights on a small dataset: 10x fine-tuning's LR, a smaller batch for more steps, and no
     # random crop: in 5 epochs it cost 1.2 points on handwritten digits and 1.1 on MNIST (3 seeds
     # each, bench/results/recipes.md) by slowing the fit. Longer runs can turn it back on.
