@@ -52,7 +52,8 @@ def rate(counts: Counter) -> str:
 
 
 def function_of(mutant: str) -> str:
-    """reprotune.training.loop.x_train_one_epoch__mutmut_3 -> train_one_epoch; xǁEpochProgressǁsummary -> EpochProgress."""
+    """reprotune.training.loop.x_train_one_epoch__mutmut_3 -> train_one_epoch;
+    xǁEpochProgressǁsummary -> EpochProgress."""
     name = mutant.split(".")[-1]
     name = re.sub(r"__mutmut_\d+$", "", name)
     return name.removeprefix("x_").strip("xǁ").split("ǁ")[0]

@@ -36,7 +36,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from reprotune.inference.predict import load_card
+from reprotune.inference.modelcard import load_card
 from reprotune.inference.runtime import onnx_runner
 
 RESULTS = Path(__file__).parent / "results"

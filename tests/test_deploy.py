@@ -9,7 +9,6 @@ import shlex
 import shutil
 import sys
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -132,14 +131,15 @@ def test_the_serve_config_names_the_builder_its_settings_and_the_deployment(name
                                                                       "reprotune.inference.server:build")
     module, _, attribute = app["import_path"].partition(":")
     assert getattr(importlib.import_module(module), attribute) is build
-    assert set(app["args"]) <= {field.name for field in fields(Settings)}
-    settings = Settings(**app["args"])  # the builder's checks, without needing the model file here
+    assert set(app["args"]) <= set(Settings.model_fields)
+    settings = Settings.checked(app["args"])  # the builder's checks, without needing the model file here
     assert (settings.model, settings.max_batch_size) == ("/models/model.onnx", 32)
     (deployment,) = app["deployments"]
     assert set(deployment) <= set(DeploymentSchema.model_fields)
     assert deployment["name"] == DEPLOYMENT
     assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}
-    assert deployment["ray_actor_options"]["num_cpus"] == settings.threads  # one ONNX Runtime thread per CPU
+    # One ONNX Runtime thread per CPU: threads 0 (the default) is one per replica on a running cluster.
+    assert deployment["ray_actor_options"]["num_cpus"] == (settings.threads or 1)
 
 
 def test_both_files_deploy_the_same_application():
@@ -170,6 +170,16 @@ def test_the_rayservice_runs_the_image_on_a_scalable_cluster_that_does_not_phone
         # the slim image has no wget, which KubeRay's default exec probes call
         for probe in ("livenessProbe", "readinessProbe"):
             assert set(container[probe]) & {"httpGet", "exec"} == {"httpGet"}
+
+
+def test_the_serve_command_options_are_the_settings_fields():
+    # One definition: every Settings field is a `reprotune serve` option with its default, bounds and help.
+    options = {param.name: param for param in typer.main.get_command(cli).commands["serve"].params}
+    for name, field in Settings.model_fields.items():
+        assert (options[name].default, options[name].help) == (field.default, field.description), name
+    assert options["replicas"].min == 1 and options["max_wait_ms"].min == 0
+    assert set(options) - set(Settings.model_fields) == {"host", "port", "address", "metrics_port",
+                                                          "proxy_every_node"}
 
 
 def test_the_builder_rejects_an_unknown_argument_by_name():

@@ -21,7 +21,7 @@ from reprotune.data.splits import load_split
 from reprotune.evaluation.reference import DriftReference, load_reference
 from reprotune.export.compress import CompressMetrics
 from reprotune.export.release import ExportPaths, ExportReport, export_all
-from reprotune.inference.predict import ModelCard
+from reprotune.inference.modelcard import ModelCard
 from reprotune.tensorfiles import load_torch
 from reprotune.training.model import Compression, SavedModel, load_model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -108,7 +109,8 @@ def tensorboard(
 
 
 @cli.command()
-def params(write: Annotated[bool, typer.Option("--write", help="Rewrite params.yaml and docs/reference/parameters.md's table.")]
+def params(write: Annotated[bool, typer.Option("--write", help="Rewrite params.yaml and "
+                                                                "docs/reference/parameters.md's table.")]
            = False) -> None:
     """params.yaml as written from the config classes (defaults and descriptions have one source)."""
     from reprotune import paramsdoc
@@ -223,53 +225,57 @@ def lr_find(
     print(f"{summary(suggestion)}\nplot: {out / PLOT}; TensorBoard run: {out}")
 
 
-@cli.command()
-def serve(
-    model: Annotated[Path, typer.Option(help="The ONNX export to serve (its model_card.json beside it).")]
-    = Path("models/model.onnx"),
-    host: Annotated[str, typer.Option(help="Address the HTTP server binds (loopback: nothing leaves this machine; "
-                                           "0.0.0.0 to take requests from others).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
-    name: Annotated[str, typer.Option(help="The model's name in the protocol's URLs.")] = "reprotune",
-    replicas: Annotated[int, typer.Option(min=1, help="Replicas (each its own process and ONNX Runtime session).")]
-    = 1,
-    max_replicas: Annotated[int, typer.Option(min=0, help="Autoscale between --replicas and this many "
-                                                          "(0: a fixed number).")] = 0,
-    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (and Ray CPUs) per replica; 0: the "
-                                                     "CPUs of the Ray started here divided among the replicas "
-                                                     "(1 with --address).")] = 0,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Images per ONNX Runtime call, and per request.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits to fill, in milliseconds.")]
-    = 5.0,
-    max_body_mb: Annotated[float, typer.Option(min=0, help="Largest request body, in MiB.")] = 64.0,
-    max_pixels: Annotated[int | None, typer.Option(min=1, help="Largest image a request may send, in pixels "
-                                                                "[default: 64,000,000, as `reprotune predict`].")]
-    = None,
-    address: Annotated[str | None, typer.Option(help="A running Ray cluster (head host:port) to deploy to; "
-                                                     "by default a one-machine cluster starts here.")] = None,
-    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Prometheus metrics port of the Ray "
-                                                                     "started here.")] = 8080,
-    proxy_every_node: Annotated[bool, typer.Option("--proxy-every-node", help="An HTTP proxy on every Ray node "
-                                                   "(behind a load balancer), not only the head.")] = False,
-    log_requests: Annotated[Path | None, typer.Option(help="Keep the newest classified images here, as PNG with "
-                                                           "their predictions beside them, for `reprotune monitor`.")]
-    = None,
-    log_max_images: Annotated[int, typer.Option(min=1, help="Images --log-requests keeps (oldest deleted first).")]
-    = 10_000,
-    log_max_mb: Annotated[float, typer.Option(min=0, help="MiB of PNG --log-requests keeps.")] = 512.0,
-) -> None:
+# Where the server listens and which Ray it runs on: options of this command only (a Serve config
+# file says them in its own http_options); everything else is a Settings field.
+SERVE_RUN_OPTIONS = [
+    ("host", str, "127.0.0.1", typer.Option(help="Address the HTTP server binds (loopback: nothing leaves this "
+                                                 "machine; 0.0.0.0 to take requests from others).")),
+    ("port", int, 8000, typer.Option(min=1, max=65535, help="HTTP port.")),
+    ("address", str | None, None, typer.Option(help="A running Ray cluster (head host:port) to deploy to; by "
+                                                    "default a one-machine cluster starts here.")),
+    ("metrics_port", int, 8080, typer.Option(min=1, max=65535, help="Prometheus metrics port of the Ray started "
+                                                                    "here.")),
+    ("proxy_every_node", bool, False, typer.Option("--proxy-every-node", help="An HTTP proxy on every Ray node "
+                                                   "(behind a load balancer), not only the head.")),
+]
+
+
+def _settings_options() -> list[inspect.Parameter]:
+    """`reprotune serve`'s options for the server's Settings: their types, defaults, bounds and help."""
+    from annotated_types import Ge
+
+    from reprotune.inference.settings import Settings
+
+    options = []
+    for name, field in Settings.model_fields.items():
+        low = next((m.ge for m in field.metadata if isinstance(m, Ge)), None)
+        option = typer.Option(help=field.description, **({"min": low} if low is not None else {}))
+        options.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                         annotation=Annotated[field.annotation, option]))
+    return options
+
+
+def serve(**options) -> None:
     """Serve the exported model over the Open Inference Protocol (KServe V2) with Ray Serve."""
     from reprotune.inference.cluster import ray_environment
 
-    ray_environment(address, host)  # before anything imports ray
+    run_options = {name: options.pop(name) for name, *_ in SERVE_RUN_OPTIONS}
+    ray_environment(run_options["address"], run_options["host"])  # before anything imports ray
     from reprotune.inference.server import Settings, run
 
-    settings = Settings(model=str(model.resolve()), name=name, replicas=replicas, max_replicas=max_replicas,
-                        threads=threads or 1, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                        max_body_mb=max_body_mb, **({"max_pixels": max_pixels} if max_pixels else {}),
-                        log_requests=None if log_requests is None else str(log_requests.resolve()),
-                        log_max_images=log_max_images, log_max_mb=log_max_mb)
-    run(settings, host, port, address, metrics_port, proxy_every_node, auto_threads=threads == 0)
+    # Replicas may run in other working directories (other machines' too): absolute paths.
+    for key in ("model", "log_requests"):
+        if options[key] is not None:
+            options[key] = str(Path(options[key]).resolve())
+    run(Settings.checked(options), run_options["host"], run_options["port"], run_options["address"],
+        run_options["metrics_port"], run_options["proxy_every_node"])
+
+
+serve.__signature__ = inspect.Signature([
+    *_settings_options(),
+    *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+      for name, kind, default, option in SERVE_RUN_OPTIONS)])
+cli.command()(serve)
 
 
 def _venv_path() -> str:

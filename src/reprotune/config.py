@@ -2,8 +2,9 @@
 
 Unknown or misspelled keys, wrong types and out-of-range values are rejected with one line that
 names the file, the key and, for a misspelling, the closest valid key. These classes are the one
-source of every default and its description: `params.yaml` and the parameter reference (docs/reference/parameters.md) are
-written from them (`reprotune params --write`, see paramsdoc.py), and a test keeps them in step.
+source of every default and its description: `params.yaml` and the parameter reference
+(docs/reference/parameters.md) are written from them (`reprotune params --write`, see paramsdoc.py), and a
+test keeps them in step.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from reprotune.config import CIFAR_SIDE
 from reprotune.export import phone
 from reprotune.export.release import COMPRESSED_FILE, EXPORTS, INT8_FILE, ExportReport
 from reprotune.files import file_md5
-from reprotune.inference.predict import ModelCard
+from reprotune.inference.modelcard import ModelCard
 from reprotune.inference.runtime import INPUT, OUTPUT
 from reprotune.training.model import SavedModel
 

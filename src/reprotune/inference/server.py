@@ -25,7 +25,6 @@ import socket
 import sys
 import threading
 import zlib
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,9 @@ from starlette.exceptions import HTTPException
 
 from reprotune import __version__
 from reprotune.errors import ReprotuneError
-from reprotune.files import file_md5
-from reprotune.images import MAX_PIXELS
 from reprotune.inference.cluster import loopback
-from reprotune.inference.predict import input_side, load_card
 from reprotune.inference.protocol import (
     HEADER_LENGTH,
-    Contract,
     ProtocolError,
     decode_files,
     encode_response,
@@ -52,52 +47,9 @@ from reprotune.inference.protocol import (
 )
 from reprotune.inference.requestlog import RequestLog
 from reprotune.inference.runtime import onnx_runner
+from reprotune.inference.settings import Settings
 
 DEPLOYMENT = "classifier"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """One deployment of the classifier: the model file, the limits, and how many replicas."""
-
-    model: str = "models/model.onnx"
-    name: str = "reprotune"  # the model's name in the protocol's URLs
-    replicas: int = 1
-    max_replicas: int = 0  # above `replicas`: autoscale between the two on ongoing requests
-    threads: int = 1  # ONNX Runtime threads per replica, and the CPUs Ray reserves for each
-    max_batch_size: int = 32  # images per ONNX Runtime call, and per request
-    max_wait_ms: float = 5.0  # how long a batch waits to fill
-    max_body_mb: float = 64.0
-    max_pixels: int = MAX_PIXELS  # per decoded image
-    log_requests: str | None = None  # a folder: keep the newest classified images there, with predictions
-    log_max_images: int = 10_000
-    log_max_mb: float = 512.0
-
-    def __post_init__(self):
-        limits = {"replicas": (self.replicas, 1), "threads": (self.threads, 1),
-                  "max_batch_size": (self.max_batch_size, 1), "max_pixels": (self.max_pixels, 1),
-                  "log_max_images": (self.log_max_images, 1)}
-        for key, (value, low) in limits.items():
-            if type(value) is not int or value < low:
-                raise ReprotuneError(f"serve: {key} must be an integer of at least {low} (got {value!r})")
-        if type(self.max_replicas) is not int or (self.max_replicas and self.max_replicas < self.replicas):
-            raise ReprotuneError(f"serve: max_replicas must be 0 (no autoscaling) or at least replicas "
-                                 f"({self.replicas}) (got {self.max_replicas!r})")
-        for key in ("max_wait_ms", "max_body_mb", "log_max_mb"):
-            if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
-                raise ReprotuneError(f"serve: {key} must be a non-negative number (got {getattr(self, key)!r})")
-
-    def contract(self) -> Contract:
-        """The model's contract from its card, and this server's limits; a one-line error if the file or
-        its card is missing."""
-        path = Path(self.model)
-        if not path.is_file():
-            raise ReprotuneError(f"{path}: model not found (run `make demo` or `dvc repro` first)")
-        if path.suffix != ".onnx":
-            raise ReprotuneError(f"{path}: the server runs ONNX exports (models/model.onnx)")
-        card = load_card(path)
-        version = file_md5(path)[:12]  # which exact file answered
-        return Contract(self.name, version, card["classes"], input_side(card), self.max_batch_size, self.max_pixels)
 
 
 APP = FastAPI(title="reprotune", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -158,7 +110,7 @@ class Replica:
         import ray
         from ray.serve.metrics import Counter
 
-        self.settings = Settings(**settings)
+        self.settings = Settings.model_validate(settings)
         self.contract = self.settings.contract()
         self.run = onnx_runner(Path(self.settings.model), self.settings.threads)
         self.max_body = int(self.settings.max_body_mb * 2**20)
@@ -252,26 +204,26 @@ def application(settings: Settings):
                                          "target_ongoing_requests": settings.max_batch_size}
     else:
         options["num_replicas"] = settings.replicas
-    return Replica.options(**options).bind(asdict(settings))
+    return Replica.options(**options).bind(settings.model_dump())
 
 
 def build(args: dict):
     """Application builder for Serve config files and KubeRay: `import_path: reprotune.inference.server:build`,
-    `args:` any Settings field (model, name, max_batch_size, ...)."""
-    unknown = set(args) - set(Settings.__dataclass_fields__)
-    if unknown:
-        raise ReprotuneError(f"serve: unknown argument(s) {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(Settings.__dataclass_fields__)})")
-    settings = Settings(**args)
+    `args:` any Settings field (model, name, max_batch_size, ...). On a running cluster, `threads` 0
+    (the default) is one per replica: the config's ray_actor_options say how many CPUs each gets."""
+    settings = Settings.checked(args)
+    if settings.threads == 0:
+        settings = settings.model_copy(update={"threads": 1})
     settings.contract()
     return application(settings)
 
 
 def run(settings: Settings, host: str, port: int, address: str | None, metrics_port: int,
-        proxy_everywhere: bool, auto_threads: bool = False) -> None:
+        proxy_everywhere: bool) -> None:
     """Serve until SIGINT or SIGTERM, then drain the requests in flight, shut down and return.
-    `auto_threads`: a Ray started here splits its CPUs (a container's quota, not the host's cores) among
-    the replicas. (`cluster.ray_environment` must have run before this module was imported.)"""
+    `settings.threads` 0: a Ray started here splits its CPUs (a container's quota, not the host's cores)
+    among the replicas; on a running cluster (`address`) each replica gets one. (`cluster.ray_environment`
+    must have run before this module was imported.)"""
     import ray
 
     settings.contract()
@@ -283,11 +235,13 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              **({"_metrics_export_port": metrics_port} if address is None else {}))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the ready line below says it all
+    if address is not None and settings.threads == 0:
+        settings = settings.model_copy(update={"threads": 1})
     try:
         if address is None:
             cpus = int(ray.cluster_resources().get("CPU", 1))
-            if auto_threads:
-                settings = replace(settings, threads=max(1, cpus // settings.replicas))
+            if settings.threads == 0:
+                settings = settings.model_copy(update={"threads": max(1, cpus // settings.replicas)})
             if settings.replicas * settings.threads > cpus:
                 raise ReprotuneError(f"serve: {settings.replicas} replicas x {settings.threads} threads need "
                                      f"{settings.replicas * settings.threads} CPUs; Ray has {cpus} here")
