@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from reprotune.config import CompressConfig, DataConfig, Params
 from reprotune.data import folders
 from reprotune.export.compress import compress
@@ -37,9 +35,8 @@ from reprotune.training.loop import finetune
 sys.path.insert(0, str(Path(__file__).parent))
 from realdata import write_tree  # noqa: E402 - a sibling script, not a package
 
-from reprotune.data.raw import RawData
 from reprotune.data.splits import Split, make_splits
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.data.synthetic import synthetic_raw
 from reprotune.recipes import RECIPES
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,13 +54,7 @@ CONTROL = {"min_steps": 0, "lr": 0.01, "distill": 0.0}  # recovery by epochs alo
 def demo_splits(n_train: int = DEMO["data"]["synthetic_train"], n_test: int = DEMO["data"]["synthetic_test"]
                 ) -> dict[str, Split]:
     """The demo's data: synthetic images, 10% of the training ones held out for validation."""
-    rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(n_train) % 10)
-    test_labels = rng.permutation(np.arange(n_test) % 10)
-    raw = RawData(synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
-                       synthetic_images(test_labels, rng).reshape(-1, 3, 32, 32), test_labels,
-                       SYNTHETIC_CLASSES)
-    return make_splits(raw, 0.1, seed=0)
+    return make_splits(synthetic_raw(n_train, n_test, seed=0), 0.1, seed=0)
 
 
 def dataset(name: str) -> tuple[dict[str, Split], dict]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from compress import DEMO, demo_splits  # noqa: E402 - the demo's data and settings, one definition
-
-from reprotune.config import Params  # noqa: E402
-from reprotune.data.splits import to_float
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.data.splits import make_splits, to_float
+from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images, synthetic_raw
 from reprotune.evaluation.drift import detect  # noqa: E402
 from reprotune.evaluation.reference import build_reference, observe
 from reprotune.evaluation.report import classification_metrics  # noqa: E402
+from reprotune.recipes import RECIPES
 from reprotune.training.augment import rotate
 from reprotune.training.checkpoint import Checkpoints  # noqa: E402
 from reprotune.training.loop import finetune  # noqa: E402
@@ -114,9 +110,12 @@ def main() -> None:
     parser.add_argument("--permutations", type=int, default=500)
     args = parser.parse_args()
     started = time.perf_counter()
-    splits = demo_splits()
+    # the demo's data (synthetic, 10% of the training images for validation) and recipe, on the CPU
+    demo = RECIPES["demo"].params({"log": {"graph": False, "histograms": False, "images": 0},
+                                   "train": {"device": "cpu"}})
+    splits = make_splits(synthetic_raw(demo.data.synthetic_train, demo.data.synthetic_test, seed=0), 0.1, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        model = finetune(Params.model_validate(DEMO), splits["train"], splits["val"],
+        model = finetune(demo, splits["train"], splits["val"],
                          Checkpoints(Path(tmp) / "base", "base")).model.cpu().eval()
     with torch.no_grad():
         test_metrics = classification_metrics(model(to_float(splits["test"].images)), splits["test"].labels,

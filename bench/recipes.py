@@ -52,7 +52,7 @@ from reprotune.config import DataConfig, Params  # noqa: E402
 from reprotune.data import folders  # noqa: E402
 from reprotune.data.raw import RawData
 from reprotune.data.splits import make_splits
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from reprotune.data.synthetic import synthetic_raw
 from reprotune.recipes import RECIPES  # noqa: E402
 from reprotune.training.checkpoint import Checkpoints  # noqa: E402
 from reprotune.training.loop import finetune  # noqa: E402
@@ -91,11 +91,7 @@ def raw_data(name: str) -> RawData:
     """The dataset as preprocess reads it: a folder tree through `folders.read`, or synthetic images
     drawn as the demo's are."""
     if name == "synthetic":
-        rng = np.random.default_rng(0)
-        labels, test_labels = rng.permutation(np.arange(2000) % 10), rng.permutation(np.arange(500) % 10)
-        return RawData(synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
-                            synthetic_images(test_labels, rng).reshape(-1, 3, 32, 32), test_labels,
-                            SYNTHETIC_CLASSES)
+        return synthetic_raw(2000, 500, seed=0)
     tree = realdata.write_tree(name)
     return folders.read(DataConfig(dataset="folder", path=str(tree), image_size=SIZE))
 

@@ -33,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -42,9 +41,8 @@ import yaml
 from torchvision import transforms
 
 from reprotune.config import ModelConfig, Params
-from reprotune.data.raw import RawData
 from reprotune.data.splits import Split, make_splits, to_float
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images, write_synthetic_archive
+from reprotune.data.synthetic import synthetic_raw, write_synthetic_archive
 from reprotune.training.augment import augment
 from reprotune.training.checkpoint import Checkpoints
 from reprotune.training.loop import finetune, training_flops_per_image
@@ -56,11 +54,8 @@ PEAK = REPO / "bench" / "peak.py"
 
 
 def synthetic_splits(n_train: int, n_val: int, seed: int = 0) -> dict[str, Split]:
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n_train + n_val) % 10)
-    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = RawData(images, labels, images[:10], labels[:10], SYNTHETIC_CLASSES)
-    return make_splits(raw, n_val / (n_train + n_val), seed)
+    """Train and val from one synthetic draw (no test split: speed is measured on train and val)."""
+    return make_splits(synthetic_raw(n_train + n_val, 0, seed), n_val / (n_train + n_val), seed)
 
 
 def reprotune_images_per_second(splits, batch_size: int, epochs: int, workdir: Path) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from reprotune.data.cifar import ARCHIVE_DIR, ROW, SIDE, TRAIN_BATCHES
+from reprotune.data.raw import RawData
 from reprotune.files import atomic_file, file_md5
 
 # Ten classes = 5 colours x 2 stripe orientations: colour alone or orientation alone gets at most 50%,
@@ -39,6 +40,17 @@ def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     image = brightness * colour[:, :, None, None] * 0.8 + contrast * stripes[:, None]
     image += rng.normal(0, 0.25, size=image.shape).astype(np.float32)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(n, ROW)
+
+
+def synthetic_raw(n_train: int, n_test: int, seed: int = 0) -> RawData:
+    """The synthetic classes in memory, as a reader returns them: `n_train` training and `n_test` test
+    images, each set's classes in equal shares and shuffled, drawn from one generator seeded with
+    `seed`. The tests and benchmarks build their data here (the pipeline writes an archive instead:
+    this module stays torch-free for the download stage); `make_splits` splits it."""
+    rng = np.random.default_rng(seed)
+    labels, test_labels = rng.permutation(np.arange(n_train) % 10), rng.permutation(np.arange(n_test) % 10)
+    return RawData(synthetic_images(labels, rng).reshape(-1, 3, SIDE, SIDE), labels,
+                   synthetic_images(test_labels, rng).reshape(-1, 3, SIDE, SIDE), test_labels, SYNTHETIC_CLASSES)
 
 
 def write_synthetic_archive(dest: Path, n_train: int, n_test: int, seed: int) -> dict:
