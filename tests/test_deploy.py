@@ -182,6 +182,10 @@ def test_the_serve_command_options_are_the_settings_fields():
                                                           "proxy_every_node"}
 
 
+def test_config_files_naming_the_old_import_path_still_deploy():
+    assert importlib.import_module("reprotune.serve").build is build  # reprotune.serve:build, before the split
+
+
 def test_the_builder_rejects_an_unknown_argument_by_name():
     with pytest.raises(ReprotuneError, match=r"unknown argument\(s\) modle"):
         build({"modle": "x"})
