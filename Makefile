@@ -20,11 +20,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # Tests in tiers (docs/development/testing.md): markers say what a test needs beyond one process
-# (dvc, ray, torchrun, gpu). `make test` runs them all on $(WORKERS) pytest-xdist workers, the tests
-# that share the pipeline fixture on one of them (CI); `make test-fast`, the edit loop, runs the tests
-# that need none of those. WORKERS=auto uses every core.
+# (dvc, ray, torchrun, gpu). `make test` (CI) runs them all, `make test-fast` (the edit loop) those
+# that need none, on $(WORKERS) pytest-xdist workers (WORKERS=auto: one per core): each file's tests
+# on one worker, the files with slow tests handed out first (tests/conftest.py orders them).
 WORKERS ?= 2
-PYTEST  := $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup
+PYTEST  := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 test: install
 	$(PYTEST)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, run
+from fixtures import REPO, run
 
 WORKFLOW = REPO / ".github/workflows/pull-request.yml"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import reprotune
-from conftest import REPO, run
+from fixtures import REPO, run
 
 
 @pytest.mark.reliability

@@ -8,14 +8,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run
+from fixtures import REPO, run
 from reprotune import paramsdoc
-from reprotune.checkpoint import Checkpoints
 from reprotune.config import ExportConfig, Params, TrainConfig, load_params
-from reprotune.data import Split
+from reprotune.data.splits import Split
 from reprotune.errors import ReprotuneError
-from reprotune.review import PARAM_SECTIONS
-from reprotune.train import finetune
+from reprotune.tracking.review import PARAM_SECTIONS
+from reprotune.training.checkpoint import Checkpoints
+from reprotune.training.loop import finetune
 
 
 def test_shipped_params_are_the_documented_defaults():

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from conftest import REPO, run, set_params
+from fixtures import REPO, run, set_params
 from reprotune.data import cifar, fetch
 from reprotune.data.cifar import MAX_MEMBERS, TRAIN_BATCHES, read_archive
 from reprotune.data.fetch import fetch_archive

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import env, free_port, make_project, run, set_params
+from fixtures import env, free_port, make_project, run, set_params
 from reprotune.config import Params, load_params
 from reprotune.data.splits import load_split
 from reprotune.errors import ReprotuneError
@@ -144,6 +144,8 @@ def _assert_close(expected: dict[str, torch.Tensor], path: Path) -> None:
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
 
 
+@pytest.mark.dvc
+@pytest.mark.torchrun
 @pytest.mark.parametrize("strategy", ["linear", "full", "gradual"])
 def test_two_processes_train_what_one_process_trains(project, one_process, tmp_path, strategy, monkeypatch):
     overrides = {
@@ -173,6 +175,8 @@ def test_two_processes_train_what_one_process_trains(project, one_process, tmp_p
     assert run(["dvc", "status", "finetune"], project).stdout.strip() == "Data and pipelines are up to date."
 
 
+@pytest.mark.dvc
+@pytest.mark.torchrun
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_stopped_ddp_run_resumes_to_the_same_weights(project, one_process, monkeypatch, sig):
     set_params(project / "params.yaml", {**FULL, **TWO_PROCESSES})
@@ -203,6 +207,8 @@ def test_a_stopped_ddp_run_resumes_to_the_same_weights(project, one_process, mon
     _assert_close(one_process(True, monkeypatch), project / "models/model.pt")
 
 
+@pytest.mark.dvc
+@pytest.mark.torchrun
 def test_two_machines_on_one_host(project, one_process, tmp_path, monkeypatch):
     port = free_port()
     set_params(project / "params.yaml", {**FULL, "train.nproc": 1, "train.nnodes": 2,
@@ -224,6 +230,8 @@ def test_two_machines_on_one_host(project, one_process, tmp_path, monkeypatch):
     _assert_close(one_process(True, monkeypatch), project / "models/model.pt")  # the same run as 2 processes
 
 
+@pytest.mark.dvc
+@pytest.mark.torchrun
 def test_a_failing_rank_ends_in_one_line(project):
     set_params(project / "params.yaml", {"train.sync_bn": True, **TWO_PROCESSES})
     try:
@@ -237,6 +245,7 @@ def test_a_failing_rank_ends_in_one_line(project):
     assert "reprotune: error: train.sync_bn needs CUDA" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.dvc  # the project fixture's `dvc repro preprocess`
 def test_node_rank_outside_the_run_is_refused(project):
     proc = run(["python", "stages/finetune.py", "--node-rank", "1"], project, check=False)
     assert proc.returncode == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from conftest import REPO
+from fixtures import REPO
 from reprotune import cli as cli_module
 from reprotune.recipes import RECIPES
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from fixtures import MEAN, STD, events
 from reprotune.config import ExportConfig
 from reprotune.data.splits import Split, load_split, to_float
 from reprotune.errors import ReprotuneError
@@ -20,7 +21,6 @@ from reprotune.export.release import ExportPaths, export_all
 from reprotune.inference.predict import load_predictor
 from reprotune.inference.runtime import executorch_runner
 from reprotune.training.model import Classifier, load_model
-from test_pipeline import tags
 
 MAX_BATCH = 24  # above 15: a batch axis narrowed by the CPU convolution heuristics (see mobile.py) fails
 
@@ -63,7 +63,7 @@ def test_the_stage_writes_both_programs_and_their_metrics(project):
     assert card["bytes"]["executorch"] == (folder / "model.pte").stat().st_size
     assert card["executorch"]["batch"] == {"min": 1, "max": MAX_BATCH}
     assert card["metrics"]["executorch_int8_test_acc"] == int8["test_acc"]
-    scalars = set(tags(project / "runs/export").Tags()["scalars"])
+    scalars = set(events(project / "runs/export").Tags()["scalars"])
     assert {"export/executorch_max_abs_diff", "export/executorch_int8_agreement"} <= scalars
 
 
@@ -111,8 +111,7 @@ def _small() -> tuple[Classifier, Split]:
     net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(8, 4))
     images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    return Classifier(net, [0.5] * 3, [0.25] * 3, 16).eval(), Split(images, torch.arange(24) % 4, list("abcd"),
-                                                                    [0.5] * 3, [0.25] * 3)
+    return Classifier(net, MEAN, STD, 16).eval(), Split(images, torch.arange(24) % 4, list("abcd"), MEAN, STD)
 
 
 def _paths(root) -> ExportPaths:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_project, run
+from fixtures import make_project, run
 from reprotune.config import DataConfig, Params
 from reprotune.data import folders
 from reprotune.data.cifar import cifar100, read_archive
@@ -206,6 +206,7 @@ def test_data_settings_that_contradict_each_other_are_refused(values, message):
         Params.model_validate({"data": values})
 
 
+@pytest.mark.dvc
 def test_a_folder_dataset_through_the_pipeline(tmp_path):
     """dvc add'ed tree -> all five stages; predict on test files agrees with evaluation; editing one
     image reruns preprocess and what follows, not download."""
@@ -255,6 +256,7 @@ def test_imagenette_is_a_folder_archive_with_readable_class_names(tmp_path):
     assert raw.classes == ["tench", "parachute"]  # in the order of their ids
 
 
+@pytest.mark.dvc
 @pytest.mark.parametrize("kind", ["cifar100", "folder archive"])
 def test_cifar100_and_a_folder_archive_download_and_preprocess_through_dvc(tmp_path, kind):
     """Fetched from a local copy by the download stage (md5-checked), read by preprocess."""

@@ -11,15 +11,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run, set_params
+from fixtures import REPO, run, set_params, synthetic_splits
 from reprotune.config import Params
-from reprotune.data.raw import RawData
-from reprotune.data.splits import make_splits
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 from reprotune.training.checkpoint import Checkpoints
 from reprotune.training.loop import finetune
 
@@ -28,11 +24,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def splits():
-    rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(2000) % 10)
-    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = RawData(images, labels, images[:200], labels[:200], SYNTHETIC_CLASSES)
-    return make_splits(raw, 0.2, seed=0)
+    return synthetic_splits(2000, 200, 0.2)
 
 
 def _fit(splits, tmp_path, name="run", model=None, **train_cfg):
@@ -91,11 +83,7 @@ def test_deterministic_runs_are_bitwise_equal_on_cuda(splits, tmp_path, image_si
 def test_evaluate_and_export_a_model_trained_on_cuda(tmp_path):
     root = tmp_path
     (root / "data/processed").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    labels = rng.permutation(np.arange(1200) % 10)
-    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = RawData(images[:1000], labels[:1000], images[1000:], labels[1000:], SYNTHETIC_CLASSES)
-    for name, split in make_splits(raw, 0.2, seed=0).items():
+    for name, split in synthetic_splits(1000, 200, 0.2, seed=1).items():
         torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": 3, "train.batch_size": 64,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, env, run
+from fixtures import REPO, env, run
 from reprotune import files
 from reprotune.errors import ReprotuneError
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import env, run
+from fixtures import env, run
 from reprotune.data.cifar import read_archive
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite

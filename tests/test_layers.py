@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from fixtures import REPO
 
 LINT = Path(sys.executable).parent / "lint-imports"
 

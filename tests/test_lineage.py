@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, run, set_params
-from test_pipeline import IDLE
+from fixtures import IDLE, REPO, run, set_params
 
 PACKAGE = "reprotune"
 

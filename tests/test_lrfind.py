@@ -16,11 +16,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fixtures import synthetic_splits
 from reprotune.cli import app
 from reprotune.config import Params
-from reprotune.data.raw import RawData
-from reprotune.data.splits import make_splits
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 from reprotune.training import lrfind
 from reprotune.training.checkpoint import Checkpoints
 from reprotune.training.loop import finetune
@@ -65,11 +63,7 @@ def test_the_first_points_are_skipped_and_a_loss_that_never_falls_gives_no_sugge
 
 @pytest.fixture(scope="module")
 def splits():
-    rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(480) % 10)
-    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    raw = RawData(images, labels, images[:40], labels[:40], SYNTHETIC_CLASSES)
-    return make_splits(raw, 0.25, seed=0)
+    return synthetic_splits(480, 40, 0.25)
 
 
 def _lr_find(root, *args: str) -> tuple[int, str, str]:

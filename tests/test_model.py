@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from fixtures import MEAN, STD
 from reprotune.config import ModelConfig
 from reprotune.errors import ReprotuneError
 from reprotune.training.device import amp_dtype, select_device
 from reprotune.training.model import apply_strategy, build_model, frozen_stages, load_model, save_model
-
-MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
 def _same_backbone(model, state):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run
+from fixtures import MEAN, STD, events, run
 from reprotune.cli import app
 from reprotune.data.splits import Split, load_split, to_float
 from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
@@ -22,7 +22,6 @@ from reprotune.evaluation.drift import FAMILIES, Incoming, detect, mmd_test, mon
 from reprotune.evaluation.reference import INPUT_STATS, build_reference, image_stats, load_reference, observe
 from reprotune.inference.requestlog import ROTATE_EVERY, RequestLog
 from reprotune.training.model import load_model
-from test_pipeline import tags
 
 CLASSES = SYNTHETIC_CLASSES
 TEST_METRICS = {"test_acc": 0.5, "macro_f1": 0.5, "ece": 0.1}
@@ -32,7 +31,7 @@ def synthetic(n: int, seed: int, labels: np.ndarray | None = None) -> Split:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n) if labels is None else labels
     images = torch.from_numpy(synthetic_images(labels, rng).reshape(-1, 3, 32, 32))
-    return Split(images, torch.from_numpy(labels), CLASSES, [0.5] * 3, [0.25] * 3)
+    return Split(images, torch.from_numpy(labels), CLASSES, MEAN, STD)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +164,7 @@ def test_reprotune_monitor_on_folders_and_archives(pipeline, tmp_path, capsys, m
     assert stderr.count("reprotune: skipped:") == 1 and "broken.png" in stderr
     report = json.loads((out / "plain.json").read_text())
     assert report["images"] == 150 and report["unreadable"] == 1 and report["drift"] is False
-    scalars, histograms = tags(out / "plain").Tags()["scalars"], tags(out / "plain").Tags()["histograms"]
+    scalars, histograms = events(out / "plain").Tags()["scalars"], events(out / "plain").Tags()["histograms"]
     assert {"monitor/input_p_value", "monitor/features_p_value", "monitor/drift"} <= set(scalars)
     assert {"monitor/reference/contrast", "monitor/new/contrast", "monitor/new/confidence"} <= set(histograms)
 
@@ -237,7 +236,7 @@ def test_the_monitor_stage_checks_data_incoming_when_it_has_images(pipeline, tmp
     report = json.loads((project / "metrics/monitor.json").read_text())
     assert report["drift"] is True and report["images"] == 120
     assert report["features"]["tests"]["mmd"]["permutations"] == 500  # monitor.permutations from params.yaml
-    assert "monitor/drift" in tags(project / "runs/monitor").Tags()["scalars"]
+    assert "monitor/drift" in events(project / "runs/monitor").Tags()["scalars"]
     assert "Stage 'monitor' didn't change" in run(["dvc", "repro", "monitor"], project).stdout
 
 

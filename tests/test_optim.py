@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fixtures import MEAN, STD
 from reprotune.config import ModelConfig, TrainConfig
 from reprotune.training.model import build_model
 from reprotune.training.optim import WARMUP_START, make_optimizer, make_scheduler, param_groups
-
-MEAN, STD = [0.5] * 3, [0.25] * 3
 
 
 def _lrs(cfg: TrainConfig, steps_per_epoch: int = 10) -> tuple[list[float], list[float]]:
@@ -148,7 +147,7 @@ def test_onecycle_leaves_momentum_alone():
 
 @pytest.mark.parametrize("nesterov, momentum, expected", [(False, 0.9, False), (True, 0.9, True), (True, 0.0, False)])
 def test_sgd_is_nesterov_only_when_asked_and_with_momentum(nesterov, momentum, expected):
-    model = build_model(ModelConfig(weights="none"), 10, [0.5] * 3, [0.25] * 3)
+    model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
     optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", nesterov=nesterov, momentum=momentum))
     assert optimizer.defaults["nesterov"] is expected
 
@@ -157,5 +156,5 @@ def test_sgd_is_nesterov_only_when_asked_and_with_momentum(nesterov, momentum, e
                                         ("rmsprop", torch.optim.RMSprop), ("sgd", torch.optim.SGD)])
 def test_each_optimizer_name_builds_that_optimizer(name, kind):
     # Exactly that class: AdamW subclasses Adam, but decays weights apart from the gradient, Adam through it.
-    model = build_model(ModelConfig(weights="none"), 10, [0.5] * 3, [0.25] * 3)
+    model = build_model(ModelConfig(weights="none"), 10, MEAN, STD)
     assert type(make_optimizer(model, TrainConfig(optimizer=name))) is kind

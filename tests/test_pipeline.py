@@ -18,9 +18,8 @@ import pytest
 import torch
 import torchvision
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, env, free_port, run, set_params
+from fixtures import IDLE, REPO, env, events, free_port, run, set_params
 from reprotune.data.splits import load_split, to_float
 from reprotune.training.model import load_model
 
@@ -34,13 +33,6 @@ OUTPUTS = [
     "metrics/export.json", "models/reference.pt", "metrics/monitor.json",
 ]
 STAGES = ["download", "preprocess", "finetune", "evaluate", "compress", "export", "monitor"]
-IDLE = ("compress", "monitor")  # with the default params (compress.ratio 0) and no data/incoming images
-
-
-def tags(logdir) -> dict:
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 def test_every_output_exists_and_nothing_temporary_is_left(pipeline):
@@ -154,7 +146,7 @@ def test_processed_splits_are_uint8_with_train_statistics(pipeline):
 
 
 def test_finetune_logs_read_back_with_tensorboard(pipeline):
-    acc = tags(pipeline / "runs/finetune")
+    acc = events(pipeline / "runs/finetune")
     scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc"} <= scalars
     assert [e.step for e in acc.Scalars("val/acc")] == [18, 36]  # 580 images // 32 per step
@@ -169,15 +161,15 @@ def test_finetune_logs_read_back_with_tensorboard(pipeline):
 
 
 def test_every_stage_logs_what_it_did(pipeline):
-    assert {"download/megabytes"} <= set(tags(pipeline / "runs/download").Tags()["scalars"])
-    pre = tags(pipeline / "runs/preprocess").Tags()
+    assert {"download/megabytes"} <= set(events(pipeline / "runs/download").Tags()["scalars"])
+    pre = events(pipeline / "runs/preprocess").Tags()
     assert {"train/samples", "val/samples", "test/samples"} <= set(pre["images"])
     assert "class_counts/text_summary" in pre["tensors"]
-    evaluate = tags(pipeline / "runs/evaluate").Tags()
+    evaluate = events(pipeline / "runs/evaluate").Tags()
     figures = {"test/confusion_matrix", "test/reliability_diagram", "test/most_confident_mistakes"}
     assert figures <= set(evaluate["images"])
     assert sum(t.startswith("pr_curve/") for t in evaluate["tensors"]) == 10
-    export = set(tags(pipeline / "runs/export").Tags()["scalars"])
+    export = set(events(pipeline / "runs/export").Tags()["scalars"])
     assert {"export/onnx_max_abs_diff", "export/onnx_int8_test_acc"} <= export
 
 

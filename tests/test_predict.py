@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from conftest import run
+from fixtures import run
 from reprotune.data.splits import load_split
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, run
+from fixtures import REPO, run, synthetic_splits
 from reprotune.config import Params
-from reprotune.data.raw import RawData
-from reprotune.data.splits import make_splits
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 from reprotune.errors import ReprotuneError
 from reprotune.recipes import RECIPES
 from reprotune.training.checkpoint import Checkpoints
@@ -65,10 +61,7 @@ def test_the_command_prints_lists_and_refuses(tmp_path):
 
 def test_the_scratch_recipe_learns_a_small_dataset(tmp_path):
     # The recipe as it is (epochs, batch, LR, defaults for the rest) on 400 synthetic images.
-    rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(400) % 10)
-    images = synthetic_images(labels, rng).reshape(-1, 3, 32, 32)
-    splits = make_splits(RawData(images, labels, images[:50], labels[:50], SYNTHETIC_CLASSES), 0.2, 0)
+    splits = synthetic_splits(400, 50, 0.2)
     base = {"log": {"graph": False, "histograms": False, "images": 0}, "train": {"device": "cpu"}}
     params: Params = RECIPES["scratch"].params(base)
     result = finetune(params, splits["train"], splits["val"], Checkpoints(tmp_path / "run", "run"))

@@ -14,16 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, env, run, set_params
-from reprotune.data.raw import RawData
-from reprotune.data.splits import make_splits
-from reprotune.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
+from fixtures import REPO, env, run, set_params, synthetic_splits
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 
@@ -42,11 +38,7 @@ def device(request) -> str:
 def _workspace(root: Path, device: str = "cpu") -> Path:
     """Processed splits and params for a 4-epoch deterministic run on `device`."""
     (root / "data/processed").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(TRAIN_IMAGES * 5 // 4) % 10)
-    raw = RawData(synthetic_images(labels, rng).reshape(-1, 3, 32, 32), labels,
-                       np.zeros((10, 3, 32, 32), np.uint8), np.arange(10), SYNTHETIC_CLASSES)
-    for name, split in make_splits(raw, 0.2, seed=0).items():
+    for name, split in synthetic_splits(TRAIN_IMAGES * 5 // 4, 10, 0.2).items():
         torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": EPOCHS,

@@ -15,8 +15,10 @@ import time
 import pytest
 import yaml
 
-from conftest import run
+from fixtures import run
 from reprotune.tracking.review import exp_show_runs, seed_groups, seed_table
+
+pytestmark = pytest.mark.dvc  # every test here reads the one sweep through the real DVC queue
 
 N_TEST = 400  # test images: one is 0.0025 of test_acc
 

@@ -25,7 +25,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from conftest import env, free_port, run
+from fixtures import env, free_port, require, run
 from reprotune.evaluation.drift import read_incoming
 from reprotune.images import load_image
 from reprotune.inference.runtime import onnx_runner
@@ -38,6 +38,7 @@ class Server:
     """A `reprotune serve` process; its output goes to files (a full pipe would stall it)."""
 
     def __init__(self, model: Path, logs: Path, *args: str):
+        require("ray", "starts `reprotune serve` (Ray Serve)")
         self.port, self.metrics_port = free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.out, self.err = logs / f"serve-{self.port}.out", logs / f"serve-{self.port}.err"
@@ -146,6 +147,7 @@ def files(tmp_path_factory) -> list[Path]:
     return image_files(tmp_path_factory.mktemp("images"))
 
 
+@pytest.mark.ray
 def test_health_and_metadata_follow_the_protocol_and_the_model_card(server, model):
     card = json.loads((model.parent / "model_card.json").read_text())
     client = server.client()
@@ -161,6 +163,7 @@ def test_health_and_metadata_follow_the_protocol_and_the_model_card(server, mode
         client.get_model_metadata("resnet50")
 
 
+@pytest.mark.ray
 def test_the_server_and_its_ray_listen_on_loopback_only(server):
     """No socket of the server's process tree (the CLI, Ray's GCS, raylet, agents, proxy, replicas)
     listens on an address another machine could reach, but one Ray cannot be told about: Serve 2.60's
@@ -181,6 +184,7 @@ def _loopback(ip: str) -> bool:
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 is loopback
 
 
+@pytest.mark.ray
 def test_image_and_tensor_requests_give_the_classes_reprotune_predict_gives(server, model, files):
     predicted = [json.loads(line) for line in
                  run([REPROTUNE, "predict", "--model", str(model), *map(str, files)], model.parent).stdout.splitlines()]
@@ -220,6 +224,7 @@ def test_image_and_tensor_requests_give_the_classes_reprotune_predict_gives(serv
     assert np.array(labels["data"]).reshape(labels["shape"]).tolist() == expected
 
 
+@pytest.mark.ray
 def test_the_request_log_holds_what_the_model_saw_with_its_prediction(server, model, files):
     before = set(server.requests.glob("*.png"))
     reply = server.client().infer("reprotune", [file_input([f.read_bytes() for f in files])])
@@ -234,6 +239,7 @@ def test_the_request_log_holds_what_the_model_saw_with_its_prediction(server, mo
     assert len(incoming.images) == len(list(server.requests.glob("*.png"))) and incoming.labels is None
 
 
+@pytest.mark.ray
 def test_concurrent_requests_are_answered_right_and_batched(server, model, files):
     rng = np.random.default_rng(0)
     images = rng.random((64, 3, 32, 32), dtype=np.float32)
@@ -304,6 +310,7 @@ def _bad_requests(files: list[Path]) -> dict:
     }
 
 
+@pytest.mark.ray
 @pytest.mark.reliability
 @pytest.mark.parametrize("case", list(_bad_requests([Path("unused")])))
 def test_each_bad_request_gets_a_4xx_naming_it_and_the_next_request_succeeds(server, files, case):
@@ -320,6 +327,7 @@ def test_each_bad_request_gets_a_4xx_naming_it_and_the_next_request_succeeds(ser
     assert good.as_numpy("top_k_labels").shape == (1, 3)
 
 
+@pytest.mark.ray
 @pytest.mark.reliability
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(model, files, tmp_path):
     # Batches wait up to 3 s to fill: requests sent just before SIGTERM are still in flight when it comes.
@@ -372,6 +380,7 @@ cluster.shutdown()
 """
 
 
+@pytest.mark.ray
 def test_two_replicas_on_a_two_node_loopback_cluster_both_answer(model, tmp_path):
     cluster = subprocess.Popen([sys.executable, "-c", TWO_NODES], stdout=subprocess.PIPE, text=True, env=env(),
                                cwd=tmp_path)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, env, free_port, make_project, run
+from fixtures import REPO, env, free_port, make_project, run
+
+pytestmark = pytest.mark.dvc  # the demo and the docs' commands: dvc repro, exp, push, pull
 
 CACHED = ["data/raw/download/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
           "models/model.pt", "models/model.onnx", "models/int8/model.int8.onnx", "models/model.torchscript.pt"]

@@ -1,0 +1,145 @@
+"""What the tests share, in one place: the repository, running commands, tiny projects, synthetic data,
+normalization constants, reading TensorBoard logs, and the check that keeps the tier markers true.
+
+A plain module (`from fixtures import run, synthetic_splits`): test files import it, never each other
+or conftest.py, which holds the pytest fixtures and hooks built on it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reprotune.data.splits import Split, make_splits
+from reprotune.data.synthetic import synthetic_raw
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore",
+                 "data/incoming/README.md"]
+
+# A pipeline small enough to run in seconds on 2 CPU cores, through exactly the real code path.
+TINY = {
+    "data.dataset": "synthetic",
+    "data.synthetic_train": 640,
+    "data.synthetic_test": 200,
+    "model.weights": "none",
+    "train.epochs": 2,
+    "train.batch_size": 32,
+    "train.lr": 0.05,
+    "log.images": 8,
+    "export.check_images": 16,
+    "export.calibration_images": 64,
+    "export.int8_min_agreement": 0.5,  # a 2-epoch model has small margins for int8 to keep
+    "export.latency_runs": 5,
+    # The same run on every host: CUDA's path is what the `gpu`-marked tests (make gpu-check) take.
+    "train.device": "cpu",
+}
+# The stages that stop early in the TINY pipeline: compress (compress.ratio 0) and monitor (no images
+# in data/incoming/).
+IDLE = ("compress", "monitor")
+
+# Per-channel normalization for models and splits built by hand (a model only needs some mean and std).
+MEAN, STD = [0.5] * 3, [0.25] * 3
+
+
+def synthetic_splits(n_train: int, n_test: int, val_fraction: float, seed: int = 0) -> dict[str, Split]:
+    """Train/val/test splits of the synthetic classes, as the preprocess stage makes them: `n_train`
+    training images of which `val_fraction` of each class is held out for validation, and `n_test` test
+    images (`data.synthetic.synthetic_raw`, seeded with `seed`, which also seeds the split)."""
+    return make_splits(synthetic_raw(n_train, n_test, seed), val_fraction, seed)
+
+
+def events(logdir: Path):
+    """A TensorBoard log directory read back in full with TensorBoard's own reader (an EventAccumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+# ------------------------------------------------------------------------------------------ the tiers
+
+# What a test may need beyond this process and its temporary files; each is a marker (pyproject.toml)
+# that `make test-fast` deselects. conftest.py marks the users of its `pipeline` and `exported`
+# fixtures `dvc`; `require` fails a test that starts one of these without its marker, so a new test
+# cannot slip into the fast tier unmarked.
+TIERS = ("dvc", "ray", "torchrun", "gpu")
+current_test: pytest.Item | None = None  # set by conftest.py before each test's setup
+
+
+def require(marker: str, what: str) -> None:
+    """Fail the running test unless it carries `marker` (it is about to do `what`)."""
+    if current_test is not None and current_test.get_closest_marker(marker) is None:
+        pytest.fail(f"{current_test.nodeid} {what} but is not marked `{marker}`: add `@pytest.mark.{marker}` "
+                    "(or to the module's `pytestmark`) so that `make test-fast` leaves it out", pytrace=False)
+
+
+# ------------------------------------------------------------------------------------- commands
+
+def env() -> dict[str, str]:
+    """The environment stages and DVC run in: this venv first on PATH, git identity, no debug."""
+    environ = {k: v for k, v in os.environ.items() if k != "REPROTUNE_DEBUG"}
+    environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])
+    for role in ("AUTHOR", "COMMITTER"):
+        environ[f"GIT_{role}_NAME"] = "reprotune tests"
+        environ[f"GIT_{role}_EMAIL"] = "tests@reprotune.invalid"
+    return environ
+
+
+def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 600,
+        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command in `cwd`; on an unexpected exit code, fail with its output."""
+    program = Path(str(args[0])).name
+    if program == "dvc" or (program == "reprotune" and args[1:2] == ["demo"]):
+        require("dvc", f"runs `{' '.join(map(str, [program, *args[1:2]]))}`")
+    proc = subprocess.run(args, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------- projects
+
+def set_params(path: Path, overrides: dict) -> None:
+    """Apply dotted-key overrides to a params file."""
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(root: Path, overrides: dict | None = None) -> Path:
+    """A fresh git + DVC project holding the pipeline, with `overrides` applied and committed."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src, dest = REPO / name, root / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest)
+    set_params(root / "params.yaml", {**TINY, **(overrides or {})})
+    run(["git", "init", "-q", "-b", "main"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "tiny pipeline"], root)
+    return root
