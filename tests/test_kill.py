@@ -54,7 +54,7 @@ def assert_whole(root: Path) -> None:
 def repair_dvc_lock(root: Path) -> None:
     """DVC rewrites `.dvc/tmp/rwlock` in place around each stage, so a SIGKILL in that instant leaves
     it empty, and every later `dvc` command stops at "Unable to read RWLock-file" until it is removed
-    (the README's "When something goes wrong" says so). That file is DVC's, not an output of ours:
+    (docs/reference/failures.md says so). That file is DVC's, not an output of ours:
     remove a torn one, as a user would."""
     lock = root / ".dvc/tmp/rwlock"
     try:

@@ -41,9 +41,9 @@ DVC_YAML = {"stages": {"fake": {
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """A committed baseline (seed 0, lr 0.1), the README's queued seed sweep over seeds 0-2 (seed 0
-    a rerun of the baseline), then lr 0.2 with seed 3 and, differing only in its seed, seed 4: the
-    workspace holds the last."""
+    """A committed baseline (seed 0, lr 0.1), the queued seed sweep over seeds 0-2 of
+    docs/how-to/share-with-a-team.md (seed 0 a rerun of the baseline), then lr 0.2 with seed 3 and,
+    differing only in its seed, seed 4: the workspace holds the last."""
     root = tmp_path_factory.mktemp("seeds")
     (root / "metrics").mkdir()
     (root / "metrics" / ".gitkeep").touch()
