@@ -23,7 +23,7 @@ from fixtures import REPO, env, run, set_params, synthetic_splits
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 
-EPOCHS = 4
+EPOCHS = 3  # a kill after epoch 1 leaves two to resume: the schedule, EMA and log carry on twice
 TRAIN_IMAGES = 480
 # Optimizer steps per epoch: more on a GPU, whose epochs are so short that a Ctrl-C sent when the
 # first checkpoint appears could otherwise land after the last step.
@@ -36,7 +36,7 @@ def device(request) -> str:
 
 
 def _workspace(root: Path, device: str = "cpu") -> Path:
-    """Processed splits and params for a 4-epoch deterministic run on `device`."""
+    """Processed splits and params for an EPOCHS-epoch deterministic run on `device`."""
     (root / "data/processed").mkdir(parents=True)
     for name, split in synthetic_splits(TRAIN_IMAGES * 5 // 4, 10, 0.2).items():
         torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
