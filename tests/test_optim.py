@@ -102,13 +102,14 @@ def test_cosine_schedule_ends_at_zero_without_warmup():
 
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("adam", 1e-3), ("adamw", 1e-3), ("rmsprop", 1e-3)])
 def test_every_optimizer_lowers_the_loss_on_a_problem_it_must_learn(optimizer, lr):
-    # 16 images, each its own class pattern: 40 full-batch steps must fit them far below ln(10).
+    # 16 images, each its own class pattern: 10 full-batch steps must fit them far below ln(10) (each
+    # optimizer here is under 1% of its first loss by then).
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), 10, MEAN, STD).train()
     images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 10
     built = make_optimizer(model, TrainConfig(optimizer=optimizer, lr=lr, weight_decay=0))
     losses = []
-    for _ in range(40):
+    for _ in range(10):
         loss = F.cross_entropy(model(images), labels)
         built.zero_grad()
         loss.backward()
