@@ -60,7 +60,8 @@ def server(monkeypatch):
     monkeypatch.setattr(fetch, "TIMEOUT_SECONDS", 0.5)
     _FlakyServer.requests = []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyServer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    # shutdown() waits for serve_forever to look: every 0.05 s, not the default 0.5 s
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield httpd
     httpd.shutdown()
     httpd.server_close()

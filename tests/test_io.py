@@ -105,11 +105,12 @@ def test_temporaries_left_by_a_killed_write_are_cleared_next_time(tmp_path):
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
-    (tmp_path / "params.yaml").write_text("train: {lr: -1}\n")
-    plain = run(["python", str(REPO / "stages/finetune.py")], tmp_path, check=False)
+    # Every stage takes --debug (run_stage); download starts in half the time finetune takes.
+    (tmp_path / "params.yaml").write_text("data: {val_fraction: 2}\n")
+    plain = run(["python", str(REPO / "stages/download.py")], tmp_path, check=False)
     assert plain.returncode == 1 and "Traceback" not in plain.stderr
-    debug = run(["python", str(REPO / "stages/finetune.py"), "--debug"], tmp_path, check=False)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "train.lr" in debug.stderr
+    debug = run(["python", str(REPO / "stages/download.py"), "--debug"], tmp_path, check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "data.val_fraction" in debug.stderr
 
 
 def test_outputs_get_the_modes_a_plain_write_gets(tmp_path):
