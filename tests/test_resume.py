@@ -45,7 +45,9 @@ def _workspace(root: Path, device: str = "cpu") -> Path:
                                       "train.batch_size": TRAIN_IMAGES // STEPS[device],
                                       "train.lr": 0.05, "train.deterministic": True, "train.ema_decay": 0.9,
                                       "train.warmup_epochs": 0.5, "model.dropout": 0.2, "log.graph": False,
-                                      "log.histograms": False, "train.device": device})
+                                      # 4 logged images, not the default 32: a grid is still drawn each
+                                      # epoch, and a run takes a quarter less time
+                                      "log.histograms": False, "log.images": 4, "train.device": device})
     return root
 
 
