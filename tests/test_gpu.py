@@ -98,4 +98,4 @@ def test_evaluate_and_export_a_model_trained_on_cuda(tmp_path):
     assert evaluate["test_acc"] > 0.3
     for fmt in ("onnx", "torchscript"):
         assert export[fmt]["max_abs_diff"] < 1e-3 and export[fmt]["test_acc"] == pytest.approx(evaluate["test_acc"])
-    assert Path(root / "models/model.int8.onnx").is_file()
+    assert Path(root / "models/int8/model.int8.onnx").is_file()
