@@ -211,9 +211,7 @@ def build(args: dict):
     """Application builder for Serve config files and KubeRay: `import_path: reprotune.inference.server:build`,
     `args:` any Settings field (model, name, max_batch_size, ...). On a running cluster, `threads` 0
     (the default) is one per replica: the config's ray_actor_options say how many CPUs each gets."""
-    settings = Settings.checked(args)
-    if settings.threads == 0:
-        settings = settings.model_copy(update={"threads": 1})
+    settings = Settings.checked(args).with_threads(None)
     settings.contract()
     return application(settings)
 
@@ -235,16 +233,12 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              **({"_metrics_export_port": metrics_port} if address is None else {}))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the ready line below says it all
-    if address is not None and settings.threads == 0:
-        settings = settings.model_copy(update={"threads": 1})
     try:
-        if address is None:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            if settings.threads == 0:
-                settings = settings.model_copy(update={"threads": max(1, cpus // settings.replicas)})
-            if settings.replicas * settings.threads > cpus:
-                raise ReprotuneError(f"serve: {settings.replicas} replicas x {settings.threads} threads need "
-                                     f"{settings.replicas * settings.threads} CPUs; Ray has {cpus} here")
+        cpus = int(ray.cluster_resources().get("CPU", 1)) if address is None else None
+        settings = settings.with_threads(cpus)
+        if cpus is not None and settings.replicas * settings.threads > cpus:
+            raise ReprotuneError(f"serve: {settings.replicas} replicas x {settings.threads} threads need "
+                                 f"{settings.replicas * settings.threads} CPUs; Ray has {cpus} here")
         for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
             signal.signal(signum, lambda *_: stop.set())
         serve.start(http_options={"host": host, "port": port},

@@ -65,6 +65,14 @@ class Settings(BaseModel):
                 raise ReprotuneError(f"serve: {message}") from None
             raise ReprotuneError(f"serve: {key}: {message} (got {error.get('input')!r})") from None
 
+    def with_threads(self, cpus: int | None) -> Settings:
+        """`threads` 0 (auto) made a number: `cpus` (those of a Ray started here) divided among the
+        replicas, or one per replica on a running cluster (`cpus` None), whose deployment options say
+        how many CPUs each gets. Other values are kept."""
+        if self.threads:
+            return self
+        return self.model_copy(update={"threads": 1 if cpus is None else max(1, cpus // self.replicas)})
+
     def contract(self) -> Contract:
         """The model's contract from its card, and this server's limits; a one-line error if the file or
         its card is missing."""
