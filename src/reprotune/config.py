@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from reprotune.errors import ReprotuneError
+from reprotune.errors import ParamsError
 
 # The official archive of each named dataset (URL, md5): used when data.url / data.md5 are empty.
 # Imagenette: fast.ai's ten easy ImageNet classes at 160 px (the md5s are torchvision's).
@@ -411,10 +411,10 @@ class Params(Section):
     monitor: MonitorConfig = MonitorConfig()
     _source: Path | None = PrivateAttr(None)  # the file these came from, for errors found later
 
-    def error(self, message: str) -> ReprotuneError:
+    def error(self, message: str) -> ParamsError:
         """A one-line error about these params' values, found after loading (a GPU that is not
-        there, say), naming the params file as load errors do."""
-        return ReprotuneError(f"{self._source}: {message}" if self._source else message)
+        there, say), naming the params file as load errors do; raised before anything is written."""
+        return ParamsError(f"{self._source}: {message}" if self._source else message)
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
@@ -462,27 +462,27 @@ class _DuplicateKey(Exception):
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; any problem raises ReprotuneError naming file and key."""
+    """Read and validate a params file; any problem raises ParamsError naming file and key."""
     path = Path(path)
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
-        raise ReprotuneError(f"{path}: no such params file") from None
+        raise ParamsError(f"{path}: no such params file") from None
     except _DuplicateKey as exc:
-        raise ReprotuneError(f"{path}: key '{exc.key}' appears twice in one section, at lines {exc.lines[0]} "
+        raise ParamsError(f"{path}: key '{exc.key}' appears twice in one section, at lines {exc.lines[0]} "
                              f"and {exc.lines[1]}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ReprotuneError(f"{path}: {where}not valid YAML: {exc.problem or exc.context}") from None
+        raise ParamsError(f"{path}: {where}not valid YAML: {exc.problem or exc.context}") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise ReprotuneError(f"{path}: cannot read params: {_first_line(exc)}") from None
+        raise ParamsError(f"{path}: cannot read params: {_first_line(exc)}") from None
     if not isinstance(raw, dict):
-        raise ReprotuneError(f"{path}: expected a mapping of sections at the top level")
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
-        raise ReprotuneError(f"{path}: {describe(exc.errors()[0], raw)}") from None
+        raise ParamsError(f"{path}: {describe(exc.errors()[0], raw)}") from None
     params._source = path
     return params
 

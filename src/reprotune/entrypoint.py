@@ -6,6 +6,7 @@ code the stage runs: editing `reprotune predict` or `reprotune demo` must not re
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Annotated
 import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer ships its own click
 
-from reprotune.errors import UsageError, run_cli
+from reprotune.errors import ParamsError, UsageError, run_cli
+from reprotune.rollback import undo_rejected_run
 
 # The option every stage script and command takes: `--params params.yaml`.
 ParamsFile = Annotated[Path, typer.Option("--params", help="Params file.")]
@@ -24,7 +26,31 @@ def run_stage(main: Callable[..., None]) -> None:
     """Run a stage script's `main` as a CLI, with reprotune's one-line error reporting."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(main)
-    run_cli(lambda: invoke(app))
+    run_cli(lambda: rejecting(lambda: invoke(app)))
+
+
+def rejecting(call: Callable[[], None]) -> None:
+    """Run a stage; if it rejects its params under DVC, first put back what DVC changed before
+    running it (its outputs; `-S` values), so a mistake costs nothing. The one error line says so.
+
+    Only where DVC runs the stage in the workspace itself: an experiment in a temporary copy
+    (`--temp`, the queue) changed nothing of it. Not in the processes torchrun starts: their
+    launcher, a stage process itself, has checked the params first, and ranks must not restore
+    outputs side by side.
+    """
+    try:
+        call()
+    except ParamsError as exc:
+        stage, root = os.environ.get("DVC_STAGE"), Path.cwd()
+        if not stage or Path(os.environ.get("DVC_ROOT", "/nonexistent")).resolve() != root.resolve() \
+                or "LOCAL_RANK" in os.environ:
+            raise
+        try:
+            undone = undo_rejected_run(stage, root)
+        except Exception as undo:  # noqa: BLE001 - the rejection stays the message; say what is left to do
+            undone = (f"putting the workspace back failed ({type(undo).__name__}: {undo}): `dvc checkout "
+                      f"{stage}` brings its outputs back, `git diff` shows the params")
+        raise ParamsError(f"{exc} ({undone})") from exc
 
 
 def invoke(app: typer.Typer) -> None:

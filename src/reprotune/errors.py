@@ -13,6 +13,11 @@ class ReprotuneError(Exception):
     exit_code = 1
 
 
+class ParamsError(ReprotuneError):
+    """The params file, or a value in it, is rejected: raised before a stage writes anything, so the
+    stage can put back what DVC removed before running it (reprotune.rollback)."""
+
+
 class UsageError(ReprotuneError):
     """The command line itself is wrong (an unknown option, a value out of range)."""
 

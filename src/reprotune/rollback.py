@@ -1,0 +1,225 @@
+"""Put the workspace back when a stage run by DVC rejects its params: a mistake loses nothing.
+
+DVC deletes a stage's outputs before it runs the stage's command, and `dvc exp run -S key=value`
+writes the value into the params file before that; DVC undoes neither when the command fails. Every
+stage validates the whole params file before it writes anything, so the first stage DVC runs is the
+one that rejects a bad value, and at that moment the workspace differs from before the command in
+two ways only, both undone here:
+
+- this stage's outputs are gone: they come back from the DVC cache, as dvc.lock records them (the
+  outputs kept in git, `cache: false`, are in the cache too once DVC's run cache saved them; where
+  not, git's copy serves if its hash is the one dvc.lock records);
+- under `dvc exp run -S`, the params files named by `-S` hold the new values: each gets back the
+  text it had (its git HEAD version, when applying the same `-S` to it gives what DVC wrote; else
+  the user had edited it too, and the `-S` keys alone go back to their HEAD values, in the layout
+  DVC rewrote the file in).
+
+Only on this error path is DVC imported, and only its read-only parts: the `dvc` process running
+the stage holds the repository lock, so nothing here may take it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reprotune.files import atomic_file
+
+
+def undo_rejected_run(stage: str, root: Path) -> str:
+    """Restore what DVC changed before `stage` rejected its params; say what was done, briefly."""
+    done, left = [], []
+    restored, lost = _restore_outputs(stage, root)
+    if restored:
+        done.append(f"{stage}'s outputs restored from the DVC cache")
+    if lost:
+        left.append(f"no copy in the DVC cache or git to restore {', '.join(lost)} from")
+    reverted, kept = _revert_set_params(root)
+    if reverted:
+        done.append(f"{', '.join(reverted)} as before `dvc exp run -S`")
+    if kept:
+        left.append(f"{', '.join(kept)} still holding the `-S` values")
+    if left:
+        return f"the workspace is not all as it was: {'; '.join(done + left)}"
+    return f"the workspace is as it was{': ' if done else ''}{'; '.join(done)}"
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+def _restore_outputs(stage: str, root: Path) -> tuple[list[str], list[str]]:
+    """Bring back the stage's outputs that DVC removed, from the cache dvc.lock points into."""
+    from dvc.repo import Repo  # noqa: PLC0415 - DVC only on this error path (about a second to import)
+
+    with Repo(os.fspath(root)) as repo:
+        outs = repo.stage.load_one(path=os.fspath(root / "dvc.yaml"), name=stage).outs
+        restored, lost = [], []
+        for out in outs:
+            path = root / out.def_path
+            if path.exists() or not out.hash_info or not out.hash_info.value:
+                continue  # still there (a persistent output), or never built: nothing to bring back
+            try:
+                _checkout(out, path, root)
+                restored.append(out.def_path)
+            except FileNotFoundError:
+                lost.append(out.def_path)
+    return restored, lost
+
+
+def _checkout(out: Any, path: Path, root: Path) -> None:
+    """Write one output as dvc.lock records it; FileNotFoundError when no copy of it is found.
+
+    Built beside its place and moved in, so an interrupted restore leaves no half-written output.
+    """
+    oid = out.hash_info.value
+    cache = out.cache
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if out.hash_info.isdir:
+        entries = json.loads(Path(cache.oid_to_path(oid)).read_text())
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            for entry in entries:
+                target = staging / entry["relpath"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cache.oid_to_path(entry["md5"]), target)
+            staging.rename(path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return
+    source = Path(cache.oid_to_path(oid))
+    data = source.read_bytes() if source.exists() else _from_git(out.def_path, oid, root)
+    with atomic_file(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def _from_git(relpath: str, md5: str, root: Path) -> bytes:
+    """Git's HEAD copy of a `cache: false` output, if it is the content dvc.lock records."""
+    data = _git_show(f"HEAD:{relpath}", root)
+    if data is None or hashlib.md5(data, usedforsecurity=False).hexdigest() != md5:
+        raise FileNotFoundError(relpath)
+    return data
+
+
+def _git_show(spec: str, root: Path) -> bytes | None:
+    proc = subprocess.run(["git", "show", spec], cwd=root, capture_output=True, check=False)  # noqa: S607
+    return proc.stdout if proc.returncode == 0 else None
+
+
+# ------------------------------------------------------------------------------------- params
+
+def _revert_set_params(root: Path) -> tuple[list[str], list[str]]:
+    """Under `dvc exp run -S` in this workspace, put each params file it changed back as it was."""
+    reverted, kept = [], []
+    for name, overrides in _set_params(root).items():
+        path = root / name
+        before = _text_before(path, name, overrides, root)
+        if before is not None:
+            with atomic_file(path) as tmp:
+                Path(tmp).write_bytes(before)
+            reverted.append(name)
+        elif _revert_keys(path, name, overrides, root):
+            reverted.append(name)
+        else:
+            kept.append(f"{name} ({' '.join(overrides)})")
+    return reverted, kept
+
+
+def _set_params(root: Path) -> dict[str, list[str]]:
+    """The `-S` overrides of the `dvc exp run` that runs this stage in `root`, by params file.
+
+    DVC passes them to no stage, so they are read from the command line of the `dvc` process above
+    this one, with DVC's own parser. Empty for `dvc repro`, and for experiments DVC runs in a
+    temporary copy (`--temp`, the queue): those leave the workspace alone.
+    """
+    import psutil  # noqa: PLC0415 - a DVC dependency, needed only here
+    from dvc.cli import parse_args  # noqa: PLC0415
+    from dvc.utils.cli_parse import to_path_overrides  # noqa: PLC0415
+
+    for process in psutil.Process().parents():
+        try:
+            argv, cwd = process.cmdline(), Path(process.cwd())
+        except psutil.Error:
+            continue
+        starts = [i for i, arg in enumerate(argv) if Path(arg).name == "dvc"]  # also `python -m dvc`
+        if not starts:
+            continue
+        args = argv[starts[0] + 1:]
+        if args[:2] not in (["exp", "run"], ["experiments", "run"]):
+            return {}  # the nearest dvc is `dvc repro` (or another command): -S is not in play
+        try:
+            parsed = parse_args(args)
+        except SystemExit:  # not a command line DVC's parser takes: leave the params alone
+            return {}
+        if parsed.queue or parsed.tmp_dir or not _same_place(cwd, root):
+            return {}
+        return to_path_overrides(parsed.set_param or [])
+    return {}
+
+
+def _same_place(cwd: Path, root: Path) -> bool:
+    cwd, root = cwd.resolve(), root.resolve()
+    return cwd == root or root in cwd.parents
+
+
+def _text_before(path: Path, name: str, overrides: list[str], root: Path) -> bytes | None:
+    """The file's text before `-S`: its HEAD version, if applying `-S` to that gives what DVC wrote;
+    else None (the user had edited it too). Not the index: DVC stages its own changes there while
+    the experiment runs."""
+    from dvc.utils.hydra import apply_overrides  # noqa: PLC0415
+
+    text = _git_show(f"HEAD:{name}", root)
+    if text is None:
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        trial = Path(scratch) / path.name
+        trial.write_bytes(text)
+        try:
+            apply_overrides(trial, overrides)
+        except Exception:  # noqa: BLE001 - DVC applied these once; a text it cannot take is not the one
+            return None
+        return text if _load(trial.read_bytes()) == _load(path.read_bytes()) else None
+
+
+def _revert_keys(path: Path, name: str, overrides: list[str], root: Path) -> bool:
+    """Set only the `-S` keys back to their HEAD values (dropping keys `-S` added): the user edited
+    the file too, and those edits stay. False when HEAD has no such file to take values from."""
+    from dvc.utils.hydra import to_hydra_overrides  # noqa: PLC0415
+    from dvc.utils.serialize import modify_yaml  # noqa: PLC0415
+
+    head = _git_show(f"HEAD:{name}", root)
+    if head is None:
+        return False
+    original = _load(head)
+    keys = [override.key_or_group.split(".") for override in to_hydra_overrides(overrides)]
+    with modify_yaml(path) as data:
+        for key in keys:
+            node, source = data, original
+            for depth, part in enumerate(key):
+                if not isinstance(node, dict):
+                    break
+                if part not in node:  # `-S ~key` deleted it: back from HEAD, if HEAD has it
+                    if isinstance(source, dict) and part in source:
+                        node[part] = source[part]
+                    break
+                if not isinstance(source, dict) or part not in source:
+                    node.pop(part)  # `-S +key=...` added it (or its section): gone again
+                    break
+                if depth == len(key) - 1:
+                    node[part] = source[part]
+                node, source = node[part], source[part]
+    return True
+
+
+def _load(text: bytes) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
