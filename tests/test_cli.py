@@ -53,3 +53,13 @@ def test_missing_inputs_name_the_file_and_the_fix(tmp_path):
                                    "(run the download stage first)")
     proc = run(["python", str(REPO / "stages/evaluate.py")], tmp_path, check=False)
     assert proc.stderr.strip() == "reprotune: error: models/model.pt: reprotune model not found"
+
+
+@pytest.mark.reliability
+def test_experiments_with_a_broken_params_file_says_what_is_wrong_not_a_table(tmp_path):
+    # Before DVC is asked: its table of a broken file had thousands of columns and exited 0.
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("  lr: ", "  lrr: ", 1))
+    proc = run(["reprotune", "experiments"], tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "reprotune: error: params.yaml: unknown key 'train.lrr' (did you mean 'train.lr'?)"]

@@ -137,14 +137,47 @@ def test_the_cli_prints_mean_and_std_per_group(sweep):
     assert "Test set: 400 images (metrics/preprocess.json), so one image is 0.0025 of test_acc (0.25 points)." in out
 
 
-def test_the_headline_view_keeps_test_acc_when_compress_has_one_too(sweep):
-    # Two files with a `test_acc`: DVC names the columns `metrics/evaluate.json:test_acc` and
-    # `metrics/compress.json:test_acc`; the view keeps evaluate's, as it keeps `test_acc` alone.
+def test_the_table_keeps_test_acc_and_names_the_compressed_models_when_both_files_have_one(sweep):
+    # Two files with a `test_acc`: `dvc exp show` names its columns `metrics/evaluate.json:test_acc`
+    # and `metrics/compress.json:test_acc`; the table shows both, each under its own name.
     root, _ = sweep
-    out = run(["reprotune", "experiments"], root, extra_env={"COLUMNS": "200"}).stdout
-    header = next(line for line in out.splitlines() if line.startswith("  Experiment  ")).split()
-    assert header == ["Experiment", "State", "Executor", "best_val_acc", "metrics/evaluate.json:test_acc", "macro_f1",
-                      "seed", "train.lr"]
+    out = run(["reprotune", "experiments"], root).stdout  # no terminal: 120 columns
+    lines = out.splitlines()
+    assert lines[0].split()[:7] == ["Experiment", "best_val_acc", "test_acc", "macro_f1", "compressed", "test_acc",
+                                    "img/s"], out
+    assert max(len(line) for line in lines) <= 120
+    rows = {line.split()[0].lstrip("└"): line.split() for line in lines[2:] if line[:1] not in (" ", "")}
+    rows |= {line.split()[1]: line.split()[1:] for line in lines[2:] if line.startswith("└ ")}
+    # lr 0.2, seed 3: 200 + 80 + 9 = 289 of 400 right; its compressed model 0.103
+    assert rows["lr0.2-seed3"][1:5] == ["0.7300", "0.7225", "0.3150", "0.1030"], out
+    assert rows["lr0.2-seed3"][6:] == ["seed=3", "train.lr=0.2"], out
+    assert rows["main"][1:5] == ["0.6000", "0.6000", "0.3000", "0.1000"] and rows["main"][-1] == "(baseline)", out
+
+
+def test_the_table_wraps_the_params_a_run_changed_and_cuts_nothing():
+    from reprotune.tracking.review import experiments_table
+
+    params = {"seed": 0, "train": {"lr": 0.1}, "compress": {"ratio": 0.0}}
+
+    def rev(name, params, acc, compressed=None):
+        metrics = {"metrics/evaluate.json": {"data": {"test_acc": acc}}}
+        if compressed is not None:
+            metrics["metrics/compress.json"] = {"data": {"test_acc": compressed}}
+        return {"rev": name, "name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}}
+
+    many = json.loads(json.dumps(params)) | {"data": {f"key{i}": "x" * 20 for i in range(12)}}
+    pruned = json.loads(json.dumps(params)) | {"compress": {"ratio": 0.3}}
+    head = rev("main", params, 0.5) | {"experiments": [
+        {"executor": None, "revs": [rev("wide", many, 0.6)]},
+        {"executor": None, "revs": [rev("pruned", pruned, 0.5, 0.45)]},
+        {"executor": {"state": "queued"}, "revs": [rev("later", params, 0.0)]}]}
+    lines = experiments_table([rev("workspace", params, 0.5), head], width=120)
+    assert max(len(line) for line in lines) <= 120 and len(lines) > 8  # wrapped, not widened
+    text = " ".join(lines)
+    assert all(f"data.key{i}={'x' * 20}" in text for i in range(12))  # every change, none cut
+    pruned_row = next(line for line in lines if line.startswith("└ pruned")).split()
+    assert (pruned_row[3], pruned_row[5]) == ("0.5000", "0.4500") and pruned_row[-1] == "compress.ratio=0.3"
+    assert lines[-1] == "Not shown: 1 queued (`dvc exp show` lists them)."
 
 
 def test_the_review_shows_the_spread_when_the_workspace_has_other_seeds(sweep):

@@ -67,18 +67,21 @@ def experiments(
     seeds: Annotated[bool, typer.Option("--seeds", help="Group the runs that differ only in `seed`: mean ± std "
                                                         "of the headline metrics over seeds, as Markdown.")] = False,
 ) -> None:
-    """Experiments side by side: name, the params that differ, the headline metrics (dvc exp show).
+    """Experiments side by side: name, headline metrics, the params each changed (from dvc exp show).
     Other options go to `dvc exp show` (`-A`, `--rev`, ...)."""
+    from reprotune.config import load_params
     from reprotune.tracking import review
 
+    if Path("params.yaml").exists():
+        load_params("params.yaml")  # a broken file: say what is wrong, not a table of DVC's guesses
     dvc = _tool("dvc")
+    shown = review.dvc_json(dvc, ["exp", "show", *ctx.args], _venv_env())
     if seeds:
-        runs = review.exp_show_runs(review.dvc_json(dvc, ["exp", "show", *ctx.args], _venv_env()))
+        runs = review.exp_show_runs(shown)
         print("\n".join(review.seed_table(review.seed_groups(runs), runs, review.count_test_images(Path.cwd()))))
         return
-    code = subprocess.call([dvc, "exp", "show", *review.headline_view(), *ctx.args], env=_venv_env())
-    if code != 0:
-        raise typer.Exit(code)
+    width = max(shutil.get_terminal_size((120, 24)).columns, 80)  # 120 without a terminal
+    print("\n".join(review.experiments_table(shown, width)))
 
 
 @cli.command()

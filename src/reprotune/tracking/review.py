@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -35,16 +34,6 @@ HEADLINE = [
 
 # params.yaml's top level
 PARAM_SECTIONS = ["seed", "data", "model", "train", "log", "evaluate", "compress", "export", "monitor"]
-
-
-def headline_view() -> list[str]:
-    """`dvc exp show` options for the headline view: every experiment's name, the params that differ
-    and the headline metrics (kept even when equal), and nothing else: no other metric, no deps.
-    DVC names a metric `file:key` when two files have that key (evaluate's and compress's `test_acc`)."""
-    names = "|".join(f"({re.escape(path)}:)?{re.escape(key)}" for path, key in HEADLINE)
-    sections = "|".join(PARAM_SECTIONS)
-    return ["--only-changed", "--keep", f"^({names})$",
-            "--drop", rf"^(?!({names})$)(?!({sections})(\.|$))(?!(Experiment|State|Executor)$)"]
 
 
 def dvc_json(dvc: str, args: Sequence[str], env: dict[str, str]) -> dict:
@@ -151,7 +140,8 @@ class Run:
     name: str
     kind: str  # "workspace", "commit" or "experiment"
     params: dict[str, object]  # flattened, "train.lr"; a params file other than params.yaml as "file:key"
-    metrics: dict[str, float]  # by SEED_METRICS column, those the run has
+    metrics: dict[str, float]  # by SEED_METRICS and TABLE_METRICS column, those the run has
+    baseline: str | None = None  # an experiment's commit (its name); None for commits and the workspace
 
     @property
     def seed(self) -> object:
@@ -196,15 +186,20 @@ def exp_show_runs(shown: list[dict]) -> list[Run]:
     runs = []
     for entry in shown:
         kind = "workspace" if entry.get("rev") == "workspace" else "commit"
-        revs = [(entry, kind)]
+        revs = [(entry, kind, None)]
         for exp in entry.get("experiments") or []:
-            if (exp.get("executor") or {}).get("state") in (None, "success"):
-                revs.append(((exp.get("revs") or [{}])[0], "experiment"))  # the newest rev (one since DVC 3)
-        runs += [run for rev, kind in revs if (run := _run(rev, kind)) is not None]
+            if _state(exp) == "success":
+                # the newest rev (one since DVC 3)
+                revs.append(((exp.get("revs") or [{}])[0], "experiment", entry.get("name") or entry.get("rev")))
+        runs += [run for rev, kind, baseline in revs if (run := _run(rev, kind, baseline)) is not None]
     return runs
 
 
-def _run(rev: dict, kind: str) -> Run | None:
+def _state(exp: dict) -> str:
+    return (exp.get("executor") or {}).get("state") or "success"
+
+
+def _run(rev: dict, kind: str, baseline: str | None = None) -> Run | None:
     """The run in one rev of `dvc exp show --json`, if it has params and no error."""
     data = rev.get("data") or {}
     if rev.get("error") or not data.get("params"):
@@ -214,11 +209,11 @@ def _run(rev: dict, kind: str) -> Run | None:
         prefix = "" if path == "params.yaml" else f"{path}:"
         params.update({prefix + key: value for key, value in _flatten((content or {}).get("data") or {})})
     metrics = {}
-    for path, key, column in SEED_METRICS:
+    for path, key, column in [*SEED_METRICS, *TABLE_METRICS]:
         value = (((data.get("metrics") or {}).get(path) or {}).get("data") or {}).get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics[column] = float(value)
-    return Run(rev.get("name") or rev.get("rev") or kind, kind, params, metrics)
+    return Run(rev.get("name") or rev.get("rev") or kind, kind, params, metrics, baseline)
 
 
 def _flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -299,3 +294,83 @@ def _spread_cell(spread: Spread | None, seeds: int) -> str:
         return "-"
     cell = f"{spread.mean:.4f} ± {spread.std:.4f}"
     return cell if spread.n == seeds else f"{cell} (n={spread.n})"
+
+
+# `reprotune experiments`: one row per finished run, the seed table's accuracy columns (the compressed
+# model's test accuracy its own, named so), training speed, and the params each run changed against
+# its baseline, wrapped so that nothing is cut and no line is wider than the terminal (120 columns
+# when there is none). Built from `dvc exp show --json`, not `dvc exp show`'s own table: DVC renames
+# a metric `file:key` once two files share the key, and prints every column however wide.
+TABLE_METRICS = [("metrics/train.json", "images_per_second", "img/s")]
+BASELINE_MARK = "(baseline)"
+
+
+def experiments_table(shown: list[dict], width: int = 120) -> list[str]:
+    """The `reprotune experiments` table for `dvc exp show --json` output, as lines of at most
+    `width` characters (`width` at least 80)."""
+    runs = exp_show_runs(shown)
+    if not runs:
+        return ["No finished runs yet: `dvc repro` or `dvc exp run` first."]
+    head = next((run for run in runs if run.kind == "commit"), runs[0])
+    by_name = {run.name: run for run in runs if run.kind == "commit"}
+    columns = [column for _, _, column in [*SEED_METRICS, *TABLE_METRICS]
+               if column != "compressed test_acc" or any(column in run.metrics for run in runs)]
+    names = [("└ " if run.kind == "experiment" else "") + run.name for run in runs]
+    name_width = max(len("Experiment"), *(len(name) for name in names))
+    cells = [[_metric(column, run.metrics.get(column)) for column in columns] for run in runs]
+    widths = [max(len(column), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
+    fixed = name_width + sum(2 + w for w in widths) + 2
+    room = max(width - fixed, 24)
+    header = "  ".join(["Experiment".ljust(name_width), *(c.rjust(w) for c, w in zip(columns, widths, strict=True)),
+                        f"params changed (against {head.name})"[:room]])
+    lines = [header.rstrip(), "─" * min(width, max(len(header), fixed + 24))]
+    for run, name, row in zip(runs, names, cells, strict=True):
+        base = by_name.get(run.baseline, head) if run.kind == "experiment" else head
+        changes = BASELINE_MARK if run is head else _changes(run.params, base.params)
+        wrapped = _wrap(changes, room) or [""]
+        first = "  ".join([name.ljust(name_width), *(c.rjust(w) for c, w in zip(row, widths, strict=True)),
+                           wrapped[0]])
+        lines.append(first.rstrip())
+        lines += [" " * fixed + more for more in wrapped[1:]]
+    left = _unfinished(shown)
+    if left:
+        lines += ["", f"Not shown: {left} (`dvc exp show` lists them)."]
+    return lines
+
+
+def _metric(column: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if column == "img/s" else f"{value:.4f}"
+
+
+def _changes(params: dict[str, object], base: dict[str, object]) -> str:
+    """`key=value` for each param that differs from the baseline's (`key=-` for one it lacks)."""
+    keys = sorted(set(params) | set(base), key=lambda k: (PARAM_SECTIONS.index(k.split(".")[0])
+                                                          if k.split(".")[0] in PARAM_SECTIONS else 99, k))
+    return " ".join(f"{key}={_cell(params.get(key)) if key in params else '-'}".replace(" ", "")
+                    for key in keys if json.dumps(params.get(key)) != json.dumps(base.get(key)))
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Words onto lines of at most `width` characters; a single longer word is split, not cut."""
+    lines: list[str] = []
+    for word in text.split():
+        while len(word) > width:
+            lines.append(word[:width])
+            word = word[width:]
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _unfinished(shown: list[dict]) -> str:
+    """The experiments left out of the table: how many are queued, running or failed."""
+    counts: dict[str, int] = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            if (state := _state(exp)) != "success":
+                counts[state] = counts.get(state, 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
