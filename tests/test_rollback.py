@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures import env, run, set_params
+from fixtures import REPO, env, run, set_params
 from reprotune.rollback import _revert_keys, _text_before
 
 
@@ -92,6 +92,45 @@ def test_a_bad_value_typed_into_params_yaml_deletes_nothing(committed):
     finally:
         params.write_text(original)
     assert "up to date" in run(["dvc", "status"], committed).stdout
+
+
+@pytest.mark.dvc
+def test_a_misspelt_tracked_key_stops_dvc_before_it_deletes_anything(committed):
+    """A key dvc.yaml tracks, renamed by a typo: DVC itself would report it missing only after deleting
+    the stage's outputs; the `meta` guard makes it stop while loading dvc.yaml."""
+    params = committed / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("synthetic_seed:", "synthetic_sed:"))
+        before = snapshot(committed)
+        proc = run(["dvc", "repro"], committed, check=False)
+        assert proc.returncode != 0
+        assert "Could not find 'data.synthetic_seed'" in proc.stderr
+        assert snapshot(committed) == before
+    finally:
+        params.write_text(original)
+
+
+def test_every_key_dvc_tracks_one_by_one_is_in_a_guard():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    values = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def value(key):
+        node = values
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    guarded = set()
+    for name, stage in stages.items():
+        refs = [ref.removeprefix("${").removesuffix("}") for ref in (stage.get("meta") or {}).get("params", [])]
+        tracked = [key for key in stage.get("params", []) if isinstance(key, str)]
+        assert set(refs) <= set(tracked), name  # a guard names only what its stage tracks
+        guarded |= set(refs)
+    # Whole sections need no guard: a typo inside one reaches the stage's own check.
+    singles = {key for stage in stages.values() for key in stage.get("params", [])
+               if isinstance(key, str) and not isinstance(value(key), dict)}
+    assert singles - guarded == set()
 
 
 # ------------------------------------------------------------------------ the params, without DVC runs
