@@ -240,6 +240,8 @@ SERVE_RUN_OPTIONS = [
                                                                     "here.")),
     ("proxy_every_node", bool, False, typer.Option("--proxy-every-node", help="An HTTP proxy on every Ray node "
                                                    "(behind a load balancer), not only the head.")),
+    ("start_timeout_s", float, 300.0, typer.Option(min=1, help="Seconds Ray and Ray Serve may take to start (a "
+                                                           "busy machine is slow) before serve gives up.")),
 ]
 
 
@@ -271,7 +273,7 @@ def serve(**options) -> None:
         if options[key] is not None:
             options[key] = str(Path(options[key]).resolve())
     run(Settings.checked(options), run_options["host"], run_options["port"], run_options["address"],
-        run_options["metrics_port"], run_options["proxy_every_node"])
+        run_options["metrics_port"], run_options["proxy_every_node"], run_options["start_timeout_s"])
 
 
 serve.__signature__ = inspect.Signature([

@@ -20,11 +20,14 @@
 # parameter would be taken for a query parameter).
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +35,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+from ray.serve.schema import ProxyStatus
 from starlette.exceptions import HTTPException
 
 from reprotune import __version__
 from reprotune.errors import ReprotuneError
-from reprotune.inference.cluster import loopback
+from reprotune.inference.cluster import loopback, own_process_groups
 from reprotune.inference.protocol import (
     HEADER_LENGTH,
     ProtocolError,
@@ -217,11 +222,12 @@ def build(args: dict):
 
 
 def run(settings: Settings, host: str, port: int, address: str | None, metrics_port: int,
-        proxy_everywhere: bool) -> None:
+        proxy_everywhere: bool, start_timeout_s: float = 300) -> None:
     """Serve until SIGINT or SIGTERM, then drain the requests in flight, shut down and return.
     `settings.threads` 0: a Ray started here splits its CPUs (a container's quota, not the host's cores)
-    among the replicas; on a running cluster (`address`) each replica gets one. (`cluster.ray_environment`
-    must have run before this module was imported.)"""
+    among the replicas; on a running cluster (`address`) each replica gets one. Ray and Serve may take up
+    to `start_timeout_s` to start (a busy machine is slow), then a one-line error.
+    (`cluster.ray_environment` must have run before this module was imported.)"""
     import ray
 
     settings.contract()
@@ -229,7 +235,10 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
     if address is None:
         _check_free(host, port)
         _check_free("127.0.0.1" if local else "0.0.0.0", metrics_port)
-    stop = threading.Event()
+    since, stop, serving = time.monotonic(), threading.Event(), False
+    own_process_groups()  # a signal to our process group reaches this process, not Ray's
+    if address is None:
+        os.environ.update(_proxy_ready_check(start_timeout_s))  # the Ray started here inherits it
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              **({"_metrics_export_port": metrics_port} if address is None else {}))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the ready line below says it all
@@ -241,10 +250,15 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
                                  f"{settings.replicas * settings.threads} CPUs; Ray has {cpus} here")
         for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
             signal.signal(signum, lambda *_: stop.set())
-        serve.start(http_options={"host": host, "port": port},
-                    proxy_location="EveryNode" if proxy_everywhere else "HeadOnly",
-                    logging_config={"log_level": "WARNING"})
-        serve.run(application(settings), name=settings.name, route_prefix="/", blocking=False)
+
+        def start() -> None:
+            _start_serve(host, port, address, proxy_everywhere, start_timeout_s)
+            serve.run(application(settings), name=settings.name, route_prefix="/", blocking=False)
+
+        serving = _wait_for_start(start, since, start_timeout_s, stop)
+        if not serving:
+            print("stopping before Ray Serve had started", file=sys.stderr, flush=True)
+            return
         url = f"http://{host}:{port}/v2/models/{settings.name}"
         metrics = (f"http://{'127.0.0.1' if local else host}:{metrics_port}/metrics" if address is None
                    else "each Ray node's metrics port")
@@ -253,12 +267,101 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
         stop.wait()
         print("stopping: answering the requests in flight", file=sys.stderr, flush=True)
         # Deleting the application first drains it: each replica finishes its ongoing requests (up to
-        # graceful_shutdown_timeout_s) while the proxy, still up, carries the replies. serve.shutdown()
-        # alone stops the proxies first and drops those connections.
+        # graceful_shutdown_timeout_s) while the proxy, still up, carries the replies. Shutting Serve
+        # down alone stops the proxies first and drops those connections.
         serve.delete(settings.name)
     finally:
-        serve.shutdown()
+        # A Ray started here takes everything with it; a cluster's Serve (its actors outlive us) is shut
+        # down even when it never finished starting.
+        if serving or address is not None:
+            _shutdown_serve()
         ray.shutdown()
+
+
+PROGRESS_S = 15  # how often a slow start says how long it has waited
+
+
+def _proxy_ready_check(start_timeout_s: float) -> dict[str, str]:
+    """The setting that lets Serve's controller wait for a new HTTP proxy as long as our start may take.
+
+    The controller checks that a new proxy is ready, 5 s a try (RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S),
+    and after three failed tries kills it (ray.kill) and starts another: on a busy machine a proxy's
+    process takes longer than that just to start, so the kill, and with it our start, failed
+    ("ActorDiedError: ... ProxyActor ... killed by ray.kill"), and the next proxy fared no better.
+    The controller reads it in its own process: a Ray started here has it from our environment (a
+    runtime_env would keep the controller and proxies off the workers Ray has already started, and make
+    a slow start slower); a cluster's controller is given it."""
+    return {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": f"{start_timeout_s:g}"}
+
+
+def _start_serve(host: str, port: int, address: str | None, proxy_everywhere: bool, start_timeout_s: float) -> None:
+    """Start Serve's controller and HTTP proxies, and wait until the proxies answer, however long that
+    takes (the caller bounds it)."""
+    controller = None if address is None else {"runtime_env": {"env_vars": _proxy_ready_check(start_timeout_s)}}
+    try:
+        serve.start(http_options={"host": host, "port": port},
+                    proxy_location="EveryNode" if proxy_everywhere else "HeadOnly",
+                    logging_config={"log_level": "WARNING"},
+                    controller_options=controller)
+    except TimeoutError:
+        # serve.start gives up on the proxies after 60 s (HTTP_PROXY_TIMEOUT, not a setting), yet they go
+        # on starting: wait for them here, as Serve's status reports them.
+        while any(status != ProxyStatus.HEALTHY for status in serve.status().proxies.values()):
+            time.sleep(1)
+
+
+def _wait_for_start(start: Callable[[], None], since: float, limit_s: float, stop: threading.Event) -> bool:
+    """Run `start` (Ray Serve's start: it blocks, for seconds on a quiet machine and minutes on a busy
+    one) in a thread, saying every PROGRESS_S seconds how long it has waited. True once it has returned;
+    False if a signal came first; once `limit_s` seconds have passed since `since`, a one-line error.
+    (A start left running is ended by ray.shutdown(), which makes its Ray calls return.)"""
+    done, failed = threading.Event(), []
+
+    def target() -> None:
+        try:
+            start()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="serve-start", daemon=True).start()
+    report = since + PROGRESS_S
+    while not done.wait(0.2):
+        now = time.monotonic()
+        if stop.is_set():
+            return False
+        if now - since > limit_s:
+            raise ReprotuneError(f"serve: Ray Serve did not start within {limit_s:g} s (--start-timeout-s); "
+                                 "a busy machine starts it slowly: allow more, or free some CPU")
+        if now >= report:
+            print(f"waiting for Ray Serve to start ({now - since:.0f} s of {limit_s:g} s)...", file=sys.stderr,
+                  flush=True)
+            report += PROGRESS_S
+    if failed:
+        raise failed[0]
+    return True
+
+
+def _shutdown_serve(timeout_s: float = 30) -> None:
+    """Shut Serve down (its proxies, then its controller), quietly. serve.shutdown() waits on a call to
+    the controller that only ends when the controller kills itself, and Ray reports every such call:
+    "Task ServeController.graceful_shutdown failed ... killed by ray.kill", on every Ctrl-C. Here the
+    call returns at once and the controller's name, gone from Ray's named actors, says it has exited."""
+    import ray
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return  # no Serve to shut down
+    ray.get(controller.graceful_shutdown.remote(wait=False), timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while any(actor["name"] == SERVE_CONTROLLER_NAME and actor["namespace"] == SERVE_NAMESPACE
+              for actor in ray.util.list_named_actors(all_namespaces=True)):
+        if time.monotonic() > deadline:
+            print(f"serve: Serve's controller did not exit within {timeout_s:g} s", file=sys.stderr, flush=True)
+            return
+        time.sleep(0.1)
 
 
 def _check_free(host: str, port: int) -> None:
