@@ -178,8 +178,9 @@ def test_the_serve_command_options_are_the_settings_fields():
     for name, field in Settings.model_fields.items():
         assert (options[name].default, options[name].help) == (field.default, field.description), name
     assert options["replicas"].min == 1 and options["max_wait_ms"].min == 0
+    # Options of this run only, not of a deployment (Serve config files take Settings alone).
     assert set(options) - set(Settings.model_fields) == {"host", "port", "address", "metrics_port",
-                                                          "proxy_every_node"}
+                                                          "proxy_every_node", "start_timeout_s"}
 
 
 def test_config_files_naming_the_old_import_path_still_deploy():
