@@ -17,7 +17,7 @@ from reprotune import __version__
 from reprotune.entrypoint import ParamsFile, invoke
 from reprotune.errors import ReprotuneError, UsageError, run_cli
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="reprotune: a reproducible fine-tuning pipeline (run the stages with `dvc repro`).")
 
 
