@@ -277,8 +277,8 @@ def test_the_monitor_stage_checks_data_incoming_when_it_has_images(pipeline, tmp
 def test_an_ad_hoc_check_leaves_the_monitor_stage_and_dvc_status_alone(pipeline, tmp_path):
     project = tmp_path / "project"
     shutil.copytree(pipeline, project, symlinks=True)
-    stage_outputs = {p: p.read_bytes() for p in [project / "metrics/monitor.json", *(project / "runs/monitor").rglob("*")]
-                     if p.is_file()}
+    stage_outputs = {p: p.read_bytes() for p in [project / "metrics/monitor.json",
+                                                  *(project / "runs/monitor").rglob("*")] if p.is_file()}
     _write_pngs(tmp_path / "batch", load_split(project / "data/processed/test.pt").images[:60])
     proc = run(["reprotune", "monitor", str(tmp_path / "batch")], project)  # every default, as a user types it
     assert proc.stdout.startswith(("no drift", "possible drift", "drift detected")), proc.stdout

@@ -62,7 +62,7 @@ def test_timing_noise_is_not_a_change_and_an_accuracy_change_is(reviewed):
     test_acc = next(line for line in metrics.splitlines() if line.startswith("| `test_acc` |"))
     assert float(test_acc.split("|")[4]) < 0, test_acc
     assert "| `evaluate: test_loss` |" in metrics, metrics
-    assert f"| `export: onnx.latency_ms` |" in speed and f"{2 * SPEED_NOISE:.2f}x |" in speed, speed
+    assert "| `export: onnx.latency_ms` |" in speed and f"{2 * SPEED_NOISE:.2f}x |" in speed, speed
 
 
 def test_other_changes_are_listed_by_stage_then_key():

@@ -162,18 +162,26 @@ def predict(
     = Path("models/model.onnx"),
     top_k: Annotated[int, typer.Option(min=1, help="Classes to list per image.")] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
+    as_json: Annotated[bool | None, typer.Option("--json/--text", help="One JSON line per image, probabilities "
+                                                 "in full, or one line of text, to 4 decimals. Default: text on a "
+                                                 "terminal, JSON when piped.")] = None,
 ) -> None:
-    """Classify images; one JSON line per image on stdout, one error line per bad file on stderr."""
+    """Classify images; one line per image on stdout (text, or JSON when piped), one error line per bad
+    file on stderr."""
     from reprotune.inference.predict import classify, load_predictor  # keeps `reprotune demo` light
 
     predictor = load_predictor(model)
+    as_json = not sys.stdout.isatty() if as_json is None else as_json
     failed = 0
     for _, result, error in classify(images, predictor, min(top_k, len(predictor.classes)), batch_size):
         if error is not None:
             failed += 1
             print(f"reprotune: error: {error}", file=sys.stderr, flush=True)
-        else:
+        elif as_json:  # for programs: every digit of the float64 probability
             print(json.dumps(result), flush=True)
+        else:  # for people: 4 decimals are more than a float32 model's probabilities mean
+            print(f"{result['file']}: " + ", ".join(f"{t['label']} {t['probability']:.4f}" for t in result["top_k"]),
+                  flush=True)
     if failed:
         raise typer.Exit(1)
 
