@@ -86,6 +86,7 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 # Every experiment's runs side by side, plus the workspace's: http://127.0.0.1:6006
+# TensorBoard's "TensorFlow installation not found" notice is expected: nothing here needs TensorFlow.
 tensorboard: install
 	$(BIN)/reprotune tensorboard
 
