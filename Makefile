@@ -11,13 +11,18 @@ install: $(VENV)/.installed
 
 # Re-installs whenever the dependency list or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@# pip --quiet prints nothing for minutes: say what is happening and for about how long.
+	@echo "make install: setting up $(VENV) (torch, DVC, Ray, ONNX Runtime, ExecuTorch and the test tools);" \
+	  "2-3 minutes on a fresh clone, quiet while pip works"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e '.[test]'
 	@# Byte-compile what pip installed on every core (pip does it file by file: about a minute on 2 cores).
 	@# Not left to import time: with PYTHONDONTWRITEBYTECODE set, every process would recompile torch.
 	@# A file that does not compile (a package's Python 2 test data) is skipped, as pip skips it.
+	@echo "make install: byte-compiling what pip installed (about a minute on 2 cores)"
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
+	@echo "make install: done: $(VENV) is ready"
 
 # Tests in tiers (docs/development/testing.md): markers say what a test needs beyond one process
 # (dvc, ray, torchrun, gpu). `make test` (CI) runs them all, `make test-fast` (the edit loop) those
@@ -81,6 +86,7 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 # Every experiment's runs side by side, plus the workspace's: http://127.0.0.1:6006
+# TensorBoard's "TensorFlow installation not found" notice is expected: nothing here needs TensorFlow.
 tensorboard: install
 	$(BIN)/reprotune tensorboard
 

@@ -30,6 +30,7 @@ from reprotune.config import ModelConfig
 from reprotune.errors import ReprotuneError
 from reprotune.export import phone
 from reprotune.export.formats import export_onnx, export_torchscript, quantize_int8
+from reprotune.export.release import LATENCY_WARMUP
 from reprotune.inference.runtime import executorch_runner, onnx_runner, torchscript_runner
 from reprotune.training.model import build_model, load_model
 
@@ -44,7 +45,10 @@ def machine() -> str:
 
 
 def timed(run, images: np.ndarray, repeats: int) -> list[float]:
-    run(images)  # warm-up
+    # Warm-up as the export stage does: TorchScript's profiling executor re-optimizes for each batch size
+    # on its first calls at it (hundreds of ms each on 2 cores), and the rounds alternate batch sizes.
+    for _ in range(LATENCY_WARMUP):
+        run(images)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()

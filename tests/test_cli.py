@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import pytest
 
 import reprotune
@@ -63,3 +65,37 @@ def test_experiments_with_a_broken_params_file_says_what_is_wrong_not_a_table(tm
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "reprotune: error: params.yaml: unknown key 'train.lrr' (did you mean 'train.lr'?)"]
+
+
+# The options through which a command writes files: (command, option).
+WRITING_OPTIONS = [("monitor", "metrics"), ("monitor", "logdir"), ("lr-find", "out"), ("review", "plots")]
+
+
+def test_no_command_writes_into_a_stage_output_by_default():
+    # An ad-hoc command writing where a stage's output lives makes `dvc status` call the stage modified
+    # and a later `dvc checkout` refuse to overwrite it.
+    import typer
+    import yaml
+
+    from reprotune.cli import cli
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outputs = [PurePosixPath(next(iter(out)) if isinstance(out, dict) else out)
+               for stage in stages.values() for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])]
+    assert PurePosixPath("metrics/monitor.json") in outputs and PurePosixPath("runs/monitor") in outputs
+    commands = typer.main.get_command(cli).commands
+    for name, option in WRITING_OPTIONS:
+        default = next(p.default for p in commands[name].params if p.name == option)
+        if default is None:  # writes only when asked
+            continue
+        path = PurePosixPath(str(default))
+        clash = [str(out) for out in outputs if path == out or out in path.parents or path in out.parents]
+        assert clash == [], f"reprotune {name} --{option.replace('_', '-')} defaults to {path}: inside {clash}"
+
+
+def test_flags_show_as_flags_in_the_help(tmp_path):
+    for args in (["--help"], ["monitor", "--help"], ["serve", "--help"], ["review", "--help"]):
+        out = run(["reprotune", *args], tmp_path).stdout
+        assert "--help" in out and "<bool>" not in out and "BOOLEAN" not in out, (args, out)
+    assert "--version  " in run(["reprotune", "--help"], tmp_path).stdout
+    assert "--fail-on-drift  " in run(["reprotune", "monitor", "--help"], tmp_path).stdout

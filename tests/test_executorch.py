@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures import MEAN, STD, events
+from fixtures import MEAN, STD, events, run
 from reprotune.config import ExportConfig
 from reprotune.data.splits import Split, load_split, to_float
 from reprotune.errors import ReprotuneError
@@ -102,6 +102,24 @@ def test_reprotune_predict_runs_both_programs_through_the_runtime(project):
     np.testing.assert_allclose(fp32.run(images), onnx, atol=1e-3)
     int8 = load_predictor(project / "models/executorch/model.int8.pte").run(images)
     assert int8.shape == onnx.shape and (int8.argmax(1) == onnx.argmax(1)).mean() >= 0.5
+
+
+def test_predict_on_a_program_loads_the_runtime_without_the_compiler(project, tmp_path):
+    # ExecuTorch's runtime bindings import its whole compiler (torch._dynamo, torchao: 4.5 s of a 7 s
+    # start on 2 cores, and torchao's deprecation notice on stderr) unless the runtime keeps it out.
+    project, _ = project
+    from PIL import Image
+
+    Image.fromarray(load_split(project / "data/processed/test.pt").images[0].permute(1, 2, 0).numpy()).save(
+        tmp_path / "image.png")
+    proc = run(["reprotune", "predict", str(tmp_path / "image.png"), "--model", "models/executorch/model.pte",
+                "--text"], project)
+    assert proc.stderr == "" and proc.stdout.startswith(f"{tmp_path / 'image.png'}: "), proc
+    probe = ("import sys; from pathlib import Path; from reprotune.inference.predict import load_predictor; "
+             "load_predictor(Path('models/executorch/model.pte')); "
+             "print(sorted(m for m in ('executorch.exir', 'torch._dynamo', 'torchao') if m in sys.modules)); "
+             "import executorch.exir; print(callable(executorch.exir.to_edge))")
+    assert run([sys.executable, "-c", probe], project).stdout.split() == ["[]", "True"]
 
 
 # A small classifier with the real contract (normalization inside, [0, 1] NCHW input): lowering it

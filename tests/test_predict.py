@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
+import re
 import shutil
 import struct
+import subprocess
 import zlib
 
 import numpy as np
@@ -13,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from fixtures import run
+from fixtures import env, run
 from reprotune.data.splits import load_split
 
 
@@ -86,6 +90,40 @@ def test_missing_or_foreign_models_are_refused(pipeline, images, tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"garbage")
     proc = run(["reprotune", "predict", image, "--model", str(tmp_path / "model.onnx")], pipeline, check=False)
     assert proc.returncode == 1 and "cannot load the model" in proc.stderr
+
+
+@pytest.mark.reliability
+def test_a_model_switched_off_names_the_param_that_turns_it_on(pipeline, images):
+    # The tiny pipeline runs with export.executorch off and compress.ratio 0: the stage leaves a note
+    # where each model would be, and predict reads it rather than saying "run make demo".
+    image = str(images[0] / "exact.png")
+    for model, param in (("models/executorch/model.pte", "export.executorch"),
+                         ("models/executorch/model.int8.pte", "export.executorch"),
+                         ("models/compressed/model.onnx", "compress.ratio")):
+        proc = run(["reprotune", "predict", image, "--model", model], pipeline, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"reprotune: error: {model}: not exported: ") and param in lines[0], lines
+        assert "make demo" not in lines[0] and "set " in lines[0], lines
+
+
+def test_people_read_4_decimals_and_programs_every_digit(pipeline, images):
+    image = str(images[0] / "exact.png")
+    text = run(["reprotune", "predict", image, "--text"], pipeline).stdout.strip()
+    assert re.fullmatch(rf"{re.escape(image)}: \S+ [01]\.\d{{4}}, \S+ [01]\.\d{{4}}, \S+ [01]\.\d{{4}}", text), text
+    piped = _lines(run(["reprotune", "predict", image], pipeline).stdout)["exact.png"]  # not a terminal: JSON
+    assert any(len(repr(entry["probability"])) > 8 for entry in piped["top_k"]), piped  # float64, unrounded
+    assert text.split(", ")[0].endswith(f"{piped['top_k'][0]['probability']:.4f}")
+    # On a terminal, text by default.
+    leader, follower = pty.openpty()
+    try:
+        subprocess.run(["reprotune", "predict", image], cwd=pipeline, env=env(), stdout=follower, check=True,
+                       stderr=subprocess.DEVNULL, timeout=120)
+        shown = os.read(leader, 65536).decode().strip()
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert shown == text
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -17,7 +17,7 @@ from reprotune import __version__
 from reprotune.entrypoint import ParamsFile, invoke
 from reprotune.errors import ReprotuneError, UsageError, run_cli
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="reprotune: a reproducible fine-tuning pipeline (run the stages with `dvc repro`).")
 
 
@@ -50,6 +50,8 @@ def demo(params: ParamsFile = Path("params.yaml")) -> None:
     name = _free_experiment_name(dvc, "demo")
     command = [dvc, "exp", "run", "-n", name, *(arg for o in overrides for arg in ("-S", o))]
     print("$ dvc exp run -n " + name + "".join(f" -S {o}" for o in overrides), flush=True)
+    if not Path("dvc.lock").exists():  # a first run: see DVC_FIRST_RUN
+        command = [sys.executable, "-c", DVC_FIRST_RUN, *command[1:]]
     # DVC runs each stage's `python` through the shell: this environment's must come first.
     code = subprocess.call(command, env=_venv_env())
     if code != 0:
@@ -59,6 +61,24 @@ def demo(params: ParamsFile = Path("params.yaml")) -> None:
         print(f"{params} now holds the demo's settings (`git diff {params}`), so experiments build on the demo, "
               f"offline: `dvc exp run -S train.lr=0.01`, then `dvc exp show --only-changed`. "
               f"`git checkout {params}` returns to the real job.")
+
+
+# `dvc exp run` starts by checking out the baseline commit's outputs. Before the first run there is no
+# dvc.lock: no output has a hash to check out, and DVC warns once per cached output that it has nothing
+# to create ("No file hash info found for '...'. It won't be created.": 18 lines opened the demo on a
+# fresh clone). DVC has no option to skip that checkout, so a first run goes through DVC's own entry
+# point with that one message of that one logger dropped; every other warning still shows.
+DVC_FIRST_RUN = """
+import logging, sys
+from dvc.cli import main
+
+class NothingToCheckOut(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith("No file hash info found for ")
+
+logging.getLogger("dvc_data.index.checkout").addFilter(NothingToCheckOut())
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -165,23 +185,34 @@ def predict(
     = Path("models/model.onnx"),
     top_k: Annotated[int, typer.Option(min=1, help="Classes to list per image.")] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
+    as_json: Annotated[bool | None, typer.Option("--json/--text", help="One JSON line per image, probabilities "
+                                                 "in full, or one line of text, to 4 decimals. Default: text on a "
+                                                 "terminal, JSON when piped.")] = None,
 ) -> None:
-    """Classify images; one JSON line per image on stdout, one error line per bad file on stderr."""
+    """Classify images; one line per image on stdout (text, or JSON when piped), one error line per bad
+    file on stderr."""
     from reprotune.inference.predict import classify, load_predictor  # keeps `reprotune demo` light
 
     predictor = load_predictor(model)
+    as_json = not sys.stdout.isatty() if as_json is None else as_json
     failed = 0
     for _, result, error in classify(images, predictor, min(top_k, len(predictor.classes)), batch_size):
         if error is not None:
             failed += 1
             print(f"reprotune: error: {error}", file=sys.stderr, flush=True)
-        else:
+        elif as_json:  # for programs: every digit of the float64 probability
             print(json.dumps(result), flush=True)
+        else:  # for people: 4 decimals are more than a float32 model's probabilities mean
+            print(f"{result['file']}: " + ", ".join(f"{t['label']} {t['probability']:.4f}" for t in result["top_k"]),
+                  flush=True)
     if failed:
         raise typer.Exit(1)
 
 
 DRIFT_EXIT = 3  # `monitor --fail-on-drift` on drift; errors exit 1, so cron and CI can tell them apart
+# An ad-hoc check writes apart from the monitor stage's outputs (metrics/monitor.json, runs/monitor/):
+# writing there made `dvc status` call the stage modified and a later `dvc checkout` refuse.
+MONITOR_LOGDIR = Path("runs/monitor-adhoc")
 
 
 @cli.command()
@@ -191,8 +222,9 @@ def monitor(
     model: Annotated[Path, typer.Option(help="The fine-tuned model.")] = Path("models/model.pt"),
     reference: Annotated[Path, typer.Option(help="Its drift reference, written by the evaluate stage.")]
     = Path("models/reference.pt"),
-    metrics: Annotated[Path, typer.Option(help="Where the report goes (JSON).")] = Path("metrics/monitor.json"),
-    logdir: Annotated[Path, typer.Option(help="The TensorBoard run (replaced).")] = Path("runs/monitor"),
+    metrics: Annotated[Path | None, typer.Option(help="Also write the whole report here, as JSON (by default "
+                                                      "only the verdict line is printed).")] = None,
+    logdir: Annotated[Path, typer.Option(help="The TensorBoard run (replaced).")] = MONITOR_LOGDIR,
     fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help=f"Exit {DRIFT_EXIT} on drift.")] = False,
     params: ParamsFile = Path("params.yaml"),
 ) -> None:
@@ -203,7 +235,8 @@ def monitor(
 
     cfg = load_params(params).monitor if params.is_file() else MonitorConfig()
     report = check(source, model, reference, logdir, cfg.alpha, cfg.permutations)
-    write_json(metrics, report)
+    if metrics is not None:
+        write_json(metrics, report)
     if fail_on_drift and report["drift"]:
         raise typer.Exit(DRIFT_EXIT)
 

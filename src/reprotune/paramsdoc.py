@@ -59,7 +59,15 @@ def params_yaml() -> str:
             continue
         lines += ["", f"{name}:".ljust(COMMENT_COLUMN) + f"# {_first_line(section.__doc__)}"]
         for key, field in section.model_fields.items():
-            lines.append(_line(f"  {key}: {yaml_value(defaults[name][key])}", field.description))
+            value = defaults[name][key]
+            if isinstance(value, list | tuple):
+                # A list in block style, dashes under the key, as DVC writes it back on every `dvc exp run
+                # -S`: a flow list ([0.9, 0.999]) came back rewritten, a change in `git diff params.yaml`
+                # nobody made.
+                lines.append(_line(f"  {key}:", field.description))
+                lines += [f"  - {yaml_value(item)}" for item in value]
+            else:
+                lines.append(_line(f"  {key}: {yaml_value(value)}", field.description))
     return "\n".join(lines) + "\n"
 
 

@@ -42,7 +42,8 @@ from reprotune.training.scoring import batched_logits
 # unpruned throughput at 0.46x the FLOPs, 8 only 1.51x at 0.53x (ResNet18, ratio 0.2, 2-core EPYC).
 ROUND_TO = 16
 MAX_LAYER_RATIO = 0.9  # global pruning may empty a layer of low-magnitude channels; keep 10% of each
-LATENCY_RUNS = 50  # batch-1 ONNX Runtime calls timed per model (median reported)
+LATENCY_RUNS = 50  # batch-1 ONNX Runtime calls timed per model (median reported), on one thread
+LATENCY_WARMUP = 5  # batch-1 calls before those, as the export stage makes (export/release.py)
 THROUGHPUT_BATCH, THROUGHPUT_RUNS = 256, 10  # batch-256 calls timed per model (median reported)
 PROFILE_KEYS = ("test_acc", "parameters", "flops", "size_mb", "latency_ms", "images_per_second")
 
@@ -61,7 +62,7 @@ class Profile(TypedDict):
     parameters: int
     flops: float  # forward FLOPs per image
     size_mb: float  # its fp32 ONNX file
-    latency_ms: float  # ONNX Runtime, batch 1, median
+    latency_ms: float  # ONNX Runtime, batch 1, one thread, median
     images_per_second: float  # ONNX Runtime, batch 256, median
 
 
@@ -167,18 +168,23 @@ def speed(models: list[Path], test: Split) -> list[dict]:
     the CPU, medians over rounds that time every model in turn: a shared machine's drift then hits
     all of them alike, and their ratio holds where the absolute figures wander."""
     runs = [onnx_runner(path) for path in models]
+    # Batch 1 on one thread, in a session of its own: at 32 px one image is too small to share between
+    # threads, and on a busy machine a call waits for the other thread (hundreds of ms on 2 cores).
+    single = [onnx_runner(path, threads=1) for path in models]
     batch = to_float(test.images[:THROUGHPUT_BATCH]).numpy()
     latency, batch_seconds = [[] for _ in runs], [[] for _ in runs]
-    for run in runs:
-        run(batch)  # warm-up: the first call allocates
+    for run, one in zip(runs, single, strict=True):  # warm-up: the first calls allocate
+        run(batch)
+        for _ in range(LATENCY_WARMUP):
+            one(batch[:1])
     for _ in range(THROUGHPUT_RUNS):
-        for i, run in enumerate(runs):
+        for i, (run, one) in enumerate(zip(runs, single, strict=True)):
             started = time.perf_counter()
             run(batch)
             batch_seconds[i].append(time.perf_counter() - started)
             for _ in range(LATENCY_RUNS // THROUGHPUT_RUNS):
                 started = time.perf_counter()
-                run(batch[:1])
+                one(batch[:1])
                 latency[i].append(time.perf_counter() - started)
     return [{"latency_ms": 1000 * statistics.median(lat), "images_per_second": len(batch) / statistics.median(sec)}
             for lat, sec in zip(latency, batch_seconds, strict=True)]

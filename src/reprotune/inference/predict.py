@@ -8,6 +8,7 @@ ONNX models run without torch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,45 @@ class Predictor:
     size: int
 
 
+# What the export stage leaves in a model's folder when it did not make that model (export/phone.py and
+# export/release.py write them): how to read the note's first clause, which names the param, and what
+# turns the model on.
+SWITCHED_OFF = {
+    "disabled.txt": (". ", "set it to true (with the mobile extra: pip install -c constraints.txt -e '.[mobile]'), "
+                           "then `dvc repro export`"),
+    "not_pruned.json": (": ", "set compress.ratio above 0 (e.g. `dvc exp run -S compress.ratio=0.3`)"),
+}
+REJECTED = "rejected.json"  # made, but below its gate: the verdict names the gate's param
+
+
+def not_made(model: Path) -> str | None:
+    """Why the export stage made no `model`, from the note it left beside it, with the param that
+    turns it on; None when there is no such note (the pipeline has not run)."""
+    for name, (clause, fix) in SWITCHED_OFF.items():
+        if (model.parent / name).is_file():
+            reason = _note(model.parent / name).split(clause)[0].strip() or "switched off"
+            return f"{model}: not exported: {reason}; {fix}"
+    rejected = model.parent / REJECTED
+    if rejected.is_file():
+        return f"{model}: not shipped: {_note(rejected) or 'below its gate'} (see {rejected})"
+    return None
+
+
+def _note(path: Path) -> str:
+    """A note's text: a JSON note's verdict, a text note as it is."""
+    text = path.read_text()
+    if path.suffix != ".json":
+        return text.strip()
+    try:
+        return str(json.loads(text).get("verdict", "")).strip()
+    except (ValueError, AttributeError):
+        return ""
+
+
 def load_predictor(model: Path) -> Predictor:
     """Load an ONNX (ONNX Runtime), TorchScript or ExecuTorch export with the model card beside it."""
     if not model.is_file():
-        raise ReprotuneError(f"{model}: model not found (run `make demo` or `dvc repro` first)")
+        raise ReprotuneError(not_made(model) or f"{model}: model not found (run `make demo` or `dvc repro` first)")
     card = load_card(model)
     try:
         run = {".onnx": onnx_runner, ".pte": executorch_runner}.get(model.suffix, torchscript_runner)(model)

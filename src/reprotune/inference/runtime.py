@@ -7,9 +7,12 @@ not import torch: a prediction through ONNX Runtime starts in a fraction of a se
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import logging
 import os
 import sys
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -50,8 +53,8 @@ def executorch_runner(path: Path) -> Runner:
     (imports torch and ExecuTorch, the `mobile` extra). A program takes batches up to the size it was
     planned for; larger ones run in slices of that size."""
     import torch
-    from executorch.runtime import Runtime
 
+    Runtime = _executorch_runtime()
     with _stderr_silenced():  # XNNPACK's first load reports, line by line, what it reads of the CPU
         method = Runtime.get().load_program(Path(path)).load_method("forward")
     limit = method.metadata.input_tensor_meta(0).sizes()[0]
@@ -61,6 +64,39 @@ def executorch_runner(path: Path) -> Runner:
                                for i in range(0, len(images), limit)])
 
     return run
+
+
+class _EnumConstantNotice(logging.Filter):
+    """Drops torch's notice that torchao registers an Enum as a pytree constant (deprecated in torch,
+    harmless here: no program is compiled), logged once per process by torch.utils._pytree."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+def _executorch_runtime():
+    """ExecuTorch's Runtime class, without its compiler where nothing has loaded that yet.
+
+    The runtime's bindings import `executorch.exir._warnings` (a decorator) and so run
+    `executorch/exir/__init__.py`: the whole compiler, torch._dynamo and torchao with it, 4.5 s of
+    the 6.8 s the import took on 2 cores (`python -X importtime`), and torchao's Enum notice on
+    stderr. A bare package stands in for `executorch.exir` while the runtime loads, then leaves, so
+    the export stage's `import executorch.exir` later still gets the real one."""
+    logging.getLogger("torch.utils._pytree").addFilter(_EnumConstantNotice())
+    if "executorch.exir" not in sys.modules:
+        spec = importlib.util.find_spec("executorch.exir")
+        if spec is not None and spec.submodule_search_locations is not None:
+            bare = types.ModuleType("executorch.exir")
+            bare.__path__ = list(spec.submodule_search_locations)
+            sys.modules["executorch.exir"] = bare
+            try:
+                from executorch.runtime import Runtime
+            finally:
+                del sys.modules["executorch.exir"]
+            return Runtime
+    from executorch.runtime import Runtime
+
+    return Runtime
 
 
 @contextlib.contextmanager

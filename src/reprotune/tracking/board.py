@@ -75,6 +75,10 @@ def serve(root: Path, host: str, port: int, tensorboard: str) -> int:
             raise ReprotuneError(f"{root}: no runs/ and no experiments yet (run `make demo` or `dvc repro`)")
         spec = ",".join(f"{name}:{path}" for name, path in runs.items())
         print(f"TensorBoard at http://{host}:{port}/ over {', '.join(runs)}", flush=True)
+        # TensorBoard prints a notice on stderr whenever TensorFlow is not installed, with no option to
+        # leave it out; it is expected here (tensorboardX writes the logs; nothing needs TensorFlow).
+        print("(TensorBoard's 'TensorFlow installation not found' notice is expected: no TensorFlow is needed)",
+              flush=True)
         # --load_fast false: the pure-Python loader, which needs no separate data server binary.
         server = subprocess.Popen([tensorboard, "--logdir_spec", spec, "--host", host, "--port", str(port),
                                    "--load_fast", "false"])

@@ -1,11 +1,12 @@
 """`reprotune review BASE`: what changed against a git revision, as Markdown for a pull request;
 and `reprotune experiments --seeds`: the spread of the headline metrics over seeds.
 
-Three review sections, from DVC's own diffs: the params that differ (`dvc params diff`), the
-metrics with the headline ones first and always shown (`dvc metrics diff`), and which plots changed,
+Four review sections, from DVC's own diffs: the params that differ (`dvc params diff`), the
+metrics with the headline ones first and always shown (`dvc metrics diff`), the timing figures apart
+(machine-dependent: a move under SPEED_NOISE either way is called noise), and which plots changed,
 with `dvc plots diff` rendered to a folder for the reviewer to open. A GitHub Actions workflow
 (.github/workflows/pull-request.yml) posts it on every pull request. When the workspace's params
-were also run with other seeds, a fourth section shows the seed spread, so that a reviewer can tell
+were also run with other seeds, a fifth section shows the seed spread, so that a reviewer can tell
 a gain from seed noise.
 """
 
@@ -32,6 +33,22 @@ HEADLINE = [
 ]
 
 
+# Figures that time something (by the last part of their key): they move with the machine and its load,
+# not only with the change under review, and the base's were often measured on another machine. The
+# review shows them apart, under "Speed", never among the metrics that changed.
+TIMING_KEYS = ("latency_ms", "images_per_second", "speedup", "train_seconds", "achieved_tflops", "seconds")
+# A timing figure counts as changed only beyond this ratio, either way: the same export's TorchScript
+# latency ranged 4.7 to 8.6 ms in three runs on a busy 2-core machine (1.85x), training images/s 491 to 780.
+SPEED_NOISE = 2.0
+# The metrics files in pipeline order: "Other metrics that changed" lists them by stage, then key.
+STAGE_ORDER = ["metrics/train.json", "metrics/evaluate.json", "metrics/compress.json", "metrics/export.json"]
+
+
+def is_timing(key: str) -> bool:
+    """Whether a metric (`onnx.latency_ms`, `images_per_second`, ...) is a timing figure."""
+    return key.rsplit(".", 1)[-1] in TIMING_KEYS
+
+
 # params.yaml's top level
 PARAM_SECTIONS = ["seed", "data", "model", "train", "log", "evaluate", "compress", "export", "monitor"]
 
@@ -56,6 +73,7 @@ def review(dvc: str, base: str, plots_dir: Path, env: dict[str, str]) -> str:
     lines = [f"## reprotune review: workspace against `{base}`", ""]
     lines += _params_section(params, base)
     lines += _metrics_section(metrics, base)
+    lines += _speed_section(metrics, base)
     lines += _plots_section(plots, plots_dir if rendered.returncode == 0 else None)
     workspace = next((run for run in runs if run.kind == "workspace"), None)
     groups = seed_groups(runs)
@@ -83,22 +101,69 @@ def _params_section(diff: dict, base: str) -> list[str]:
 
 
 def _metrics_section(diff: dict, base: str) -> list[str]:
+    """The headline metrics (always), then the other metrics that changed, by stage then key; timing
+    figures are left to `_speed_section`."""
     lines = ["### Metrics", "", f"| metric | `{base}` | workspace | change |", "| --- | ---: | ---: | ---: |"]
 
-    def row(path: str, key: str, change: dict) -> str:
+    def row(key: str, change: dict) -> str:
         return f"| `{key}` | {_cell(change.get('old'))} | {_cell(change.get('new'))} | {_cell(change.get('diff'))} |"
 
     headline = set(HEADLINE)
     for path, key in HEADLINE:  # always shown, changed or not
-        lines.append(row(path, key, diff.get(path, {}).get(key, {})))
-    rest = [(path, key, change) for path, changes in diff.items() for key, change in changes.items()
-            if (path, key) not in headline and change.get("old") != change.get("new")]
+        if not is_timing(key):
+            lines.append(row(key, diff.get(path, {}).get(key, {})))
+    rest = sorted(((path, key, change) for path, changes in diff.items() for key, change in changes.items()
+                   if (path, key) not in headline and not is_timing(key) and change.get("old") != change.get("new")),
+                  key=_stage_then_key)
     if rest:
-        lines += ["", "<details><summary>Other metrics that changed</summary>", "",
+        lines += ["", "<details><summary>Other metrics that changed (by stage, then key)</summary>", "",
                   f"| metric | `{base}` | workspace | change |", "| --- | ---: | ---: | ---: |"]
-        lines += [row(path, f"{Path(path).stem}: {key}", change) for path, key, change in rest]
+        lines += [row(f"{Path(path).stem}: {key}", change) for path, key, change in rest]
         lines += ["", "</details>"]
     return [*lines, ""]
+
+
+def _stage_then_key(item: tuple[str, str, dict]) -> tuple[int, str, str]:
+    path, key, _ = item
+    return (STAGE_ORDER.index(path) if path in STAGE_ORDER else len(STAGE_ORDER), path, key)
+
+
+def speed_ratio(change: dict) -> float | None:
+    """new / old of a timing figure, when both are positive numbers."""
+    old, new = change.get("old"), change.get("new")
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in (old, new))
+    return new / old if numbers else None
+
+
+def _speed_section(diff: dict, base: str) -> list[str]:
+    """Timing figures apart from the metrics: the headline's always, the others when they moved by more
+    than SPEED_NOISE either way; a smaller move is called noise, not a change."""
+    lines = ["### Speed (machine-dependent)", "",
+             f"Timings depend on the machine and its load when each revision ran; a move under {SPEED_NOISE:g}x "
+             "either way is noise, not a change. Compare speed on one machine: `make bench`.", "",
+             f"| figure | `{base}` | workspace | ratio |", "| --- | ---: | ---: | ---: |"]
+
+    def row(name: str, change: dict) -> str:
+        ratio = speed_ratio(change)
+        moved = "-" if ratio is None else f"{ratio:.2f}x" + ("" if _beyond_noise(ratio) else " (noise)")
+        return f"| `{name}` | {_cell(change.get('old'))} | {_cell(change.get('new'))} | {moved} |"
+
+    headline = [(path, key) for path, key in HEADLINE if is_timing(key)]
+    lines += [row(key, diff.get(path, {}).get(key, {})) for path, key in headline]
+    timing = sorted(((path, key, change) for path, changes in diff.items() for key, change in changes.items()
+                     if is_timing(key) and (path, key) not in headline), key=_stage_then_key)
+    moved = [(path, key, change) for path, key, change in timing
+             if (ratio := speed_ratio(change)) is not None and _beyond_noise(ratio)]
+    lines += [row(f"{Path(path).stem}: {key}", change) for path, key, change in moved]
+    quiet = len(timing) - len(moved)
+    if quiet:
+        lines += ["", f"{quiet} other timing figure{'s' if quiet > 1 else ''} moved less than {SPEED_NOISE:g}x "
+                      "or not at all (`dvc metrics diff` lists them)."]
+    return [*lines, ""]
+
+
+def _beyond_noise(ratio: float) -> bool:
+    return ratio > SPEED_NOISE or ratio < 1 / SPEED_NOISE
 
 
 def _plots_section(plots: dict, rendered: Path | None) -> list[str]:
