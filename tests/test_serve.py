@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -380,27 +381,50 @@ def test_a_signal_to_the_server_or_its_process_group_stops_it_cleanly(model, tmp
 @pytest.mark.ray
 @pytest.mark.reliability
 def test_a_start_on_a_busy_machine_is_slow_not_fatal(model, tmp_path):
-    """With every core kept busy (2 spinning processes per core: the load of 4 on 2 cores the issue
-    saw), the start takes longer than Ray Serve's own limits allowed (its controller gave a new HTTP
-    proxy 3 x 5 s to start, then killed it, and the start failed with ActorDiedError). The server
-    waits, says so every 15 s, and answers. The spinners are in this test's session, as the server
-    is: Linux shares the CPU between sessions first (autogroup), so spinners elsewhere would barely
-    slow it."""
+    """A busy machine starts Ray Serve's HTTP proxy slowly, and Ray Serve's controller gave a new proxy
+    3 x 5 s to be ready, then killed it: the start failed with ActorDiedError. Here, as the proxy
+    starts, every core is kept busy (a spinning process per core, in this test's session, as the
+    server is: Linux shares the CPU between sessions first, so spinners elsewhere would barely slow
+    it) and the proxy itself is frozen (SIGSTOP) for 20 s, so that it is surely later than those 15 s
+    however fast the machine. The server waits, says so every 15 s, and answers. (Spinners through the
+    whole start show the same at two to four times the cost: 100-260 s here.)"""
     cores = len(os.sched_getaffinity(0))
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * cores)]
+    frozen = threading.Event()
+    done = threading.Event()
+
+    def freeze_the_proxy() -> None:
+        while not done.is_set():
+            for process in psutil.Process().children(recursive=True):
+                try:
+                    if "ProxyActor" in " ".join(process.cmdline()):
+                        process.suspend()
+                        frozen.set()
+                        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                                    for _ in range(cores)]
+                        done.wait(20)
+                        for spinner in spinners:
+                            spinner.kill()
+                            spinner.wait()
+                        process.resume()
+                        return
+                except psutil.Error:
+                    continue
+            time.sleep(0.05)
+
+    freezer = threading.Thread(target=freeze_the_proxy, daemon=True)
+    freezer.start()
     started = time.monotonic()
     try:
         server = Server(model, tmp_path, "--start-timeout-s", "600", wait_s=600)
     finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
+        done.set()
+        freezer.join()
     seconds = time.monotonic() - started
     try:
+        assert frozen.is_set(), "the proxy was never seen starting"
         assert server.client().is_server_ready()
         waited = re.findall(r"^waiting for Ray Serve to start \(\d+ s of 600 s\)\.\.\.$", server.err.read_text(), re.M)
-        if seconds > 20:  # a line every 15 s of the command's own start: one at least
-            assert waited, f"no progress line in a {seconds:.0f} s start:\n{server.output()}"
+        assert waited, f"no progress line in a {seconds:.0f} s start:\n{server.output()}"
         print(f"ready under load after {seconds:.0f} s")
     finally:
         assert server.stop() == 0, server.output()
