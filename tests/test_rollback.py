@@ -58,6 +58,20 @@ def test_a_rejected_set_param_leaves_the_workspace_as_it_was(committed, override
 
 
 @pytest.mark.dvc
+def test_outputs_not_yet_committed_come_back_too(pipeline, tmp_path):
+    """After `dvc repro` and before a commit, the metrics (kept in git, not in DVC's cache) exist only in
+    the workspace: the copies each stage keeps bring them back. As after `make demo`."""
+    root = tmp_path / "project"
+    shutil.copytree(pipeline, root, symlinks=True)
+    assert "metrics/train.json" in run(["git", "status", "--porcelain", "--untracked-files=all"], root).stdout
+    before = snapshot(root)
+    proc = run(["dvc", "exp", "run", "-S", "train.lr=abc"], root, check=False)
+    assert proc.returncode != 0
+    assert "(the workspace is as it was: finetune's outputs restored" in proc.stderr, proc.stderr
+    assert snapshot(root) == before
+
+
+@pytest.mark.dvc
 def test_a_rejected_set_param_keeps_the_users_own_uncommitted_edits(committed):
     """Not committed, so HEAD is not the file as it was: only the -S key goes back, the edit stays."""
     params = committed / "params.yaml"

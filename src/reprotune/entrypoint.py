@@ -16,7 +16,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer ships its own click
 
 from reprotune.errors import ParamsError, UsageError, run_cli
-from reprotune.rollback import undo_rejected_run
+from reprotune.rollback import keep_uncached, undo_rejected_run
 
 # The option every stage script and command takes: `--params params.yaml`.
 ParamsFile = Annotated[Path, typer.Option("--params", help="Params file.")]
@@ -38,12 +38,13 @@ def rejecting(call: Callable[[], None]) -> None:
     launcher, a stage process itself, has checked the params first, and ranks must not restore
     outputs side by side.
     """
+    stage, root = os.environ.get("DVC_STAGE"), Path.cwd()
+    in_workspace = bool(stage) and "LOCAL_RANK" not in os.environ \
+        and Path(os.environ.get("DVC_ROOT", "/nonexistent")).resolve() == root.resolve()
     try:
         call()
     except ParamsError as exc:
-        stage, root = os.environ.get("DVC_STAGE"), Path.cwd()
-        if not stage or Path(os.environ.get("DVC_ROOT", "/nonexistent")).resolve() != root.resolve() \
-                or "LOCAL_RANK" in os.environ:
+        if not in_workspace:
             raise
         try:
             undone = undo_rejected_run(stage, root)
@@ -51,6 +52,8 @@ def rejecting(call: Callable[[], None]) -> None:
             undone = (f"putting the workspace back failed ({type(undo).__name__}: {undo}): `dvc checkout "
                       f"{stage}` brings its outputs back, `git diff` shows the params")
         raise ParamsError(f"{exc} ({undone})") from exc
+    if in_workspace:
+        keep_uncached(stage, root)
 
 
 def invoke(app: typer.Typer) -> None:

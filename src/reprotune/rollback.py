@@ -6,9 +6,11 @@ stage validates the whole params file before it writes anything, so the first st
 one that rejects a bad value, and at that moment the workspace differs from before the command in
 two ways only, both undone here:
 
-- this stage's outputs are gone: they come back from the DVC cache, as dvc.lock records them (the
-  outputs kept in git, `cache: false`, are in the cache too once DVC's run cache saved them; where
-  not, git's copy serves if its hash is the one dvc.lock records);
+- this stage's outputs are gone: they come back from the DVC cache, as dvc.lock records them. The
+  outputs kept in git (`cache: false`: metrics, small CSVs) are not in it (DVC's run cache, which
+  would hold them, is off for a stage with such an output), and after `dvc repro` they are often
+  not committed yet: so each stage DVC runs keeps a copy of those it wrote (`keep_uncached`, a few
+  KB under .dvc/tmp), and git's HEAD copy serves where that is missing, if its hash is dvc.lock's;
 - under `dvc exp run -S`, the params files named by `-S` hold the new values: each gets back the
   text it had (its git HEAD version, when applying the same `-S` to it gives what DVC wrote; else
   the user had edited it too, and the `-S` keys alone go back to their HEAD values, in the layout
@@ -101,11 +103,52 @@ def _checkout(out: Any, path: Path, root: Path) -> None:
 
 
 def _from_git(relpath: str, md5: str, root: Path) -> bytes:
-    """Git's HEAD copy of a `cache: false` output, if it is the content dvc.lock records."""
+    """The content dvc.lock records for a `cache: false` output: the copy `keep_uncached` kept, or git's
+    HEAD copy if it is that content."""
+    kept = root / KEPT / md5
+    if kept.is_file():
+        return kept.read_bytes()
     data = _git_show(f"HEAD:{relpath}", root)
-    if data is None or hashlib.md5(data, usedforsecurity=False).hexdigest() != md5:
+    if data is None or _md5(data) != md5:
         raise FileNotFoundError(relpath)
     return data
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+# Where each stage keeps a copy of the `cache: false` outputs it wrote, by md5 (DVC's own hash of a file).
+KEPT = Path(".dvc/tmp/reprotune-uncached")
+
+
+def keep_uncached(stage: str, root: Path) -> None:
+    """After `stage` succeeded under DVC: keep a copy of its `cache: false` outputs, so that a later
+    rejected run can restore them whether or not they were committed. Copies that neither dvc.lock
+    nor this run names go, so the folder holds about one copy per output. Best effort: a failure
+    here must not fail a stage whose outputs are written."""
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+        folder = root / KEPT
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = set()
+        for kind in ("outs", "metrics", "plots"):
+            for out in (stages.get(stage) or {}).get(kind) or []:
+                if not isinstance(out, dict):
+                    continue
+                (path, options), = out.items()
+                if (options or {}).get("cache", True) or not (root / path).is_file():
+                    continue
+                data = (root / path).read_bytes()
+                kept.add(_md5(data))
+                with atomic_file(folder / _md5(data)) as tmp:
+                    Path(tmp).write_bytes(data)
+        lock = (root / "dvc.lock").read_text() if (root / "dvc.lock").exists() else ""
+        for copy in folder.iterdir():  # dvc.lock names this run's outputs only once the stage is done
+            if copy.name not in kept and copy.name not in lock:
+                copy.unlink(missing_ok=True)
+    except (OSError, yaml.YAMLError, ValueError, AttributeError):
+        pass
 
 
 def _git_show(spec: str, root: Path) -> bytes | None:
