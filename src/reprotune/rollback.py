@@ -12,9 +12,9 @@ two ways only, both undone here:
   not committed yet: so each stage DVC runs keeps a copy of those it wrote (`keep_uncached`, a few
   KB under .dvc/tmp), and git's HEAD copy serves where that is missing, if its hash is dvc.lock's;
 - under `dvc exp run -S`, the params files named by `-S` hold the new values: each gets back the
-  text it had (its git HEAD version, when applying the same `-S` to it gives what DVC wrote; else
-  the user had edited it too, and the `-S` keys alone go back to their HEAD values, in the layout
-  DVC rewrote the file in).
+  text it had, from git HEAD or, when the user had edited it (as `make demo` leaves it), from the
+  stash DVC made of the workspace as the command started, whichever gives what DVC wrote when the
+  same `-S` is applied to it; failing both, the `-S` keys alone go back to their HEAD values.
 
 Only on this error path is DVC imported, and only its read-only parts: the `dvc` process running
 the stage holds the repository lock, so nothing here may take it.
@@ -151,8 +151,8 @@ def keep_uncached(stage: str, root: Path) -> None:
         pass
 
 
-def _git_show(spec: str, root: Path) -> bytes | None:
-    proc = subprocess.run(["git", "show", spec], cwd=root, capture_output=True, check=False)  # noqa: S607
+def _git_show(spec: str, root: Path, *options: str) -> bytes | None:
+    proc = subprocess.run(["git", "show", *options, spec], cwd=root, capture_output=True, check=False)  # noqa: S607
     return proc.stdout if proc.returncode == 0 else None
 
 
@@ -161,9 +161,10 @@ def _git_show(spec: str, root: Path) -> bytes | None:
 def _revert_set_params(root: Path) -> tuple[list[str], list[str]]:
     """Under `dvc exp run -S` in this workspace, put each params file it changed back as it was."""
     reverted, kept = [], []
-    for name, overrides in _set_params(root).items():
+    overrides_by_file, since = _set_params(root)
+    for name, overrides in overrides_by_file.items():
         path = root / name
-        before = _text_before(path, name, overrides, root)
+        before = _text_before(path, name, overrides, root, since)
         if before is not None:
             with atomic_file(path) as tmp:
                 Path(tmp).write_bytes(before)
@@ -175,8 +176,9 @@ def _revert_set_params(root: Path) -> tuple[list[str], list[str]]:
     return reverted, kept
 
 
-def _set_params(root: Path) -> dict[str, list[str]]:
-    """The `-S` overrides of the `dvc exp run` that runs this stage in `root`, by params file.
+def _set_params(root: Path) -> tuple[dict[str, list[str]], float]:
+    """The `-S` overrides of the `dvc exp run` that runs this stage in `root`, by params file, and when
+    that command started.
 
     DVC passes them to no stage, so they are read from the command line of the `dvc` process above
     this one, with DVC's own parser. Empty for `dvc repro`, and for experiments DVC runs in a
@@ -196,15 +198,15 @@ def _set_params(root: Path) -> dict[str, list[str]]:
             continue
         args = argv[starts[0] + 1:]
         if args[:2] not in (["exp", "run"], ["experiments", "run"]):
-            return {}  # the nearest dvc is `dvc repro` (or another command): -S is not in play
+            return {}, 0.0  # the nearest dvc is `dvc repro` (or another command): -S is not in play
         try:
             parsed = parse_args(args)
         except SystemExit:  # not a command line DVC's parser takes: leave the params alone
-            return {}
+            return {}, 0.0
         if parsed.queue or parsed.tmp_dir or not _same_place(cwd, root):
-            return {}
-        return to_path_overrides(parsed.set_param or [])
-    return {}
+            return {}, 0.0
+        return to_path_overrides(parsed.set_param or []), process.create_time()
+    return {}, 0.0
 
 
 def _same_place(cwd: Path, root: Path) -> bool:
@@ -212,23 +214,53 @@ def _same_place(cwd: Path, root: Path) -> bool:
     return cwd == root or root in cwd.parents
 
 
-def _text_before(path: Path, name: str, overrides: list[str], root: Path) -> bytes | None:
-    """The file's text before `-S`: its HEAD version, if applying `-S` to that gives what DVC wrote;
-    else None (the user had edited it too). Not the index: DVC stages its own changes there while
+def _text_before(path: Path, name: str, overrides: list[str], root: Path, since: float = 0.0) -> bytes | None:
+    """The file's text before `-S`, or None if it cannot be told. The candidates: its HEAD version, and
+    the one in the stash DVC made of the workspace's own changes when the command started (popped
+    again at once, but the commit stays among git's loose objects); a candidate is the text only if
+    applying `-S` to it gives what DVC wrote. Not the index: DVC stages its own changes there while
     the experiment runs."""
     from dvc.utils.hydra import apply_overrides  # noqa: PLC0415
 
-    text = _git_show(f"HEAD:{name}", root)
-    if text is None:
-        return None
-    with tempfile.TemporaryDirectory() as scratch:
-        trial = Path(scratch) / path.name
-        trial.write_bytes(text)
-        try:
-            apply_overrides(trial, overrides)
-        except Exception:  # noqa: BLE001 - DVC applied these once; a text it cannot take is not the one
-            return None
-        return text if _load(trial.read_bytes()) == _load(path.read_bytes()) else None
+    now = _load(path.read_bytes())
+    for text in (_git_show(f"HEAD:{name}", root), *_stashed(name, root, since)):
+        if text is None:
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            trial = Path(scratch) / path.name
+            trial.write_bytes(text)
+            try:
+                apply_overrides(trial, overrides)
+            except Exception:  # noqa: BLE001, S112 - DVC applied these once; a text it cannot take is not the one
+                continue
+            if _load(trial.read_bytes()) == now:
+                return text
+    return None
+
+
+def _stashed(name: str, root: Path, since: float) -> list[bytes]:
+    """`name` in the workspace stashes ("WIP on ...", on HEAD) written since `since`, newest first."""
+    if not since:
+        return []
+    proc = subprocess.run(["git", "rev-parse", "--git-common-dir"], cwd=root, capture_output=True, text=True,
+                          check=False)  # noqa: S607
+    if proc.returncode != 0:
+        return []
+    objects = (root / proc.stdout.strip() / "objects").resolve()
+    recent = sorted(((f.stat().st_mtime, f.parent.name + f.name) for f in objects.glob("??/*")
+                     if f.stat().st_mtime >= since - 1), reverse=True)
+    head = (_git_show("HEAD", root, "--format=%H", "--no-patch") or b"").strip().decode()
+    texts = []
+    for _, sha in recent:
+        info = _git_show(sha, root, "--format=%P%n%s", "--no-patch")
+        if info is None:
+            continue  # not a commit
+        parents, _, subject = info.decode(errors="replace").partition("\n")
+        if parents.split()[:1] == [head] and subject.startswith("WIP on "):
+            text = _git_show(f"{sha}:{name}", root)
+            if text is not None:
+                texts.append(text)
+    return texts
 
 
 def _revert_keys(path: Path, name: str, overrides: list[str], root: Path) -> bool:
