@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from reprotune.files import atomic_file
+from reprotune.files import atomic_dir, atomic_file
 
 
 def undo_rejected_run(stage: str, root: Path) -> str:
@@ -78,31 +78,29 @@ def _restore_outputs(stage: str, root: Path) -> tuple[list[str], list[str]]:
 def _checkout(out: Any, path: Path, root: Path) -> None:
     """Write one output as dvc.lock records it; FileNotFoundError when no copy of it is found.
 
-    Built beside its place and moved in, so an interrupted restore leaves no half-written output.
+    Built beside its place and moved in (files.atomic_file, atomic_dir), so an interrupted restore
+    leaves no half-written output.
     """
     oid = out.hash_info.value
     cache = out.cache
     path.parent.mkdir(parents=True, exist_ok=True)
     if out.hash_info.isdir:
         entries = json.loads(Path(cache.oid_to_path(oid)).read_text())
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            for entry in entries:
-                target = staging / entry["relpath"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(cache.oid_to_path(entry["md5"]), target)
-            staging.rename(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        sources = {entry["relpath"]: Path(cache.oid_to_path(entry["md5"])) for entry in entries}
+        if missing := [relpath for relpath, source in sources.items() if not source.is_file()]:
+            raise FileNotFoundError(missing[0])
+        with atomic_dir(path) as staging:
+            for relpath, source in sources.items():
+                (staging / relpath).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, staging / relpath)
         return
     source = Path(cache.oid_to_path(oid))
-    data = source.read_bytes() if source.exists() else _from_git(out.def_path, oid, root)
+    data = source.read_bytes() if source.exists() else _uncached_copy(out.def_path, oid, root)
     with atomic_file(path) as tmp:
         Path(tmp).write_bytes(data)
 
 
-def _from_git(relpath: str, md5: str, root: Path) -> bytes:
+def _uncached_copy(relpath: str, md5: str, root: Path) -> bytes:
     """The content dvc.lock records for a `cache: false` output: the copy `keep_uncached` kept, or git's
     HEAD copy if it is that content."""
     kept = root / KEPT / md5
@@ -140,8 +138,8 @@ def keep_uncached(stage: str, root: Path) -> None:
                 if (options or {}).get("cache", True) or not (root / path).is_file():
                     continue
                 data = (root / path).read_bytes()
-                kept.add(_md5(data))
-                with atomic_file(folder / _md5(data)) as tmp:
+                kept.add(digest := _md5(data))
+                with atomic_file(folder / digest) as tmp:
                     Path(tmp).write_bytes(data)
         lock = (root / "dvc.lock").read_text() if (root / "dvc.lock").exists() else ""
         for copy in folder.iterdir():  # dvc.lock names this run's outputs only once the stage is done
