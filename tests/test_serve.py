@@ -521,3 +521,28 @@ def test_ray_is_kept_on_loopback_only_when_the_cluster_and_the_server_are(addres
     out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
                          ).stdout.split()
     assert out == ["0", "0" if local else "None"]
+
+
+@pytest.mark.reliability
+def test_the_server_wakes_for_a_signal_another_thread_received(tmp_path):
+    """The kernel gives a signal sent to the process to any of its threads (the server has Ray's); Python
+    runs the handler in the main thread only when that thread wakes. Here the signal goes to a thread
+    sleeping in C, as Ray's do, while the main thread waits for it: the wait must still end. (Waiting
+    without a timeout, the server sat out a SIGINT until the test killed it a minute later.)"""
+    script = """
+import signal, threading, time
+from reprotune.inference.server import wait_for
+stop = threading.Event()
+signal.signal(signal.SIGINT, lambda *_: stop.set())
+sleeper = threading.Thread(target=time.sleep, args=(60,), daemon=True)
+sleeper.start()
+threading.Timer(0.5, signal.pthread_kill, (sleeper.ident, signal.SIGINT)).start()
+wait_for(stop)
+print("woke")
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20,
+                              env=env(), cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the main thread never woke to run the handler of a signal another thread received")
+    assert (done.returncode, done.stdout.strip()) == (0, "woke"), done.stderr

@@ -264,7 +264,7 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
                    else "each Ray node's metrics port")
         print(f"serving {settings.model} at {url} with {settings.replicas} replica(s) x {settings.threads} "
               f"thread(s) (metrics: {metrics}); Ctrl-C stops", flush=True)
-        stop.wait()
+        wait_for(stop)
         print("stopping: answering the requests in flight", file=sys.stderr, flush=True)
         # Deleting the application first drains it: each replica finishes its ongoing requests (up to
         # graceful_shutdown_timeout_s) while the proxy, still up, carries the replies. Shutting Serve
@@ -276,6 +276,15 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
         if serving or address is not None:
             _shutdown_serve()
         ray.shutdown()
+
+
+def wait_for(stop: threading.Event, poll_s: float = 0.5) -> None:
+    """Return once `stop` is set by a signal handler. Python runs handlers in the main thread, but the
+    kernel hands a signal sent to the process to any thread that does not block it, often one of Ray's:
+    a main thread asleep in a wait without a timeout is then never woken to run the handler (a SIGINT
+    went unanswered until the test killed the server a minute later). Waking every `poll_s` runs it."""
+    while not stop.wait(poll_s):
+        pass
 
 
 PROGRESS_S = 15  # how often a slow start says how long it has waited
