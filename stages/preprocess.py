@@ -1,14 +1,13 @@
-"""DVC stage `preprocess`: read and validate the images, cache train/val/test as uint8 tensors."""
+"""DVC stage `preprocess`: read and validate the images, cache train/val/test as uint8 arrays on disk."""
 
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from reprotune.config import load_params
 from reprotune.data import folders
 from reprotune.data.preprocess import preprocess, read_cifar
+from reprotune.data.splits import save_split
 from reprotune.entrypoint import ParamsFile, run_stage
 from reprotune.files import atomic_dir, write_json
 from reprotune.tracking import tensorboard
@@ -20,13 +19,17 @@ SHOWN = 5  # unreadable files listed on stderr; skipped_images in metrics/prepro
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
     started = time.perf_counter()
-    raw = folders.read(cfg.data) if cfg.data.folder else read_cifar(cfg.data)
-    with tensorboard.stage_writer("runs/preprocess") as writer:
-        splits, metrics = preprocess(raw, cfg.data, cfg.seed, cfg.log.images, writer)
-    metrics["seconds"] = time.perf_counter() - started  # reading and decoding included
     with atomic_dir(PROCESSED) as tmp:
+        # A folder dataset is decoded to a scratch file beside the splits, never into memory whole;
+        # the splits are then copied out of it a chunk at a time.
+        scratch = tmp / "decoded.npy"
+        raw = folders.read(cfg.data, scratch=scratch) if cfg.data.folder else read_cifar(cfg.data)
+        with tensorboard.stage_writer("runs/preprocess") as writer:
+            splits, metrics = preprocess(raw, cfg.data, cfg.seed, cfg.log.images, writer)
         for name, split in splits.items():
-            torch.save(split.to_dict(), tmp / f"{name}.pt")
+            save_split(split, tmp / f"{name}.pt")
+        scratch.unlink(missing_ok=True)
+    metrics["seconds"] = time.perf_counter() - started  # reading, decoding and writing included
     write_json("metrics/preprocess.json", metrics)
     if raw.skipped:
         shown = "\n".join(f"  {line}" for line in raw.skipped[:SHOWN])

@@ -16,7 +16,7 @@ from torch import nn
 
 from fixtures import MEAN, REPO, STD, run, synthetic_splits
 from reprotune.config import CompressConfig, ExportConfig, ModelConfig, Params
-from reprotune.data.splits import Split, load_split, to_float
+from reprotune.data.splits import Split, load_split, save_split, to_float
 from reprotune.data.synthetic import SYNTHETIC_CLASSES
 from reprotune.errors import ReprotuneError
 from reprotune.export.card import model_card
@@ -229,7 +229,7 @@ def _project(root: Path, splits: dict, compress_params: dict) -> Path:
     test = Split(test.images, batched_logits(model, test.images, 64).argmax(1), test.classes, test.mean, test.std)
     (root / "data/processed").mkdir(parents=True)
     for name, split in {**splits, "test": test}.items():
-        torch.save(split.to_dict(), root / f"data/processed/{name}.pt")
+        save_split(split, root / f"data/processed/{name}.pt")
     (root / "params.yaml").write_text(yaml.safe_dump({
         "model": {"weights": "none"}, "train": {"batch_size": 32, "device": "cpu"},
         "log": {"graph": False, "images": 0, "histograms": False},

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from fixtures import make_project, run
 from reprotune.config import DataConfig, Params
 from reprotune.data import folders
 from reprotune.data.cifar import cifar100, read_archive
+from reprotune.data.splits import load_split
 from reprotune.errors import ReprotuneError
 from reprotune.images import load_image
 
@@ -231,8 +231,8 @@ def test_a_folder_dataset_through_the_pipeline(tmp_path):
                "models/model.onnx", *map(str, files)], project).stdout
     predicted = [json.loads(line)["top_k"][0]["label"] for line in out.splitlines()]
     assert predicted == pd.read_csv(project / "metrics/confusion.csv")["predicted"].tolist()
-    test = torch.load(project / "data/processed/test.pt")
-    assert np.array_equal(test["images"][0].numpy(), load_image(files[0], 24))
+    test = load_split(project / "data/processed/test.pt")
+    assert np.array_equal(test.images[0].numpy(), load_image(files[0], 24))
     # One image edited: preprocess (and what follows) reruns, download does not.
     picture(COLOURS["cat"], seed=99).save(root / "train" / "cat" / "0.png")
     run(["dvc", "add", "data/raw/pets"], project)
@@ -274,10 +274,10 @@ def test_cifar100_and_a_folder_archive_download_and_preprocess_through_dvc(tmp_p
     project = make_project(tmp_path / "project", {**overrides, "data.url": str(archive), "data.md5": md5})
     run(["dvc", "repro", "preprocess"], project)
     assert [p.name for p in (project / "data/raw/download").iterdir()] == [archive.name]
-    train = torch.load(project / "data/processed/train.pt")
+    train = load_split(project / "data/processed/train.pt")
     prep = json.loads((project / "metrics/preprocess.json").read_text())
     if kind == "cifar100":
-        assert len(train["classes"]) == 20 and prep["test_images"] == 50 and train["images"].shape[1:] == (3, 32, 32)
+        assert len(train.classes) == 20 and prep["test_images"] == 50 and train.images.shape[1:] == (3, 32, 32)
     else:
-        assert train["classes"] == ["cat", "dog", "owl"] and train["images"].shape[1:] == (3, 20, 20)
+        assert train.classes == ["cat", "dog", "owl"] and train.images.shape[1:] == (3, 20, 20)
         assert prep["test_images"] == 6 and prep["skipped_images"] == 0

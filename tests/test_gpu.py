@@ -16,6 +16,7 @@ import torch
 
 from fixtures import REPO, run, set_params, synthetic_splits
 from reprotune.config import Params
+from reprotune.data.splits import save_split
 from reprotune.training.checkpoint import Checkpoints
 from reprotune.training.loop import finetune
 
@@ -84,7 +85,7 @@ def test_evaluate_and_export_a_model_trained_on_cuda(tmp_path):
     root = tmp_path
     (root / "data/processed").mkdir(parents=True)
     for name, split in synthetic_splits(1000, 200, 0.2, seed=1).items():
-        torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
+        save_split(split, root / "data/processed" / f"{name}.pt")
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": 3, "train.batch_size": 64,
                                       "train.lr": 0.05, "train.device": "cuda", "export.int8_min_agreement": 0.5,

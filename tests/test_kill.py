@@ -23,6 +23,7 @@ import torch
 
 from fixtures import env, run
 from reprotune.data.cifar import read_archive
+from reprotune.data.splits import load_split
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 
@@ -40,7 +41,7 @@ def assert_whole(root: Path) -> None:
         "models/model.torchscript.pt": torch.jit.load,
     }
     for name in ("train", "val", "test"):
-        checks[f"data/processed/{name}.pt"] = lambda p: torch.load(p, weights_only=True)["images"]
+        checks[f"data/processed/{name}.pt"] = lambda p: load_split(Path(p)).images.load()
     for path in (root / "metrics").glob("*.json"):
         checks[str(path.relative_to(root))] = lambda p: json.loads(Path(p).read_text())
     for path in (root / "metrics").glob("*.csv"):

@@ -12,13 +12,13 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fixtures import synthetic_splits
 from reprotune.cli import app
 from reprotune.config import Params
+from reprotune.data.splits import save_split
 from reprotune.training import lrfind
 from reprotune.training.checkpoint import Checkpoints
 from reprotune.training.loop import finetune
@@ -86,7 +86,7 @@ def project(splits, tmp_path_factory):
     root = tmp_path_factory.mktemp("lrfind")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY))
     (root / "data/processed").mkdir(parents=True)
-    torch.save(splits["train"].to_dict(), root / "data/processed/train.pt")
+    save_split(splits["train"], root / "data/processed/train.pt")
     return root, *_lr_find(root, "--steps", str(STEPS), "--start-lr", "1e-4", "--end-lr", "10")
 
 

@@ -20,6 +20,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fixtures import REPO, env, run, set_params, synthetic_splits
+from reprotune.data.splits import save_split
 
 pytestmark = pytest.mark.reliability  # every test here is part of the reliability suite
 
@@ -39,7 +40,7 @@ def _workspace(root: Path, device: str = "cpu") -> Path:
     """Processed splits and params for an EPOCHS-epoch deterministic run on `device`."""
     (root / "data/processed").mkdir(parents=True)
     for name, split in synthetic_splits(TRAIN_IMAGES * 5 // 4, 10, 0.2).items():
-        torch.save(split.to_dict(), root / "data/processed" / f"{name}.pt")
+        save_split(split, root / "data/processed" / f"{name}.pt")
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     set_params(root / "params.yaml", {"model.weights": "none", "train.epochs": EPOCHS,
                                       "train.batch_size": TRAIN_IMAGES // STEPS[device],

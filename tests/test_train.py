@@ -242,22 +242,6 @@ def test_deterministic_mode_sets_the_cublas_workspace_before_cuda_starts(monkeyp
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def test_training_from_host_memory_trains_exactly_as_from_the_device(splits, tmp_path, monkeypatch):
-    # train.data_on: host gathers each batch on the host (HostImages) instead of indexing images
-    # already on the device. On a CPU the two are one memory, so the runs must agree bit for bit;
-    # with auto, images that do not fit take the host path (images_fit is a GPU question).
-    gathered = []
-    real = loop.HostImages.__getitem__
-    monkeypatch.setattr(loop.HostImages, "__getitem__", lambda self, idx: gathered.append(len(idx)) or real(self, idx))
-    on_device = _fit(_params(deterministic=True, epochs=1), splits, tmp_path, "device")
-    assert gathered == []
-    monkeypatch.setattr(loop, "images_fit", lambda nbytes, device: False)
-    on_host = _fit(_params(deterministic=True, epochs=1), splits, tmp_path, "host")
-    assert gathered == [32] * (len(splits["train"].labels) // 32)
-    for key, value in on_device.model.state_dict().items():
-        assert torch.equal(value, on_host.model.state_dict()[key]), key
-
-
 def test_host_images_gather_the_batch_asked_for():
     images = torch.arange(5 * 3 * 2 * 2, dtype=torch.uint8).reshape(5, 3, 2, 2)
     host = loop.HostImages(images, torch.device("cpu"))

@@ -261,11 +261,14 @@ class TrainConfig(Section):
     """auto (CUDA when present; of several GPUs, one no other run holds) | cpu | cuda | cuda:N
 
     Under DDP each process takes its own GPU (`cuda:LOCAL_RANK`)."""
-    data_on: Literal["auto", "device", "host"] = "auto"
-    """auto | device | host: where the cached uint8 images live while training on a GPU
+    data_on: Literal["auto", "device", "host", "disk"] = "auto"
+    """auto | device | host | disk: where the cached uint8 images live while training
 
-    auto keeps them on the GPU when they fit beside training (free memory less a reserve), else in
-    pinned host memory, each batch gathered there and copied asynchronously. On a CPU both are one."""
+    device: all on the GPU (on a CPU, as host). host: all in memory (pinned for a GPU), each batch
+    gathered there and copied asynchronously. disk: left in the cache files, each batch read by
+    index a few steps ahead on a background thread (for datasets larger than memory). auto: device
+    if they fit beside training on the GPU, else host if they fit in half the available memory
+    (a cgroup's limit counted), else disk. Every choice trains the same for the same seed."""
     nproc: int = Field(1, ge=1)
     """training processes per machine, one per GPU; above 1 launches DDP through torchrun"""
     nnodes: int = Field(1, ge=1)

@@ -12,7 +12,10 @@
   a thread per core: Pillow releases the GIL while it decodes and resizes.
 - A file that cannot be read is skipped and reported (`data.on_bad_image: fail` stops at it
   instead). Links are never followed out of a tree, nor at all in an archive, and an archive with an
-  absolute or `..` path is refused whole. Memory is estimated before anything is decoded.
+  absolute or `..` path is refused whole.
+- The preprocess stage decodes into a scratch file on disk (`scratch`), so a dataset of any size
+  needs only the disk it takes; read into memory (no `scratch`), memory is estimated first. Either
+  way the room needed is checked before anything is decoded.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
+import shutil
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from reprotune.config import DataConfig
+from reprotune.data.cache import CachedImages, available_memory
 from reprotune.data.raw import RawData
 from reprotune.data.splits import held_out
 from reprotune.errors import ReprotuneError
@@ -39,7 +44,8 @@ TEST_SEED = 0  # the test hold-out's seed: fixed, so a `seed` sweep is compared 
 TEST_ROOTS = ("test", "val")  # the first present is the test set
 MAX_FILES = 5_000_000  # entries in an archive or files in a tree; ImageNet-1k has 1.3 million
 MAX_FILE_BYTES = 256 * 2**20  # one image file; larger ones are skipped, not read
-MEMORY_FACTOR = 3  # peak host memory / decoded bytes: the decoded array, then the split copies
+MEMORY_FACTOR = 3  # peak host memory / decoded bytes, read into memory: the decoded array, then the split copies
+DISK_FACTOR = 2  # disk / decoded bytes, decoded to a scratch file: the scratch file, then the splits
 IN_FLIGHT_PER_WORKER = 8  # archive members read ahead of the decoders, per thread
 # Imagenette's classes are WordNet ids; these are their names (torchvision's Imagenette table).
 IMAGENETTE_NAMES = {
@@ -276,18 +282,6 @@ def _classes(source: Source, root: tuple[str, ...], single_ok: bool = False) -> 
 # --------------------------------------------------------------------------- reading
 
 
-def available_memory() -> int:
-    """Bytes of host memory available now (Linux's MemAvailable; else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_memory(images: int, size: int, where: str) -> None:
     """Refuse, before decoding, a dataset whose uint8 images cannot fit in host memory."""
     need = MEMORY_FACTOR * images * 3 * size * size
@@ -297,6 +291,16 @@ def check_memory(images: int, size: int, where: str) -> None:
         raise ReprotuneError(f"{where}: {images:,} images at data.image_size={size} need about "
                              f"{need / 2**30:.1f} GiB of memory, {have / 2**30:.1f} GiB is available: "
                              f"data.image_size={fits} or less would fit")
+
+
+def check_disk(images: int, size: int, folder: Path, where: str) -> None:
+    """Refuse, before decoding, a dataset whose decoded images and their splits do not fit on the disk."""
+    need = DISK_FACTOR * images * 3 * size * size
+    have = shutil.disk_usage(folder).free
+    if need > have:
+        raise ReprotuneError(f"{where}: {images:,} images at data.image_size={size} need about "
+                             f"{need / 2**30:.1f} GiB of disk in {folder} while preprocessing, "
+                             f"{have / 2**30:.1f} GiB is free")
 
 
 def source_of(cfg: DataConfig) -> Source:
@@ -311,20 +315,47 @@ def source_of(cfg: DataConfig) -> Source:
     return Tree(root)
 
 
-def read(cfg: DataConfig, workers: int | None = None) -> RawData:
-    """Decode every image of the folder dataset `cfg` names, once: train and test, classes sorted."""
-    return read_source(source_of(cfg), cfg, workers)
+def read(cfg: DataConfig, workers: int | None = None, scratch: Path | None = None) -> RawData:
+    """Decode every image of the folder dataset `cfg` names, once: train and test, classes sorted.
+    With `scratch` (a file to create), the decoded images go there and stay on disk."""
+    return read_source(source_of(cfg), cfg, workers, scratch)
 
 
-def read_source(source: Source, cfg: DataConfig, workers: int | None = None) -> RawData:
-    """Decode every image of a listed tree or archive, once, per `cfg`."""
+class _Scratch:
+    """Decoded images written to a `.npy` file by position, as they come (never held in memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.path, self.row_bytes = path, int(np.prod(shape[1:]))
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            self.offset = f.tell()
+            f.truncate(self.offset + shape[0] * self.row_bytes)  # sparse until written
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def __setitem__(self, i: int, image: np.ndarray) -> None:
+        os.pwrite(self.fd, np.ascontiguousarray(image).tobytes(), self.offset + i * self.row_bytes)
+
+    def close(self) -> CachedImages:
+        os.close(self.fd)
+        return CachedImages.open(self.path)
+
+
+def read_source(source: Source, cfg: DataConfig, workers: int | None = None, scratch: Path | None = None
+                ) -> RawData:
+    """Decode every image of a listed tree or archive, once, per `cfg`: into memory, or into the
+    file `scratch` (then the returned images are selections of it, on disk)."""
     train_root, train, test_root, test = layout(source)
     names = sorted(train)
     items = [(f, label, False) for label, name in enumerate(names) for f in train[name]]
     if test is not None:
         items += [(f, label, True) for label, name in enumerate(names) for f in test[name]]
-    check_memory(len(items), cfg.image_size, source.label)
-    images = np.empty((len(items), 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
+    shape = (len(items), 3, cfg.image_size, cfg.image_size)
+    if scratch is None:
+        check_memory(len(items), cfg.image_size, source.label)
+        images = np.empty(shape, dtype=np.uint8)
+    else:
+        check_disk(len(items), cfg.image_size, scratch.parent, source.label)
+        images = _Scratch(scratch, shape)
     labels = np.array([label for _, label, _ in items], dtype=np.int64)
     is_test = np.array([test for _, _, test in items], dtype=bool)
     readable = np.zeros(len(items), dtype=bool)
@@ -348,6 +379,10 @@ def read_source(source: Source, cfg: DataConfig, workers: int | None = None) -> 
         _require(labels[readable & is_test], len(names), test_folder, "the test set")
     train_part, test_part = readable & ~is_test, readable & is_test
     _require_two(labels[train_part], folder, "data.val_fraction")
+    if isinstance(images, _Scratch):
+        decoded = images.close()
+        return RawData(decoded.select(np.flatnonzero(train_part)), labels[train_part],
+                       decoded.select(np.flatnonzero(test_part)), labels[test_part], classes, skipped)
     return RawData(images[train_part], labels[train_part], images[test_part], labels[test_part], classes, skipped)
 
 

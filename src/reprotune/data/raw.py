@@ -9,7 +9,8 @@ import numpy as np
 
 @dataclass
 class RawData:
-    """A dataset's images: uint8 (N, 3, S, S), int64 labels (N,), class names; `skipped` lists the
+    """A dataset's images: uint8 (N, 3, S, S) in memory, or on disk (`cache.CachedImages`: a folder
+    dataset decoded by the preprocess stage), int64 labels (N,), class names; `skipped` lists the
     files that could not be read (folder datasets), as `path: reason`."""
 
     train_images: np.ndarray

@@ -1,5 +1,6 @@
 """Splits: the cached uint8 images with labels and class names, stratified train/val, normalization
-statistics, and the uint8 -> float conversion every model input goes through.
+statistics, and the uint8 -> float conversion every model input goes through. On disk a split is
+`data/cache.py`'s pair of files; loaded, its images stay there (`CachedImages`) until read.
 """
 
 from __future__ import annotations
@@ -10,24 +11,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reprotune.data.cache import CACHE_FORMAT, RERUN, CachedImages, images_path, in_chunks, write_images
 from reprotune.data.raw import RawData
 from reprotune.errors import ReprotuneError
-from reprotune.tensorfiles import load_torch
+from reprotune.tensorfiles import load_torch, save_torch
 
 
 @dataclass
 class Split:
-    """One cached split: uint8 images (N, 3, S, S), int64 labels, class names, train mean/std."""
+    """One split: uint8 images (N, 3, S, S) in memory or in the cache on disk, int64 labels, class
+    names, the training set's mean/std."""
 
-    images: torch.Tensor
+    images: torch.Tensor | CachedImages
     labels: torch.Tensor
     classes: list[str]
     mean: list[float]
     std: list[float]
-
-    def to_dict(self) -> dict:
-        return {"images": self.images, "labels": self.labels, "classes": self.classes,
-                "mean": self.mean, "std": self.std}
 
 
 def held_out(n: int, fraction: float) -> int:
@@ -51,16 +50,20 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return train, val
 
 
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+def channel_stats(images) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, 3, H, W), on the [0, 1] scale.
 
-    Exact, from each channel's 256-bin histogram: no float copy of the data (a float32 copy of
-    CIFAR-10's training set alone is 550 MB; this peaks at one 46 MB channel).
+    Exact, from each channel's 256-bin histogram, counted a bounded chunk at a time: no float copy
+    of the data (a float32 copy of CIFAR-10's training set alone is 550 MB), and images on disk are
+    read once, never whole.
     """
+    histogram = np.zeros((images.shape[1], 256), dtype=np.int64)
+    for block in in_chunks(images):
+        for c in range(images.shape[1]):
+            histogram[c] += np.bincount(block[:, c].ravel(), minlength=256)
     values = np.arange(256, dtype=np.float64)
     mean, std = [], []
-    for c in range(images.shape[1]):
-        counts = np.bincount(images[:, c].ravel(), minlength=256)
+    for counts in histogram:
         n = counts.sum()
         m = (counts @ values) / n
         mean.append(m / 255)
@@ -69,28 +72,51 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def make_splits(raw: RawData, val_fraction: float, seed: int) -> dict[str, Split]:
-    """Split the training batches into train/val and package all three splits."""
+    """Split the training batches into train/val and package all three splits. Images in memory are
+    copied into each split; images on disk (`CachedImages`) are only selected, read when written."""
     train_idx, val_idx = stratified_split(raw.train_labels, val_fraction, seed)
-    mean, std = channel_stats(raw.train_images[train_idx])
 
-    def split(images: np.ndarray, labels: np.ndarray) -> Split:
-        return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
-                     raw.classes, mean, std)
+    def take(images, rows: np.ndarray):
+        if isinstance(images, CachedImages):
+            return images.select(rows)
+        return torch.from_numpy(np.ascontiguousarray(images[rows]))
 
-    return {"train": split(raw.train_images[train_idx], raw.train_labels[train_idx]),
-            "val": split(raw.train_images[val_idx], raw.train_labels[val_idx]),
+    train = take(raw.train_images, train_idx)
+    mean, std = channel_stats(train)
+
+    def split(images, labels: np.ndarray) -> Split:
+        if not isinstance(images, CachedImages | torch.Tensor):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        return Split(images, torch.from_numpy(labels), raw.classes, mean, std)
+
+    return {"train": split(train, raw.train_labels[train_idx]),
+            "val": split(take(raw.train_images, val_idx), raw.train_labels[val_idx]),
             "test": split(raw.test_images, raw.test_labels)}
 
 
+def save_split(split: Split, path: Path) -> None:
+    """Write `split` as the cache's pair of files: `path` (labels, classes, mean/std) and its images
+    beside it, streamed a chunk at a time (callers make the pair atomic: the stage writes a directory)."""
+    write_images(images_path(path), split.images)
+    save_torch(path, {"format": CACHE_FORMAT, "images": images_path(path).name, "labels": split.labels,
+                      "classes": split.classes, "mean": split.mean, "std": split.std})
+
+
 def load_split(path: Path) -> Split:
-    """Load a cached split written by the preprocess stage."""
+    """A split the preprocess stage cached, its images left on disk (read by range or index)."""
     obj = load_torch(path, "processed split")
+    if isinstance(obj, dict) and isinstance(obj.get("images"), torch.Tensor):
+        raise ReprotuneError(f"{path}: a processed split from an older reprotune (its images inside the .pt): {RERUN}")
     try:
-        split = Split(obj["images"], obj["labels"], list(obj["classes"]), list(obj["mean"]), list(obj["std"]))
+        if obj["format"] != CACHE_FORMAT:
+            raise ReprotuneError(f"{path}: processed split format {obj['format']}, this reprotune reads "
+                                 f"{CACHE_FORMAT}: {RERUN}")
+        images = CachedImages.open(path.parent / obj["images"])
+        split = Split(images, obj["labels"], list(obj["classes"]), list(obj["mean"]), list(obj["std"]))
     except (KeyError, TypeError):
-        raise ReprotuneError(f"{path}: not a processed split (rerun the preprocess stage)") from None
-    if split.images.dtype != torch.uint8 or split.images.ndim != 4 or len(split.labels) != len(split.images):
-        raise ReprotuneError(f"{path}: not a processed split (rerun the preprocess stage)")
+        raise ReprotuneError(f"{path}: not a processed split: {RERUN}") from None
+    if split.labels.ndim != 1 or len(split.labels) != len(split.images):
+        raise ReprotuneError(f"{path}: {len(split.labels)} labels for {len(split.images)} images: {RERUN}")
     return split
 
 

@@ -16,6 +16,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 
+from reprotune.data.cache import CachedImages
 from reprotune.data.splits import GREY, Split, to_float
 from reprotune.errors import ReprotuneError
 from reprotune.files import file_md5
@@ -40,10 +41,16 @@ class Observation:
     logits: torch.Tensor  # (N, classes)
 
 
-def image_stats(images: torch.Tensor) -> np.ndarray:
+def image_stats(images: torch.Tensor | CachedImages) -> np.ndarray:
     """Per-image statistics of uint8 (N, 3, H, W) images: mean red, green and blue, contrast (std of
     the luminance), saturation (mean of max - min over the channels) and sharpness (mean absolute
-    Laplacian of the luminance: blur lowers it, noise raises it). All in [0, 1] units."""
+    Laplacian of the luminance: blur lowers it, noise raises it). All in [0, 1] units. BATCH images
+    at a time: the float copy of a whole split is four times its size."""
+    return np.concatenate([_image_stats(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]) \
+        if len(images) else np.zeros((0, len(INPUT_STATS)))
+
+
+def _image_stats(images: torch.Tensor) -> np.ndarray:
     x = to_float(images)
     luma = (x * torch.tensor(GREY).view(1, 3, 1, 1)).sum(1, keepdim=True)
     laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
@@ -53,7 +60,7 @@ def image_stats(images: torch.Tensor) -> np.ndarray:
     return torch.cat(columns, 1).numpy().astype(np.float64)
 
 
-def observe(model: Classifier, images: torch.Tensor) -> Observation:
+def observe(model: Classifier, images: torch.Tensor | CachedImages) -> Observation:
     """Input statistics, penultimate embeddings (the head's input) and logits of uint8 images."""
     captured: list[torch.Tensor] = []
     hook = model.net.fc.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0].detach()))

@@ -26,6 +26,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 from reprotune.config import ExportConfig
+from reprotune.data.cache import CachedImages
 from reprotune.data.splits import Split, to_float
 from reprotune.errors import ReprotuneError
 from reprotune.export import phone
@@ -117,7 +118,7 @@ class Reference:
 
     check: torch.Tensor  # the first export.check_images test images, float
     logits: np.ndarray  # PyTorch's logits on them
-    test_images: np.ndarray  # the whole test split, float
+    test_images: torch.Tensor | CachedImages  # the whole test split, uint8, made float a batch at a time
     labels: np.ndarray
     predicted: np.ndarray  # PyTorch's class for each test image
 
@@ -126,7 +127,7 @@ class Reference:
         check = to_float(test.images[: cfg.check_images])
         with torch.no_grad():
             logits = model.eval()(check).numpy()
-        return cls(check, logits, to_float(test.images).numpy(), test.labels.numpy(),
+        return cls(check, logits, test.images, test.labels.numpy(),
                    batched_logits(model, test.images, BATCH).argmax(1).numpy())
 
     @property
@@ -134,9 +135,9 @@ class Reference:
         return float((self.predicted == self.labels).mean())
 
 
-def batched(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
-    """Logits for all `images`, BATCH at a time."""
-    return np.concatenate([run(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])
+def batched(run: Callable[[np.ndarray], np.ndarray], images: torch.Tensor | CachedImages) -> np.ndarray:
+    """Logits for all uint8 `images` (in memory or on disk), BATCH at a time, each made float as it is read."""
+    return np.concatenate([run(to_float(images[i:i + BATCH]).numpy()) for i in range(0, len(images), BATCH)])
 
 
 # Batch-1 calls before the timed ones. TorchScript's profiling executor profiles the first call and
@@ -189,7 +190,7 @@ def verify(load: Callable[[Path], Runner], path: Path, ref: Reference, cfg: Expo
     guessed = batched(run, ref.test_images).argmax(1)
     return {"max_abs_diff": float(diff), "bytes": path.stat().st_size,
             "test_acc": float((guessed == ref.labels).mean()), "agreement": float((guessed == ref.predicted).mean()),
-            "latency_ms": latency_ms(load, path, ref.test_images[:1], cfg.latency_runs)}
+            "latency_ms": latency_ms(load, path, ref.check[:1].numpy(), cfg.latency_runs)}
 
 
 def within_tolerance(entry: Verified, name: str, cfg: ExportConfig) -> None:

@@ -34,15 +34,9 @@ from reprotune.errors import Interrupted, ReprotuneError
 from reprotune.tracking import tensorboard
 from reprotune.training.augment import augment
 from reprotune.training.checkpoint import Checkpoints
-from reprotune.training.device import (
-    HostImages,
-    amp_dtype,
-    check_deterministic,
-    images_fit,
-    select_device,
-    set_deterministic,
-)
+from reprotune.training.device import amp_dtype, check_deterministic, select_device, set_deterministic
 from reprotune.training.distributed import ONE_PROCESS, Group
+from reprotune.training.feed import DiskImages, HostImages, batches, images_fit, place  # noqa: F401 - images_fit: tests patch it here
 from reprotune.training.model import Classifier, apply_strategy, build_model, frozen_stages
 from reprotune.training.optim import make_optimizer, make_scheduler
 from reprotune.training.scoring import batched_logits, loss_and_accuracy
@@ -168,44 +162,44 @@ def train_one_epoch(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, correct, norm_sum, finite_norms, clipped = progress.sums.unbind()  # views: summed in place
     criterion = ctx.criterion or cross_entropy(cfg.label_smoothing)
-    while progress.step < steps:
-        batch = progress.order[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
-        idx = group.part(batch)
-        x = augmented(images[idx], cfg, ctx.generator, (group.rank, group.world))
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = labels[idx]
-        with torch.autocast(device.type, dtype=ctx.autocast) if ctx.autocast else contextlib.nullcontext():
-            logits = model(x)
-            loss = criterion(logits, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip and measure the true gradients, not fp16-scaled ones
-        norm, fired = clip_gradients(params, cfg, measure=progress.step % GRAD_NORM_EVERY == 0)
-        scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        if norm is not None:
-            finite = torch.isfinite(norm)
-            norm_sum += torch.where(finite, norm, 0.0)
-            finite_norms += finite
-            clipped += fired
-        loss_sum += loss.detach() * len(idx)  # this rank's share; the ranks' sums add up at the epoch's end
-        correct += (logits.argmax(1) == y).sum()
-        progress.seen += len(batch)  # images trained by all ranks together
-        progress.step += 1
-        bar.update(len(batch))
-        if progress.step % CHECK_EVERY == 0:
-            # The running sum of losses is finite exactly while every loss so far was. Under DDP
-            # the ranks agree on it (one tiny all-reduce), so that all of them stop at this step.
-            running = group.sum_(loss_sum.detach().clone().reshape(1)).item()  # note: a sync point
-            if not math.isfinite(running):
-                raise Diverged(running)
-            bar.set_postfix(loss=f"{running / progress.seen:.4f}", refresh=False)
-        if stop() and progress.step < steps:
-            return False
+    with batches(images, progress.order, range(progress.step, steps), cfg.batch_size, group.part) as stream:
+        for idx, pixels in stream:
+            global_batch = min(cfg.batch_size, len(progress.order) - progress.step * cfg.batch_size)
+            x = augmented(pixels, cfg, ctx.generator, (group.rank, group.world))
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[idx]
+            with torch.autocast(device.type, dtype=ctx.autocast) if ctx.autocast else contextlib.nullcontext():
+                logits = model(x)
+                loss = criterion(logits, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip and measure the true gradients, not fp16-scaled ones
+            norm, fired = clip_gradients(params, cfg, measure=progress.step % GRAD_NORM_EVERY == 0)
+            scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            if norm is not None:
+                finite = torch.isfinite(norm)
+                norm_sum += torch.where(finite, norm, 0.0)
+                finite_norms += finite
+                clipped += fired
+            loss_sum += loss.detach() * len(idx)  # this rank's share; the ranks' sums add up at the epoch's end
+            correct += (logits.argmax(1) == y).sum()
+            progress.seen += global_batch  # images trained by all ranks together
+            progress.step += 1
+            bar.update(global_batch)
+            if progress.step % CHECK_EVERY == 0:
+                # The running sum of losses is finite exactly while every loss so far was. Under DDP
+                # the ranks agree on it (one tiny all-reduce), so that all of them stop at this step.
+                running = group.sum_(loss_sum.detach().clone().reshape(1)).item()  # note: a sync point
+                if not math.isfinite(running):
+                    raise Diverged(running)
+                bar.set_postfix(loss=f"{running / progress.seen:.4f}", refresh=False)
+            if stop() and progress.step < steps:
+                return False
     return True
 
 
@@ -313,7 +307,7 @@ class Training:
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
     generator: torch.Generator  # shuffles and augmentation, in step on every rank
-    images: torch.Tensor | HostImages  # uint8, on the device or in (pinned) host memory
+    images: torch.Tensor | HostImages | DiskImages  # uint8: on the device, in (pinned) host memory, or on disk
     labels: torch.Tensor
     val_images: torch.Tensor  # on the device, or (pinned) on the host
     val_labels: torch.Tensor  # on the CPU, where validation's logits land
@@ -404,16 +398,7 @@ def setup(params: Params, train: Split, val: Split, group: Group, start: Classif
             raise ReprotuneError("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): "
                                  "set it to false to train on CPUs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    nbytes = train.images.nbytes + val.images.nbytes
-    if cfg.data_on == "device" or (cfg.data_on == "auto" and images_fit(nbytes, device)):
-        images, val_images = train.images.to(device), val.images.to(device)
-    else:
-        images, val_images = HostImages(train.images, device), val.images
-        if device.type == "cuda":
-            val_images = val_images.pin_memory()  # validation copies its batches asynchronously too
-            if group.is_main:
-                print(f"training from pinned host memory: {nbytes / 2**30:.1f} GiB of images "
-                      f"(train.data_on: {cfg.data_on})", flush=True)
+    images, val_images = place(train, val, cfg, device, announce=group.is_main)
     # Full global batches only: a trailing batch of one image would break BatchNorm, and every
     # image is still seen across epochs because each epoch reshuffles.
     steps = max(1, len(images) // cfg.batch_size)
