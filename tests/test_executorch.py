@@ -88,7 +88,7 @@ def test_test_accuracy_recomputed_through_the_runtime_is_the_metric(project):
     export = json.loads((project / "metrics/export.json").read_text())
     for name, key in (("model.pte", "executorch"), ("model.int8.pte", "executorch_int8")):
         forward = _forward(project, name)
-        images = to_float(test.images)
+        images = to_float(test.images.load())
         predicted = torch.cat([forward.execute([images[i:i + MAX_BATCH]])[0] for i in range(0, len(images), MAX_BATCH)])
         assert export[key]["test_acc"] == pytest.approx((predicted.argmax(1) == test.labels).double().mean().item())
 

@@ -133,6 +133,12 @@ def test_a_dataset_too_large_for_memory_is_refused_before_decoding(tmp_path, mon
     with pytest.raises(ReprotuneError, match=r"10 images at data.image_size=64 need about .* "
                                              r"data.image_size=36 or less would fit"):
         folders.read(cfg(path=str(root), image_size=64))
+    # Decoded to disk (the preprocess stage), it is the disk's room that counts: twice the images.
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: __import__("collections").namedtuple(
+        "usage", "total used free")(0, 0, 2 * 10 * 3 * 64 * 64 - 1))
+    with pytest.raises(ReprotuneError, match=r"10 images at data.image_size=64 need about .* of disk in "):
+        folders.read(cfg(path=str(root), image_size=64), scratch=tmp_path / "decoded.npy")
+    assert not (tmp_path / "decoded.npy").exists()
 
 
 @pytest.mark.reliability
@@ -208,18 +214,22 @@ def test_data_settings_that_contradict_each_other_are_refused(values, message):
 
 @pytest.mark.dvc
 def test_a_folder_dataset_through_the_pipeline(tmp_path):
-    """dvc add'ed tree -> all five stages; predict on test files agrees with evaluation; editing one
-    image reruns preprocess and what follows, not download."""
+    """dvc add'ed tree -> all five stages, training read from the disk cache (train.data_on: disk, as
+    a dataset larger than memory is); predict on test files agrees with evaluation; editing one image
+    reruns preprocess and what follows, not download."""
     project = make_project(tmp_path / "project", {
         "data.dataset": "folder", "data.path": "data/raw/pets", "data.image_size": 24, "data.test_fraction": 0.25,
-        "train.epochs": 1, "train.batch_size": 8, "export.calibration_images": 16, "export.check_images": 8,
-        "export.int8": "optional", "log.images": 4})
+        "train.epochs": 1, "train.batch_size": 8, "train.data_on": "disk", "export.calibration_images": 16,
+        "export.check_images": 8, "export.int8": "optional", "log.images": 4})
     root = make_tree(project / "data/raw/pets", {"cat": 12, "dog": 12, "owl": 12}, "train")
     make_tree(root, {"cat": 4, "dog": 4, "owl": 4}, "test")
     (root / "train" / "owl" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     run(["dvc", "add", "data/raw/pets"], project)
     proc = run(["dvc", "repro"], project)
     assert "skipped 1 unreadable file(s)" in proc.stderr and "broken.jpg" in proc.stderr
+    assert "training from the disk cache data/processed/" in proc.stdout
+    assert sorted(p.name for p in (project / "data/processed").iterdir()) == sorted(
+        f"{name}{suffix}" for name in ("train", "val", "test") for suffix in (".pt", ".images.npy"))  # no scratch
     prep = json.loads((project / "metrics/preprocess.json").read_text())
     assert (prep["skipped_images"], prep["classes"], prep["test_images"], prep["image_size"]) == (1, 3, 12, 24)
     card = json.loads((project / "models/model_card.json").read_text())

@@ -16,7 +16,7 @@ import torch
 
 from fixtures import REPO, run, set_params, synthetic_splits
 from reprotune.config import Params
-from reprotune.data.splits import save_split
+from reprotune.data.splits import load_split, save_split
 from reprotune.training.checkpoint import Checkpoints
 from reprotune.training.loop import finetune
 
@@ -79,6 +79,21 @@ def test_deterministic_runs_are_bitwise_equal_on_cuda(splits, tmp_path, image_si
     for key, value in runs[0].model.state_dict().items():
         assert torch.equal(value, runs[1].model.state_dict()[key]), key
     _learned(runs[0])
+
+
+def test_device_host_and_disk_cache_train_bitwise_alike_on_cuda(splits, tmp_path):
+    """The three places the images may live (train.data_on), with fp16 and deterministic kernels:
+    the same batches reach the GPU (disk: read into pinned buffers on the prefetch thread and
+    copied asynchronously), so the weights agree to the bit."""
+    for name, split in splits.items():
+        save_split(split, tmp_path / f"{name}.pt")
+    cached = {name: load_split(tmp_path / f"{name}.pt") for name in splits}
+    runs = {where: _fit(cached, tmp_path, where, deterministic=True, amp="fp16", epochs=2, data_on=where)
+            for where in ("device", "host", "disk")}
+    for where in ("host", "disk"):
+        for key, value in runs["device"].model.state_dict().items():
+            assert torch.equal(value, runs[where].model.state_dict()[key]), (where, key)
+    _learned(runs["disk"])
 
 
 def test_evaluate_and_export_a_model_trained_on_cuda(tmp_path):

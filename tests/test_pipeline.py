@@ -67,7 +67,7 @@ def test_metrics_contract(pipeline):
     model, _ = load_model(pipeline / "models/model.pt")
     test = load_split(pipeline / "data/processed/test.pt")
     with torch.no_grad():
-        logits = model(to_float(test.images))
+        logits = model(to_float(test.images.load()))  # the cache read whole: a test's small split
     predicted, actual = logits.argmax(1), test.labels
     assert evaluate["test_acc"] == pytest.approx((predicted == actual).double().mean().item(), abs=1e-9)
     assert evaluate["test_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, actual).item(), rel=1e-5)
@@ -81,7 +81,7 @@ def test_metrics_contract(pipeline):
     assert evaluate["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
     val = load_split(pipeline / "data/processed/val.pt")
     with torch.no_grad():
-        model_acc = (model(to_float(val.images)).argmax(1) == val.labels).double().mean().item()
+        model_acc = (model(to_float(val.images.load())).argmax(1) == val.labels).double().mean().item()
     assert train["best_val_acc"] == pytest.approx(model_acc)  # the saved weights are the best epoch's
     assert 0 <= evaluate["test_acc"] <= evaluate["test_top5_acc"] <= 1
     assert evaluate["test_loss"] > 0 and 0 <= evaluate["macro_f1"] <= 1 and 0 <= evaluate["ece"] <= 1
@@ -138,7 +138,7 @@ def test_processed_splits_are_uint8_with_train_statistics(pipeline):
     # 64 images per class, round(0.1 * 64) = 6 of each held out: a stratified split
     assert (len(train.labels), len(val.labels), len(test.labels)) == (580, 60, 200)
     assert np.bincount(val.labels.numpy()).tolist() == [6] * 10
-    pixels = train.images.double().div(255)
+    pixels = train.images.load().double().div(255)
     assert torch.allclose(torch.tensor(train.mean, dtype=torch.float64), pixels.mean(dim=(0, 2, 3)), atol=1e-6)
     assert torch.allclose(torch.tensor(train.std, dtype=torch.float64), pixels.std(dim=(0, 2, 3), correction=0),
                           atol=1e-6)
@@ -315,7 +315,7 @@ def weak_int8(pipeline, tmp_path):
     """The pipeline's model and splits, with an int8 gate it cannot pass (calibrated on one image,
     held to perfect agreement)."""
     for path in ("models/model.pt", "models/model.compressed.pt", "data/processed/train.pt", "data/processed/test.pt",
-                 "params.yaml"):
+                 "data/processed/train.images.npy", "data/processed/test.images.npy", "params.yaml"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(pipeline / path, tmp_path / path)
     set_params(tmp_path / "params.yaml", {"export.int8_min_agreement": 1.0, "export.calibration_images": 1})
