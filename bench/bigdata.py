@@ -2,13 +2,16 @@
 several times a memory cap through every stage that reads it, and training throughput from disk
 against training from memory.
 
-    python bench/bigdata.py [--quick] [--cap-mib 1024]
+    python bench/bigdata.py [--quick] [--cap-mib 2048]
 
 1. memory:     folder datasets of 224 px JPEGs at three sizes, each through the preprocess, finetune
                (train.data_on: disk, one epoch, the model computing at 32 px) and evaluate stage
-               scripts: each process's peak resident memory (VmHWM) against the cache's size.
-2. capped:     the largest dataset again, every stage in a memory cgroup capped at --cap-mib (Linux,
-               root: cgroup v1 or v2), train.data_on: auto: what auto chose, and that it finished.
+               scripts (batch 128 both): each process's peak resident memory (VmHWM) against the
+               cache's size.
+2. capped:     the largest dataset again through `dvc repro` (every stage, in a git + DVC project) in
+               a memory cgroup capped at --cap-mib (Linux, root: cgroup v1 or v2), train.data_on:
+               auto: that it finished, what auto chose, and each stage's peak resident memory
+               (sampled every 50 ms: a stage under DVC is not wrapped by bench/peak.py).
 3. throughput: finetune on the middle dataset, rounds alternating train.data_on host (in memory) and
                disk with the cache in the page cache; then disk with the cache's pages evicted first
                (posix_fadvise DONTNEED: the first epoch reads from the disk, or from whatever caches the
@@ -23,14 +26,17 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import yaml
 from PIL import Image
 
@@ -71,7 +77,7 @@ def project(root: Path, tree: Path, overrides: dict) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     base = {"data.dataset": "folder", "data.path": str(tree), "data.image_size": SIDE, "model.weights": "none",
             "model.image_size": 32, "train.epochs": 1, "train.batch_size": 128, "train.device": "cpu",
-            "log.images": 8, "log.graph": False, "log.histograms": False}
+            "evaluate.batch_size": 128, "log.images": 8, "log.graph": False, "log.histograms": False}
     for dotted, value in {**base, **overrides}.items():
         section, key = dotted.split(".")
         params[section][key] = value
@@ -114,6 +120,54 @@ def run_stage(root: Path, stage: str, prefix: list[str] | None = None) -> dict:
             "stdout": done.stdout}
 
 
+def dvc_project(root: Path, tree: Path, overrides: dict) -> Path:
+    """A git + DVC project of this checkout's pipeline, with `tree` linked in as its data."""
+    project(root, root / "data/raw/images", overrides)
+    for name in ("stages", "src"):  # copies, not links: DVC hashes them as the stages' code deps
+        (root / name).unlink()
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", "data/incoming/README.md"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    for path in tree.rglob("*.jpg"):  # hard links: the same files, inside the project
+        (root / "data/raw/images" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(path, root / "data/raw/images" / path.parent.name / path.name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["path"] = "data/raw/images"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    with open(root / ".git/info/exclude", "a") as f:
+        f.write("/data/raw/images/\n")  # a dependency DVC hashes; no need to copy it into git too
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    return root
+
+
+def repro(root: Path, prefix: list[str]) -> dict:
+    """`dvc repro` in `root` behind `prefix`; its time and each stage process's peak RSS, sampled."""
+    peaks: dict[str, float] = {}
+    # the stages' `python` is this environment's, as after `source .venv/bin/activate`
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    started = time.perf_counter()
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "dvc", "repro"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True) if psutil.pid_exists(proc.pid) else []:
+            with contextlib.suppress(psutil.Error):
+                stage = next((Path(a).stem for a in child.cmdline() if a.startswith("stages/")), None)
+                if stage:
+                    peaks[stage] = max(peaks.get(stage, 0.0), child.memory_info().rss / 2**20)
+        time.sleep(0.05)
+    reader.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"dvc repro failed in {root} (exit {proc.returncode}):\n{''.join(output)[-3000:]}")
+    chose = next((line.strip() for line in output if line.startswith("training from")), "in memory")
+    return {"seconds": time.perf_counter() - started, "peak_mib": peaks, "chose": chose}
+
+
 def cache_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in (root / "data/processed").glob("*.npy"))
 
@@ -143,10 +197,10 @@ def images_per_second(root: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    parser.add_argument("--cap-mib", type=int, default=1024, help="the memory cap of section 2 (MiB)")
+    parser.add_argument("--cap-mib", type=int, default=2048, help="the memory cap of section 2 (MiB)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds of each path")
     args = parser.parse_args()
-    sizes = (600, 1200, 2400) if args.quick else (2000, 6000, 18000)
+    sizes = (600, 1200, 2400) if args.quick else (4000, 12000, 36000)
     report: dict = {"machine": machine(), "sizes": list(sizes), "side": SIDE, "cap_mib": args.cap_mib}
     with tempfile.TemporaryDirectory(prefix="reprotune-bigdata-", dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
@@ -184,21 +238,15 @@ def main() -> None:
             print(f"  skipped: {report['capped']['skipped']}", flush=True)
         else:
             try:
-                root = project(tmp / "capped", trees[max(sizes)], {"train.data_on": "auto"})
-                capped = {"images": max(sizes)}
-                for stage in ("preprocess", "finetune", "evaluate"):
-                    result = run_stage(root, stage, group.prefix())
-                    capped[stage] = {"seconds": result["seconds"], "peak_mib": result["peak_mib"]}
-                    if stage == "finetune":
-                        capped["chose"] = next((line for line in result["stdout"].splitlines()
-                                                if line.startswith("training from")), "in memory")
+                root = dvc_project(tmp / "capped", trees[max(sizes)], {"train.data_on": "auto"})
+                capped = {"images": max(sizes), **repro(root, group.prefix())}
                 capped["cache_mib"] = cache_bytes(root) / 2**20
                 capped["cap_hits"] = group.events.read_text().strip()
                 report["capped"] = capped
-                print(f"  cache {capped['cache_mib']:,.0f} MiB under a {args.cap_mib} MiB cap: "
-                      + ", ".join(f"{s} {capped[s]['peak_mib']:.0f} MiB" for s in ("preprocess", "finetune",
-                                                                                      "evaluate"))
-                      + f"; {capped['chose']}", flush=True)
+                print(f"  dvc repro: exit 0 in {capped['seconds']:.0f} s, cache {capped['cache_mib']:,.0f} MiB under "
+                      f"a {args.cap_mib} MiB cap; peaks " + ", ".join(
+                          f"{s} {m:.0f} MiB" for s, m in capped["peak_mib"].items()) + f"; {capped['chose']}",
+                      flush=True)
             finally:
                 group.remove()
 
@@ -232,10 +280,11 @@ def write(report: dict, args) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bigdata.json").write_text(json.dumps(report, indent=2) + "\n")
     command = "python bench/bigdata.py" + (" --quick" if args.quick else "") + \
-        (f" --cap-mib {args.cap_mib}" if args.cap_mib != 1024 else "")
+        (f" --cap-mib {args.cap_mib}" if args.cap_mib != 2048 else "")
     lines = ["# Datasets larger than memory", "",
              f"`{command}` on {report['machine']}; folder datasets of {report['side']} px JPEGs, cached at "
-             f"{report['side']} px (147 KiB an image), the model computing at 32 px, one epoch, batch 128. "
+             f"{report['side']} px (147 KiB an image), the model computing at 32 px, one epoch, batch 128 (training "
+             "and evaluation). "
              "Peak memory: each stage process's VmHWM (resident high-water mark; the page cache the cache is "
              "read through is the kernel's, not the process's).", "",
              "| images | cache (MiB) | preprocess peak (MiB) | finetune peak (MiB) | evaluate peak (MiB) | img/s |",
@@ -248,14 +297,12 @@ def write(report: dict, args) -> None:
     if "skipped" in capped:
         lines += ["", f"skipped: {capped['skipped']}"]
     else:
-        lines += ["", f"{capped['images']:,} images, a {capped['cache_mib']:,.0f} MiB cache "
-                  f"({capped['cache_mib'] / report['cap_mib']:.1f}x the cap): preprocess "
-                  f"{capped['preprocess']['peak_mib']:.0f} MiB peak in {capped['preprocess']['seconds']:.0f} s, "
-                  f"finetune {capped['finetune']['peak_mib']:.0f} MiB in {capped['finetune']['seconds']:.0f} s, "
-                  f"evaluate {capped['evaluate']['peak_mib']:.0f} MiB in {capped['evaluate']['seconds']:.0f} s. "
-                  f"auto chose: \"{capped['chose']}\". The cgroup's limit hits (memory.failcnt or "
-                  f"memory.events): {capped['cap_hits']!r}: the kernel reclaimed page cache at the cap, no "
-                  "process was killed."]
+        lines += ["", f"`dvc repro` of {capped['images']:,} images, a {capped['cache_mib']:,.0f} MiB cache "
+                  f"({capped['cache_mib'] / report['cap_mib']:.1f}x the cap), every stage: exit 0 in "
+                  f"{capped['seconds']:.0f} s. auto chose: \"{capped['chose']}\". Peak resident memory of each stage "
+                  "(sampled every 50 ms): " + ", ".join(f"{s} {m:.0f} MiB" for s, m in capped["peak_mib"].items())
+                  + f". The cgroup's count of hits on its limit (memory.failcnt or memory.events): "
+                  f"{capped['cap_hits']!r}: at the cap the kernel reclaimed page cache; no process was killed."]
     t = report["throughput"]
     lines += ["", f"Training throughput on {t['images']:,} images, images/s per round "
               "(rounds alternate; ratio of medians against in memory):", "",

@@ -76,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         onnx, int8, script = Path(tmp, "m.onnx"), Path(tmp, "m.int8.onnx"), Path(tmp, "m.ts.pt")
         export_onnx(model, torch.from_numpy(batch[:2]), onnx, opset=18)
-        quantize_int8(onnx, int8, batch)
+        quantize_int8(onnx, int8, torch.from_numpy((batch * 255).round().astype(np.uint8)))  # uint8, as the cache holds
         export_torchscript(model, torch.from_numpy(batch[:2]), script)
 
         def eager(images: np.ndarray) -> np.ndarray:

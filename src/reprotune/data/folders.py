@@ -333,7 +333,7 @@ class _Scratch:
         self.fd = os.open(path, os.O_WRONLY)
 
     def __setitem__(self, i: int, image: np.ndarray) -> None:
-        os.pwrite(self.fd, np.ascontiguousarray(image).tobytes(), self.offset + i * self.row_bytes)
+        os.pwrite(self.fd, memoryview(np.ascontiguousarray(image)).cast("B"), self.offset + i * self.row_bytes)
 
     def close(self) -> CachedImages:
         os.close(self.fd)

@@ -16,17 +16,17 @@ from typing import TypedDict
 import numpy as np
 import torch
 
-from reprotune.data.cache import CachedImages
+from reprotune.data.cache import CachedImages, batches
 from reprotune.data.splits import GREY, Split, to_float
 from reprotune.errors import ReprotuneError
 from reprotune.files import file_md5
 from reprotune.tensorfiles import load_torch, save_torch
 from reprotune.training.model import Classifier
-from reprotune.training.scoring import batched_logits
+from reprotune.training.scoring import batched_logits, float_batch
 
 REFERENCE_FORMAT = "reprotune.reference/1"
 INPUT_STATS = ("red", "green", "blue", "contrast", "saturation", "sharpness")
-BATCH = 256
+BATCH = 256  # images per batch, fewer for large images (scoring.float_batch)
 MIN_REFERENCE = 20  # validation images a drift check needs; a smaller reference is written, and refused when used
 PCA_DIMS = 32  # embedding dimensions kept: ResNet18's 512 are far more than a few hundred images can test
 FEATURE_REFERENCE = 1000  # reference embeddings in the MMD test (its cost grows as the square)
@@ -44,10 +44,12 @@ class Observation:
 def image_stats(images: torch.Tensor | CachedImages) -> np.ndarray:
     """Per-image statistics of uint8 (N, 3, H, W) images: mean red, green and blue, contrast (std of
     the luminance), saturation (mean of max - min over the channels) and sharpness (mean absolute
-    Laplacian of the luminance: blur lowers it, noise raises it). All in [0, 1] units. BATCH images
-    at a time: the float copy of a whole split is four times its size."""
-    return np.concatenate([_image_stats(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]) \
+    Laplacian of the luminance: blur lowers it, noise raises it). All in [0, 1] units. A batch at a
+    time: the float copy of a whole split is four times its size."""
+    n = float_batch(images, BATCH)
+    return np.concatenate([_image_stats(batch) for batch in batches(images, n)]) \
         if len(images) else np.zeros((0, len(INPUT_STATS)))
+
 
 
 def _image_stats(images: torch.Tensor) -> np.ndarray:
@@ -65,7 +67,7 @@ def observe(model: Classifier, images: torch.Tensor | CachedImages) -> Observati
     captured: list[torch.Tensor] = []
     hook = model.net.fc.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0].detach()))
     try:
-        logits = batched_logits(model.cpu(), images, BATCH)
+        logits = batched_logits(model.cpu(), images, float_batch(images, BATCH))
     finally:
         hook.remove()
     return Observation(image_stats(images), torch.cat(captured).numpy().astype(np.float64), logits)

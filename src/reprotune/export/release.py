@@ -26,7 +26,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 from reprotune.config import ExportConfig
-from reprotune.data.cache import CachedImages
+from reprotune.data.cache import CachedImages, batches
 from reprotune.data.splits import Split, to_float
 from reprotune.errors import ReprotuneError
 from reprotune.export import phone
@@ -35,9 +35,9 @@ from reprotune.files import atomic_dir, atomic_file
 from reprotune.inference.runtime import Runner, executorch_runner, onnx_runner, torchscript_runner
 from reprotune.tracking import tensorboard
 from reprotune.training.model import Classifier
-from reprotune.training.scoring import batched_logits
+from reprotune.training.scoring import batched_logits, float_batch
 
-BATCH = 256  # images per run when measuring accuracy through an export
+BATCH = 256  # images per run when measuring accuracy through an export, fewer for large images (float_batch)
 # Report keys of the exported files, in the order tables list them (those not made are skipped).
 EXPORTS = ("onnx", "onnx_int8", "torchscript", "executorch", "executorch_int8", "compressed", "compressed_int8")
 INT8_FILE = "model.int8.onnx"  # inside ExportPaths.int8, when the int8 model passed its gate
@@ -128,7 +128,7 @@ class Reference:
         with torch.no_grad():
             logits = model.eval()(check).numpy()
         return cls(check, logits, test.images, test.labels.numpy(),
-                   batched_logits(model, test.images, BATCH).argmax(1).numpy())
+                   batched_logits(model, test.images, float_batch(test.images, BATCH)).argmax(1).numpy())
 
     @property
     def test_acc(self) -> float:
@@ -136,8 +136,9 @@ class Reference:
 
 
 def batched(run: Callable[[np.ndarray], np.ndarray], images: torch.Tensor | CachedImages) -> np.ndarray:
-    """Logits for all uint8 `images` (in memory or on disk), BATCH at a time, each made float as it is read."""
-    return np.concatenate([run(to_float(images[i:i + BATCH]).numpy()) for i in range(0, len(images), BATCH)])
+    """Logits for all uint8 `images` (in memory or on disk), a batch at a time, each made float as it is read."""
+    n = float_batch(images, BATCH)
+    return np.concatenate([run(to_float(batch).numpy()) for batch in batches(images, n)])
 
 
 # Batch-1 calls before the timed ones. TorchScript's profiling executor profiles the first call and
@@ -206,7 +207,7 @@ def export_int8(fp32: Path, fp32_entry: Verified, ref: Reference, calibration: t
     gate the model is removed and INT8_REJECTED says why (or, with `export.int8` required, nothing is
     written). Returns its report entry and, if it was not shipped, the verdict."""
     int8 = folder / INT8_FILE
-    quantize_int8(fp32, int8, to_float(calibration[: cfg.calibration_images]).numpy())
+    quantize_int8(fp32, int8, calibration[: cfg.calibration_images])
     entry: Quantized = verify(onnx_runner, int8, ref, cfg)  # gate_int8 completes it
     return entry, gate_int8(entry, fp32_entry, int8, cfg, name)
 

@@ -9,6 +9,7 @@ GPU too, as long as the kernels are deterministic).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -27,21 +28,26 @@ RESERVE_SHARE = 0.25
 # Host memory the images may take, with `auto`: this share of what is available (the rest is the
 # model, the optimizer, the page cache the disk path would read through, and everyone else's).
 HOST_SHARE = 0.5
+# A training step's own host memory, in float copies of its batch (the float input, the crop and
+# flip, the resize to model.image_size, gradients through them): counted beside the images, so that
+# 224 px batches of 128 (about 0.6 GB of copies) do not push images that "fit" past a memory cap.
+STEP_COPIES = 8
 PREFETCH = 4  # batches read ahead of the step, with `disk`
 
 
-def images_fit(nbytes: int, device: torch.device) -> bool:
+def images_fit(nbytes: int, device: torch.device, step_bytes: int = 0) -> bool:
     """Whether `nbytes` of images fit on `device` beside training (a CPU's memory: host_fits)."""
     if device.type != "cuda":
-        return host_fits(nbytes)
+        return host_fits(nbytes, step_bytes)
     free, total = torch.cuda.mem_get_info(device)
     return nbytes <= free - max(RESERVE_BYTES, RESERVE_SHARE * total)
 
 
-def host_fits(nbytes: int) -> bool:
-    """Whether every training process on this machine can hold `nbytes` of images in host memory."""
+def host_fits(nbytes: int, step_bytes: int = 0) -> bool:
+    """Whether every training process on this machine can hold `nbytes` of images in host memory,
+    beside a step's `step_bytes`."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks on this machine
-    return nbytes * processes <= HOST_SHARE * available_memory()
+    return (nbytes + step_bytes) * processes <= HOST_SHARE * available_memory()
 
 
 def _in_memory(images: torch.Tensor | CachedImages, pin: bool = False) -> torch.Tensor:
@@ -55,11 +61,12 @@ def place(train: Split, val: Split, cfg: TrainConfig, device: torch.device, anno
     """The training and validation images where `cfg.data_on` says (`auto`: on the device if they
     fit there, else in host memory if they fit there, else read from the disk cache)."""
     nbytes = train.images.nbytes + val.images.nbytes
+    step_bytes = STEP_COPIES * cfg.batch_size * 4 * int(math.prod(train.images.shape[1:]))
     where = cfg.data_on
     if where == "auto":
         # On a CPU the device is the host: images that fit its memory are a plain tensor there.
-        where = ("device" if images_fit(nbytes, device)
-                 else "host" if device.type == "cuda" and host_fits(nbytes) else "disk")
+        where = ("device" if images_fit(nbytes, device, step_bytes)
+                 else "host" if device.type == "cuda" and host_fits(nbytes) else "disk")  # its steps run on the GPU
     if where == "disk" and not isinstance(train.images, CachedImages):
         where = "host"  # images already in memory (splits made in this process, not the cache)
     if where == "device":

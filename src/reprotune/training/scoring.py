@@ -5,11 +5,13 @@ the test report, compression and export all measure through these.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reprotune.data.cache import batches
 from reprotune.data.splits import to_float
 
 
@@ -21,12 +23,23 @@ def batched_logits(model: nn.Module, images: torch.Tensor, batch_size: int,
     model.eval()
     device = next(model.parameters()).device
     outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = to_float(images[start:start + batch_size].to(device, non_blocking=True))
+    for pixels in batches(images, batch_size):
+        batch = to_float(pixels.to(device, non_blocking=True))
         with _autocast(device, autocast):
             outputs.append(model(batch).float())
     model.train(was_training)
     return torch.cat(outputs).cpu() if outputs else torch.empty(0, 0)
+
+
+FLOAT_BATCH_BYTES = 64 * 2**20  # float input per batch where the caller picks the batch: 256 images at
+                                # 32 px (3 MB), 106 at 224 px (256 would be 154 MB, and ONNX Runtime's
+                                # arena keeps about twice a batch's input once it has run one)
+
+
+def float_batch(images, most: int) -> int:
+    """Images per batch: `most`, or fewer where their float32 copies would pass FLOAT_BATCH_BYTES."""
+    per_image = 4 * int(math.prod(images.shape[1:]))
+    return max(1, min(most, FLOAT_BATCH_BYTES // per_image))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
