@@ -100,6 +100,7 @@ class Cgroup:
             (self.path / ("memory.swap.max" if v2 else "memory.memsw.limit_in_bytes")).write_text(
                 "0" if v2 else str(limit))
         self.events = self.path / ("memory.events" if v2 else "memory.failcnt")
+        self.peak = self.path / ("memory.peak" if v2 else "memory.max_usage_in_bytes")  # page cache included
 
     def prefix(self) -> list[str]:
         return ["sh", "-c", f'echo $$ > {self.path}/cgroup.procs && exec "$@"', "sh"]
@@ -242,6 +243,8 @@ def main() -> None:
                 capped = {"images": max(sizes), **repro(root, group.prefix())}
                 capped["cache_mib"] = cache_bytes(root) / 2**20
                 capped["cap_hits"] = group.events.read_text().strip()
+                with contextlib.suppress(OSError, ValueError):
+                    capped["cgroup_peak_mib"] = int(group.peak.read_text()) / 2**20
                 report["capped"] = capped
                 print(f"  dvc repro: exit 0 in {capped['seconds']:.0f} s, cache {capped['cache_mib']:,.0f} MiB under "
                       f"a {args.cap_mib} MiB cap; peaks " + ", ".join(
@@ -301,8 +304,9 @@ def write(report: dict, args) -> None:
                   f"({capped['cache_mib'] / report['cap_mib']:.1f}x the cap), every stage: exit 0 in "
                   f"{capped['seconds']:.0f} s. auto chose: \"{capped['chose']}\". Peak resident memory of each stage "
                   "(sampled every 50 ms): " + ", ".join(f"{s} {m:.0f} MiB" for s, m in capped["peak_mib"].items())
-                  + f". The cgroup's count of hits on its limit (memory.failcnt or memory.events): "
-                  f"{capped['cap_hits']!r}: at the cap the kernel reclaimed page cache; no process was killed."]
+                  + f". The cgroup's own peak, page cache included: {capped.get('cgroup_peak_mib', float('nan')):,.0f} "
+                  f"MiB; its count of charges that met the limit (memory.failcnt, or memory.events in v2): "
+                  f"{capped['cap_hits']!r}."]
     t = report["throughput"]
     lines += ["", f"Training throughput on {t['images']:,} images, images/s per round "
               "(rounds alternate; ratio of medians against in memory):", "",
