@@ -152,7 +152,7 @@ def test_each_rank_reads_only_its_own_share_of_each_batch(cached, monkeypatch):
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     rank1 = lambda batch: batch[len(batch) // 2:]  # noqa: E731 - rank 1 of 2
     reads = Reads(monkeypatch)
-    with feed.batches(images, order, range(3), 16, rank1) as stream:
+    with feed.epoch_batches(images, order, range(3), 16, rank1) as stream:
         got = [(idx, pixels.clone()) for idx, pixels in stream]
     assert [idx.tolist() for idx, _ in got] == [order[s * 16 + 8:(s + 1) * 16].tolist() for s in range(3)]
     assert reads.rows == [8, 8, 8]
@@ -164,12 +164,13 @@ def test_the_reader_thread_stops_with_the_epoch_and_passes_on_its_errors(cached,
     images = feed.DiskImages(cached["train"].images, torch.device("cpu"), ahead=2)
     order = torch.arange(len(images))
     before = threading.active_count()
-    with feed.batches(images, order, range(10), 8, lambda b: b) as stream:
+    with feed.epoch_batches(images, order, range(10), 8, lambda b: b) as stream:
         next(iter(stream))  # a pause after one step: the reader is mid-epoch
     assert threading.active_count() == before
     monkeypatch.setattr(CachedImages, "gather", lambda *_, **__: (_ for _ in ()).throw(OSError("disk gone")))
-    with pytest.raises(OSError, match="disk gone"), feed.batches(images, order, range(10), 8, lambda b: b) as stream:
-        list(stream)
+    with pytest.raises(OSError, match="disk gone"):
+        with feed.epoch_batches(images, order, range(10), 8, lambda b: b) as stream:
+            list(stream)
     assert threading.active_count() == before
 
 

@@ -185,7 +185,7 @@ class DiskImages:
 
 
 @contextlib.contextmanager
-def batches(images: torch.Tensor | HostImages | DiskImages, order: torch.Tensor, steps: range,
+def epoch_batches(images: torch.Tensor | HostImages | DiskImages, order: torch.Tensor, steps: range,
             batch_size: int, part: Callable[[torch.Tensor], torch.Tensor]
             ) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """(this rank's indices, their uint8 images on the training device) for each step in `steps` of

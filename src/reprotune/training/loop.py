@@ -36,7 +36,7 @@ from reprotune.training.augment import augment
 from reprotune.training.checkpoint import Checkpoints
 from reprotune.training.device import amp_dtype, check_deterministic, select_device, set_deterministic
 from reprotune.training.distributed import ONE_PROCESS, Group
-from reprotune.training.feed import DiskImages, HostImages, batches, images_fit, place  # noqa: F401 - images_fit: tests patch it here
+from reprotune.training.feed import DiskImages, HostImages, epoch_batches, place
 from reprotune.training.model import Classifier, apply_strategy, build_model, frozen_stages
 from reprotune.training.optim import make_optimizer, make_scheduler
 from reprotune.training.scoring import batched_logits, loss_and_accuracy
@@ -162,7 +162,7 @@ def train_one_epoch(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, correct, norm_sum, finite_norms, clipped = progress.sums.unbind()  # views: summed in place
     criterion = ctx.criterion or cross_entropy(cfg.label_smoothing)
-    with batches(images, progress.order, range(progress.step, steps), cfg.batch_size, group.part) as stream:
+    with epoch_batches(images, progress.order, range(progress.step, steps), cfg.batch_size, group.part) as stream:
         for idx, pixels in stream:
             global_batch = min(cfg.batch_size, len(progress.order) - progress.step * cfg.batch_size)
             x = augmented(pixels, cfg, ctx.generator, (group.rank, group.world))
