@@ -149,9 +149,10 @@ def _assert_close(expected: dict[str, torch.Tensor], path: Path) -> None:
 @pytest.mark.parametrize("strategy", ["linear", "full", "gradual"])
 def test_two_processes_train_what_one_process_trains(project, one_process, tmp_path, strategy, monkeypatch):
     overrides = {
-        # BatchNorm frozen throughout; every augmentation on, each rank drawing for the global batch
+        # BatchNorm frozen throughout; every augmentation on, each rank drawing for the global batch;
+        # each rank reading its own share of each batch from the disk cache (the reference run: memory)
         "linear": {"train.strategy": "linear", "model.weights": "backbone.pt", "train.rotation": 15.0,
-                   "train.color_jitter": 0.4},
+                   "train.color_jitter": 0.4, "train.data_on": "disk"},
         "full": FULL,
         # layer4 and the head, then layer3 too from epoch 2: DDP is rebuilt for the new parameters
         "gradual": {"train.strategy": "partial", "train.unfreeze_from": "layer4", "train.unfreeze_after": 1,
@@ -163,6 +164,7 @@ def test_two_processes_train_what_one_process_trains(project, one_process, tmp_p
 
     assert "$ torchrun --standalone --nproc-per-node 2" in out
     assert out.count("epoch 2/2 ") == 1  # rank 0 alone reports
+    assert ("training from the disk cache" in out) == (strategy == "linear")
     _assert_close(one_process(strategy != "linear", monkeypatch), project / "models/model.pt")
 
     # Rank 0 wrote the outputs; rank 1 wrote nothing at all inside the project.
