@@ -18,6 +18,7 @@ SHOWN = 5  # unreadable files listed on stderr; skipped_images in metrics/prepro
 
 def main(params: ParamsFile = Path("params.yaml")) -> None:
     cfg = load_params(params)
+    folders.one_heap()  # before the decoder threads: flat memory however many images
     started = time.perf_counter()
     with atomic_dir(PROCESSED) as tmp:
         # A folder dataset is decoded to a scratch file beside the splits, never into memory whole;
