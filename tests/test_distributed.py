@@ -159,7 +159,7 @@ def test_two_processes_train_what_one_process_trains(project, one_process, tmp_p
                     "model.weights": "backbone.pt"},
     }[strategy]
     set_params(project / "params.yaml", {"train.unfreeze_after": 0, "train.rotation": 0.0, "train.color_jitter": 0.0,
-                                         **overrides, **TWO_PROCESSES})
+                                         "train.data_on": "auto", **overrides, **TWO_PROCESSES})
     out = _train_ddp(project, tmp_path / "audit").stdout
 
     assert "$ torchrun --standalone --nproc-per-node 2" in out
