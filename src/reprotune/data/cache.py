@@ -71,6 +71,16 @@ def _cgroup_room() -> int | None:
     return None
 
 
+def chunk_rows(shape) -> int:
+    """Images of `shape` (N, C, H, W) in one chunk of at most CHUNK_BYTES (at least one)."""
+    return max(1, CHUNK_BYTES // max(1, int(np.prod(shape[1:]))))
+
+
+def write_header(f, shape: tuple[int, ...]) -> None:
+    """The .npy header of uint8 images of `shape`, C order (the data follows it)."""
+    np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+
+
 def images_path(meta: Path) -> Path:
     """Where the images of the split described by `meta` live: train.pt -> train.images.npy."""
     return meta.with_name(f"{meta.stem}.images.npy")
@@ -196,7 +206,7 @@ class CachedImages:
     def load(self, pin: bool = False) -> torch.Tensor:
         """All of these images in memory (pinned for a GPU's asynchronous copies when `pin`)."""
         whole = torch.empty(tuple(self.shape), dtype=torch.uint8, pin_memory=pin)
-        n = max(1, CHUNK_BYTES // max(1, self.row_bytes))
+        n = chunk_rows(self.shape)
         for start in range(0, len(self), n):
             stop = min(len(self), start + n)
             if self.index is None:
@@ -251,12 +261,10 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
 def write_images(path: Path, images, chunk: int | None = None) -> None:
     """Write `images` (a tensor, an array or CachedImages: anything that slices into uint8 (n, C, H, W)
     rows) to `path` as a `.npy` array, `chunk` images at a time."""
-    shape = tuple(int(s) for s in images.shape)
-    chunk = chunk or max(1, CHUNK_BYTES // max(1, int(np.prod(shape[1:]))))
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        for start in range(0, shape[0], chunk):
-            f.write(memoryview(as_numpy(images[start:start + chunk])).cast("B"))
+        write_header(f, tuple(int(s) for s in images.shape))
+        for block in in_chunks(images, chunk):
+            f.write(memoryview(block).cast("B"))
 
 
 def as_numpy(block) -> np.ndarray:
@@ -266,6 +274,6 @@ def as_numpy(block) -> np.ndarray:
 
 def in_chunks(images, rows_per_chunk: int | None = None) -> Iterator[np.ndarray]:
     """Any images (tensor, array, CachedImages) in order as uint8 arrays, a bounded number at a time."""
-    n = rows_per_chunk or max(1, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
+    n = rows_per_chunk or chunk_rows(images.shape)
     for start in range(0, len(images), n):
         yield as_numpy(images[start:start + n])

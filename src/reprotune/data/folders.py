@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from reprotune.config import DataConfig
-from reprotune.data.cache import CachedImages, available_memory
+from reprotune.data.cache import CachedImages, available_memory, write_header
 from reprotune.data.raw import RawData
 from reprotune.data.splits import held_out
 from reprotune.errors import ReprotuneError
@@ -338,7 +338,7 @@ class _Scratch:
     def __init__(self, path: Path, shape: tuple[int, ...]):
         self.path, self.row_bytes = path, int(np.prod(shape[1:]))
         with open(path, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            write_header(f, shape)
             self.offset = f.tell()
             f.truncate(self.offset + shape[0] * self.row_bytes)  # sparse until written
         self.fd = os.open(path, os.O_WRONLY)
