@@ -7,11 +7,13 @@ or conftest.py, which holds the pytest fixtures and hooks built on it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,54 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "tiny pipeline"], root)
     return root
+
+
+# ------------------------------------------------------------------------------------- Ray clusters
+
+# Two Ray nodes on this machine, each its own raylet and object store, joined in one cluster: Ray's own
+# tool for a multi-node cluster on one host. (`ray start` for the second node would swap its loopback
+# address for the machine's network address; see reprotune.inference.cluster.) A line `kill NODE_ID`
+# on its stdin kills that node outright (its raylet and workers SIGKILLed, as a lost machine); the GCS
+# checks nodes every second and gives one up after 3 missed checks, so a test sees it die quickly. The
+# cluster shuts down when its stdin closes.
+TWO_NODES = """
+import sys
+from reprotune.inference.cluster import ray_environment
+ray_environment("127.0.0.1:0")
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1",
+    "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+nodes = [cluster.head_node, cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")]
+cluster.wait_for_nodes()
+print(cluster.address, *(node.node_id for node in nodes), flush=True)
+for line in sys.stdin:
+    if line.startswith("kill "):
+        node = next(n for n in nodes if n.node_id.startswith(line.split()[1]))
+        cluster.remove_node(node, allow_graceful=False)
+        print("killed", node.node_id, flush=True)
+cluster.shutdown()
+"""
+
+
+@contextlib.contextmanager
+def two_node_cluster(cwd: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, list[str], object]]:
+    """A two-node loopback Ray cluster (1 CPU each) for the test's length: yields its address, the
+    two node ids (head first) and `kill(node_id_prefix)`, which kills that node outright."""
+    require("ray", "starts a Ray cluster")
+    cluster = subprocess.Popen([sys.executable, "-c", TWO_NODES], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env={**env(), **(extra_env or {})}, cwd=cwd)
+
+    def kill(node: str) -> None:
+        cluster.stdin.write(f"kill {node}\n")
+        cluster.stdin.flush()
+        assert cluster.stdout.readline().startswith("killed "), "the node was not killed"
+
+    try:
+        address, *nodes = cluster.stdout.readline().split()
+        assert address.startswith("127.0.0.1:"), f"the cluster did not start (exit {cluster.poll()})"
+        yield address, nodes, kill
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            cluster.stdin.close()
+        assert cluster.wait(120) == 0

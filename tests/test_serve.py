@@ -27,7 +27,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from fixtures import env, free_port, require, run
+from fixtures import env, free_port, require, run, two_node_cluster
 from reprotune.evaluation.drift import read_incoming
 from reprotune.images import load_image
 from reprotune.inference.runtime import onnx_runner
@@ -456,36 +456,11 @@ def test_bad_setup_fails_in_one_line_before_ray_starts(model, tmp_path):
     assert len(no_card.stderr.strip().splitlines()) == 1
 
 
-# Two Ray nodes on this machine, each its own raylet and object store, joined in one cluster: Ray's own
-# tool for a multi-node cluster on one host. (`ray start` for the second node would swap its loopback
-# address for the machine's network address; see reprotune.inference.cluster.)
-TWO_NODES = """
-import os, signal, threading
-# Serve's proxy prefers replicas on its own node and spilled to the other one only sometimes here; with
-# plain power-of-two-choices routing, every replica takes requests.
-os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
-from reprotune.inference.cluster import ray_environment
-ray_environment("127.0.0.1:0")
-from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                        "node_ip_address": "127.0.0.1"})
-cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-cluster.wait_for_nodes()
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-print(cluster.address, flush=True)
-stop.wait()
-cluster.shutdown()
-"""
-
-
 @pytest.mark.ray
 def test_two_replicas_on_a_two_node_loopback_cluster_both_answer(model, tmp_path):
-    cluster = subprocess.Popen([sys.executable, "-c", TWO_NODES], stdout=subprocess.PIPE, text=True, env=env(),
-                               cwd=tmp_path)
-    try:
-        address = cluster.stdout.readline().strip()
-        assert address.startswith("127.0.0.1:"), f"the cluster did not start (exit {cluster.poll()})"
+    # Serve's proxy prefers replicas on its own node and spilled to the other one only sometimes here;
+    # with plain power-of-two-choices routing, every replica takes requests.
+    with two_node_cluster(tmp_path, {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}) as (address, _, _):
         # Serve routes to the proxy's own node first and spills to others when a replica is full. A
         # replica takes at most 2 x 4 requests at once here, and each waits up to 1 s for its batch of 4
         # to fill: 32 concurrent requests fill the head's replica however fast the machine is.
@@ -505,9 +480,6 @@ def test_two_replicas_on_a_two_node_loopback_cluster_both_answer(model, tmp_path
             assert len(nodes) == 2 and len(answered) == 2, f"answered by {answered}"
         finally:
             assert server.stop() == 0, server.output()
-    finally:
-        cluster.send_signal(signal.SIGTERM)
-        assert cluster.wait(120) == 0
 
 
 @pytest.mark.parametrize(("address", "host", "local"), [

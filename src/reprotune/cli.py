@@ -170,6 +170,38 @@ def recipe(
     print(" ".join(chosen.arguments()))
 
 
+@cli.command()
+def sweep(
+    targets: Annotated[list[str] | None, typer.Argument(help="Stages to run, as for `dvc exp run` (default: the "
+                                                             "whole pipeline).")] = None,
+    set_param: Annotated[list[str] | None, typer.Option("-S", "--set-param", help="A param and its values, as "
+                                                        "`dvc exp run --queue -S` takes them (train.lr=0.01,0.03; "
+                                                        "several -S make a grid).")] = None,
+    queued: Annotated[bool, typer.Option("--queued", help="Also run the experiments waiting in DVC's queue on "
+                                                         "this commit (they leave the queue when done).")] = False,
+    address: Annotated[str | None, typer.Option(help="A running Ray cluster (head host:port); by default a "
+                                                     "one-machine cluster starts here.")] = None,
+    cpus_per_trial: Annotated[float, typer.Option(min=0.01, help="CPUs each experiment takes (its torch "
+                                                                 "threads).")] = 1.0,
+    gpus_per_trial: Annotated[float, typer.Option(min=0, help="GPUs each experiment takes.")] = 0.0,
+    retries: Annotated[int, typer.Option(min=0, help="Times an experiment whose node dies is started again "
+                                                     "elsewhere.")] = 3,
+    git_remote: Annotated[str, typer.Option(help="The git remote the workers clone from and push to.")] = "origin",
+    dvc_remote: Annotated[str | None, typer.Option(help="The DVC remote for data and results (default: the "
+                                                        "project's default remote).")] = None,
+    workdir: Annotated[str, typer.Option(help="On each node, where clones, logs and the node's shared DVC cache "
+                                              "go (default: reprotune-sweep in its temp directory).")] = "",
+) -> None:
+    """Run DVC experiments as tasks on a Ray cluster; each is pushed to the git and DVC remotes and pulled
+    here, as if run here. Experiments that already exist are skipped."""
+    from reprotune.sweep.driver import Options
+    from reprotune.sweep.driver import sweep as run_sweep
+
+    options = Options(list(set_param or []), tuple(targets or ()), queued, address, cpus_per_trial, gpus_per_trial,
+                      retries, git_remote, dvc_remote, workdir)
+    run_sweep(Path.cwd(), options, _tool("dvc"), _venv_env(), say=lambda line: print(line, flush=True))
+
+
 def _free_experiment_name(dvc: str, base: str) -> str:
     """`base`, or `base-2`, `base-3`, ...: the first name no experiment in this repository has."""
     listed = subprocess.run([dvc, "exp", "list", "--all-commits", "--name-only"], capture_output=True, text=True,

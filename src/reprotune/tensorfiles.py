@@ -16,9 +16,11 @@ from reprotune.files import atomic_file
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    """torch.save `obj` (plain dicts of tensors and primitives only), atomically."""
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save `obj` (plain dicts of tensors and primitives only), atomically. Through an open file:
+    torch.save names the zip's inner folder after a path it is given (here a random temporary name),
+    so the same weights made different bytes, and a rerun or another machine a different md5."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as out:
+        torch.save(obj, out)
 
 
 def load_torch(path: str | Path, what: str) -> Any:

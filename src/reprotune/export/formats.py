@@ -35,7 +35,9 @@ def export_torchscript(model: Classifier, example: torch.Tensor, path: Path) -> 
     """Write a traced TorchScript module (shapes other than the batch are fixed by the trace)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the trace itself is checked
-        torch.jit.save(torch.jit.trace(model, example), path)
+        traced = torch.jit.trace(model, example)
+    with open(path, "wb") as out:  # not the path: it would name the archive's folder (tensorfiles.save_torch)
+        torch.jit.save(traced, out)
 
 
 class _Calibration(CalibrationDataReader):

@@ -1,0 +1,345 @@
+"""`reprotune sweep`'s driver: plan the experiments, run the missing ones as Ray tasks (one per
+experiment, with the CPUs and GPUs it asked for, retried elsewhere if its node dies), show their
+progress, and pull what they pushed so the experiments appear here as if run here.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from reprotune.errors import Interrupted, ReprotuneError
+from reprotune.sweep import plan
+from reprotune.sweep.plan import Experiment, git
+from reprotune.sweep.worker import Origin, run_experiment
+
+LOGS = Path(".dvc/tmp/reprotune-sweep")  # each experiment's full log, kept beside DVC's own queue logs
+SUMMARY_EVERY_S = 30.0
+CANCEL_WAIT_S = 40.0  # a cancelled experiment's processes pause and exit within the worker's grace
+
+
+@dataclass(frozen=True)
+class Options:
+    sets: list[str]
+    targets: tuple[str, ...] = ()
+    queued: bool = False
+    address: str | None = None
+    cpus: float = 1.0
+    gpus: float = 0.0
+    retries: int = 3
+    git_remote: str = "origin"
+    dvc_remote: str | None = None
+    workdir: str = ""
+
+
+def sweep(root: Path, options: Options, dvc: str, env: dict[str, str], say: Callable[[str], None] = print) -> None:
+    """Run a sweep from the repository at `root`; raise ReprotuneError (one line) if any experiment
+    failed, Interrupted on Ctrl-C, once everything that finished has been pulled."""
+    origin = _origin(root, options, dvc, env)
+    experiments = plan.grid(root, origin.base, options.sets, options.targets) if options.sets else []
+    elsewhere: list[str] = []
+    if options.queued:
+        taken, elsewhere = plan.queued(root, origin.base)
+        experiments += taken
+    if not experiments:
+        raise ReprotuneError("nothing to sweep: give a grid (-S train.lr=0.01,0.03) or --queued with experiments "
+                             "in DVC's queue (dvc exp run --queue)" + (f"; queued on other commits, left there: "
+                                                                      f"{', '.join(elsewhere)}" if elsewhere else ""))
+    known = plan.existing(root, origin.base, origin.git_url)
+    todo, done = plan.split_done(root, origin.base, experiments, dict(known))
+    say(f"sweep: {len(experiments)} experiments on {origin.base[:7]} ({options.git_remote}: {origin.git_url}); "
+        f"{len(done)} already exist, {len(todo)} to run")
+    for name, same in done.items():
+        say(f"  {name}: exists" + (f" (as {same})" if same != name else ""))
+    if elsewhere:
+        say(f"  left in DVC's queue (queued on another commit): {', '.join(elsewhere)}")
+    results: dict[str, dict] = {}
+    interrupted = False
+    if todo:
+        try:
+            results = _run(root, todo, origin, options, say)
+        except _Interrupted as stop:
+            results, interrupted = stop.results, True
+    finished = [r["name"] for r in results.values() if r["status"] in ("done", "exists")]
+    _pull(root, origin, [*finished, *done.values()], dvc, env, say)
+    _dequeue(root, [e for e in experiments if e.queued and (e.name in finished or e.name in done)], dvc, env)
+    failed = [r for r in results.values() if r["status"] == "failed"]
+    if interrupted:
+        raise Interrupted(f"sweep interrupted: {len(finished)} of {len(todo)} experiments finished and pulled, "
+                          f"the others cancelled; the same command runs the rest")
+    if failed:
+        raise ReprotuneError(f"{len(failed)} of {len(todo)} experiments failed: "
+                             + ", ".join(f"{r['name']} ({r['error']}; log: {r['logfile']})" for r in failed))
+    say(f"sweep done: {len(finished)} run, {len(done)} already there; compare them with `reprotune experiments`")
+
+
+def _origin(root: Path, options: Options, dvc: str, env: dict[str, str]) -> Origin:
+    """The base commit (HEAD, clean, on the git remote), the git remote's URL and the DVC remote."""
+    if not (root / ".dvc").is_dir():
+        raise ReprotuneError(f"{root}: not a DVC repository (run reprotune sweep in the project's root)")
+    base = git(["rev-parse", "HEAD"], root).strip()
+    dirty = [line[3:] for line in git(["status", "--porcelain", "--untracked-files=no"], root).splitlines()]
+    if dirty:
+        raise ReprotuneError(f"uncommitted changes ({', '.join(dirty[:5])}{', ...' if len(dirty) > 5 else ''}): "
+                             f"a sweep runs the base commit as the git remote has it; commit and push them first")
+    url = git(["remote", "get-url", options.git_remote], root, check=False).strip()
+    if not url:
+        raise ReprotuneError(f"no git remote {options.git_remote!r}: the experiments go to the team's git remote "
+                             f"(`git remote add {options.git_remote} URL`, or --git-remote NAME)")
+    if "://" not in url and not _scp_like(url):  # a path: the workers need it whole
+        url = str((root / url).resolve())
+    tips = [line.split()[0] for line in git(["ls-remote", url], root).splitlines() if line.strip()]
+    if not any(_contains(root, tip, base) for tip in tips):
+        raise ReprotuneError(f"commit {base[:7]} is not on the git remote {options.git_remote} ({url}): "
+                             f"the workers clone it from there; `git push {options.git_remote} HEAD` first "
+                             f"(or `git fetch {options.git_remote}` if it is there already)")
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        name = options.dvc_remote or repo.config["core"].get("remote")
+        remotes = repo.config["remote"]
+        if not name:
+            raise ReprotuneError("no DVC remote: the workers pull the data from it and push the results to it "
+                                 "(`dvc remote add -d NAME URL`, or --dvc-remote NAME)")
+        if name not in remotes:
+            raise ReprotuneError(f"no DVC remote {name!r} (`dvc remote list` shows: "
+                                 f"{', '.join(remotes) or 'none'})")
+        dvc_url = remotes[name]["url"]  # DVC resolves a relative path against its config file: absolute
+    return Origin(base, url, name, str(dvc_url), options.workdir)
+
+
+def _scp_like(url: str) -> bool:
+    """git's user@host:path form (a colon before any slash)."""
+    head = url.split("/", 1)[0]
+    return ":" in head and not Path(url).exists()
+
+
+def _contains(root: Path, tip: str, base: str) -> bool:
+    return subprocess.run(["git", "merge-base", "--is-ancestor", base, tip], cwd=root,
+                          capture_output=True).returncode == 0
+
+
+class _TokenNotice(logging.Filter):
+    """Ray announces, on every start of a local cluster, that it protects it with a token: nothing
+    to act on for a cluster on loopback that lives as long as the sweep."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+class _Interrupted(Exception):
+    def __init__(self, results: dict[str, dict]):
+        self.results = results
+
+
+def _run(root: Path, todo: list[Experiment], origin: Origin, options: Options, say: Callable[[str], None]
+         ) -> dict[str, dict]:
+    """Run the experiments on Ray; returns name -> the task's result, logs written under LOGS."""
+    from reprotune.inference.cluster import own_process_groups, ray_environment
+
+    if "ray" not in sys.modules:
+        ray_environment(options.address)
+    import ray
+
+    if options.address is None:
+        own_process_groups()  # Ctrl-C reaches the driver alone, which stops the tasks in order
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenNotice())
+    ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="warning",
+             configure_logging=False)
+    try:
+        _check_resources(ray, options)
+        progress = ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=_here(ray)).remote()
+        task = ray.remote(_task).options(num_cpus=options.cpus, num_gpus=options.gpus, max_retries=options.retries,
+                                         retry_exceptions=False)
+        say(f"ray: {_describe_cluster(ray)}, this driver on node {ray.get_runtime_context().get_node_id()[:6]}; "
+            f"each experiment takes {options.cpus:g} CPU"
+            + (f" and {options.gpus:g} GPU" if options.gpus else "") + f", retried up to {options.retries} times "
+            "if its node dies")
+        pending = {task.remote(e, origin, progress): e for e in todo}
+        return _watch(ray, pending, progress, say, len(todo), root / LOGS)
+    finally:
+        ray.shutdown()
+
+
+def _task(experiment: Experiment, origin: Origin, progress) -> dict:
+    """One experiment as a Ray task: run_experiment, reporting to the driver's progress actor."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    where = f"node {node[:6]} ({ray.util.get_node_ip_address()})"
+
+    def report(event: str) -> None:
+        progress.add.remote(experiment.name, event, where)
+
+    report("started")
+    return run_experiment(experiment, origin, report)
+
+
+class Progress:
+    """The tasks' live status, collected where the driver runs (an actor holding no CPU)."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def add(self, name: str, event: str, where: str) -> None:
+        self.events.append((time.monotonic(), name, event, where))
+
+    def take(self) -> list[tuple]:
+        events, self.events = self.events, []
+        return events
+
+
+def _here(ray):
+    """Schedule on the driver's own node: the progress actor must not die with a worker node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _check_resources(ray, options: Options) -> None:
+    """An experiment no node can hold would wait forever: say so now."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(r.get("CPU", 0) >= options.cpus and r.get("GPU", 0) >= options.gpus for r in nodes):
+        have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes)
+        raise ReprotuneError(f"no Ray node has {options.cpus:g} CPU and {options.gpus:g} GPU for one experiment "
+                             f"(nodes: {have}): lower --cpus-per-trial/--gpus-per-trial or add nodes")
+
+
+def _describe_cluster(ray) -> str:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    return f"{len(nodes)} node{'s' * (len(nodes) != 1)}, {cpus:g} CPUs, {gpus:g} GPUs"
+
+
+def _watch(ray, pending: dict, progress, say: Callable[[str], None], total: int, logs: Path) -> dict[str, dict]:
+    """Wait for the tasks, printing each change of state as it happens and a summary line every
+    SUMMARY_EVERY_S; Ctrl-C cancels what runs (each task stops its processes) and raises _Interrupted."""
+    start = time.monotonic()
+    results: dict[str, dict] = {}
+    running: dict[str, tuple[float, str, str]] = {}  # name -> (since, where, doing)
+    attempts: dict[str, int] = {}
+    last_summary = start
+
+    def stamp(at: float | None = None) -> str:
+        seconds = int((at or time.monotonic()) - start)
+        return f"[{seconds // 60:2d}:{seconds % 60:02d}]"
+
+    def drain() -> None:
+        for at, name, event, where in ray.get(progress.take.remote()):
+            if name in results:
+                continue
+            if event == "started":
+                attempts[name] = attempts.get(name, 0) + 1
+                again = f" (attempt {attempts[name]}: the last one's node died)" if attempts[name] > 1 else ""
+                running[name] = (at, where, "starting")
+                say(f"{stamp(at)} {name}: running on {where}{again}")
+            elif name in running:
+                since, where_, _ = running[name]
+                running[name] = (since, where_, event)
+                if event.startswith("stage "):
+                    say(f"{stamp(at)} {name}: {event}")
+
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            drain()
+            for ref in ready:
+                experiment = pending.pop(ref)
+                result = _outcome(ray, ref, experiment)
+                results[experiment.name] = result
+                running.pop(experiment.name, None)
+                _report(result, stamp(), say, logs)
+            if time.monotonic() - last_summary >= SUMMARY_EVERY_S and pending:
+                last_summary = time.monotonic()
+                now = time.monotonic()
+                busy = ", ".join(f"{n} ({doing}, {int(now - since)} s)" for n, (since, _, doing) in running.items())
+                counts = _counts(results)
+                say(f"{stamp()} {counts['done']} done, {counts['failed']} failed, {len(running)} running"
+                    + (f" ({busy})" if busy else "") + f", {len(pending) - len(running)} waiting, of {total}")
+    except KeyboardInterrupt:
+        say(f"{stamp()} interrupted: stopping {len(pending)} experiments (their processes pause and exit) ...")
+        for ref in pending:
+            ray.cancel(ref)  # a KeyboardInterrupt in the task: it stops its process group
+        try:
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
+        except KeyboardInterrupt:
+            pass
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        for ref, experiment in pending.items():
+            outcome = _outcome(ray, ref, experiment, timeout=1.0)
+            if outcome["status"] in ("done", "exists"):  # it finished before the cancel reached it
+                results[experiment.name] = outcome
+        raise _Interrupted(results) from None
+    return results
+
+
+def _outcome(ray, ref, experiment: Experiment, timeout: float | None = None) -> dict:
+    """A task's result; a task that raised, or whose node died more often than it may retry, counts
+    as a failed experiment with the reason."""
+    from ray.exceptions import GetTimeoutError, RayError, RayTaskError, TaskCancelledError
+
+    try:
+        result = ray.get(ref, timeout=timeout)
+    except (GetTimeoutError, TaskCancelledError):
+        return {"name": experiment.name, "status": "cancelled", "log": ""}
+    except RayTaskError as exc:
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return {"name": experiment.name, "status": "failed", "error": f"the task raised: {cause}", "log": str(exc)}
+    except RayError as exc:  # worker or node lost more times than --retries allows
+        return {"name": experiment.name, "status": "failed", "error": f"{type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'lost'}", "log": str(exc)}
+    return result
+
+
+def _report(result: dict, stamp: str, say: Callable[[str], None], logs: Path) -> None:
+    """One line per finished experiment (a failed one with its log's last lines); its log saved."""
+    logs.mkdir(parents=True, exist_ok=True)
+    logfile = logs / f"{result['name']}.log"
+    logfile.write_text(result.get("log", ""))
+    result["logfile"] = str(LOGS / logfile.name)  # as the user, in the project's root, types it
+    seconds = f" in {result['seconds']:.0f} s" if "seconds" in result else ""
+    if result["status"] == "done":
+        say(f"{stamp} {result['name']}: done{seconds}, pushed")
+    elif result["status"] == "exists":
+        say(f"{stamp} {result['name']}: done (an earlier attempt pushed it)")
+    else:
+        tail = [line for line in result.get("log", "").splitlines() if line.strip()][-15:]
+        say(f"{stamp} {result['name']}: FAILED{seconds}: {result.get('error', result['status'])}; "
+            f"log: {result['logfile']}")
+        for line in tail:
+            say(f"    | {line}")
+
+
+def _counts(results: dict[str, dict]) -> dict[str, int]:
+    return {"done": sum(r["status"] in ("done", "exists") for r in results.values()),
+            "failed": sum(r["status"] == "failed" for r in results.values())}
+
+
+def _pull(root: Path, origin: Origin, names: list[str], dvc: str, env: dict[str, str],
+          say: Callable[[str], None]) -> None:
+    """Bring the experiments here (git refs and their outputs), as `dvc exp pull` does for a teammate's."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return
+    proc = subprocess.run([dvc, "exp", "pull", "-r", origin.dvc_remote, origin.git_url, *names], cwd=root, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = next((line for line in proc.stderr.splitlines() if line.strip()), f"exit {proc.returncode}")
+        raise ReprotuneError(f"dvc exp pull of the sweep's experiments failed ({first}); they are on the remotes: "
+                             f"`dvc exp pull {origin.git_url} {' '.join(names)}`")
+    say(f"pulled {len(names)} experiment{'s' * (len(names) != 1)}: {', '.join(names)}")
+
+
+def _dequeue(root: Path, taken: list[Experiment], dvc: str, env: dict[str, str]) -> None:
+    """Queued experiments that the sweep ran leave DVC's queue (`dvc queue start` would run them again)."""
+    if taken:
+        subprocess.run([dvc, "queue", "remove", *(e.queued for e in taken if e.queued)], cwd=root, env=env,
+                       capture_output=True)
+

@@ -1,0 +1,218 @@
+"""One experiment on one node: clone the base commit from the git remote, run the experiment through
+DVC (unchanged stages' outputs pulled from the DVC remote), publish it with `dvc exp push`.
+
+Plain Python, no Ray: the driver runs `run_experiment` as a Ray task, and tests can call it alone.
+Every command runs under a small supervisor in a process group of its own, so that nothing outlives
+the task: a cancelled task stops the group as Ctrl-C would (stages pause and exit), and if the task's
+process dies (its node lost, Ray killing it) the supervisor sees its parent gone and stops the group.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from reprotune.sweep.plan import Experiment, exp_prefix, git, matches
+
+LOG_KEEP = 1_000_000  # characters of an experiment's log sent back to the driver (its end)
+STOP_GRACE_S = 20.0  # a stopped experiment's processes get this long to pause and exit before SIGKILL
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a sweep's experiments start from and go to, the same for every task."""
+    base: str  # the commit, as on the git remote
+    git_url: str
+    dvc_remote: str  # the DVC remote's name, and its URL (absolute, as the driver resolved it)
+    dvc_url: str
+    workdir: str = ""  # on each node: clones, logs and a DVC cache the node's tasks share; "" = a temp dir
+
+
+Report = Callable[[str], None]
+
+
+def workdir(origin: Origin) -> Path:
+    return Path(origin.workdir) if origin.workdir else Path(tempfile.gettempdir()) / "reprotune-sweep"
+
+
+def run_experiment(experiment: Experiment, origin: Origin, report: Report = lambda _: None) -> dict:
+    """Run one experiment in a fresh clone and push it. Returns {"name", "status": done | exists |
+    failed, "seconds", "log", and "rev" (the experiment commit) or "error"}; raises only if stopped."""
+    root = workdir(origin)
+    (root / "cache").mkdir(parents=True, exist_ok=True)
+    _clear_stale(root)
+    clone = Path(tempfile.mkdtemp(prefix=f"{experiment.name}.", dir=root))
+    # Locked before it takes its name, so another task's _clear_stale never sees it unheld. Held for the
+    # task's life: the kernel lets go when its process dies, however it dies.
+    held = open(f"{clone}.locking", "w")  # noqa: SIM115
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.rename(f"{clone}.locking", f"{clone}.lock")
+    log = Path(f"{clone}.log")
+    started = time.monotonic()
+
+    def result(status: str, **extra) -> dict:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return {"name": experiment.name, "status": status, "seconds": time.monotonic() - started,
+                "log": text[-LOG_KEEP:], **extra}
+
+    try:
+        report("cloning")
+        for step in _setup(experiment, origin, clone, root):
+            code = supervised(step, root if step[:2] == ["git", "clone"] else clone, log, _env(clone), report)
+            if code != 0:
+                return result("failed", error=f"`{' '.join(step[:3])}` exited {code}")
+        ref = exp_prefix(origin.base) + experiment.name
+        remote_rev = _remote_rev(clone, origin.git_url, ref)
+        if remote_rev:  # pushed by an earlier attempt of this task (its node died after the push)
+            if matches(clone, origin.base, remote_rev, experiment):
+                return result("exists", rev=remote_rev)
+            return result("failed", error=f"the git remote already has a different experiment named "
+                                          f"{experiment.name}")
+        if not experiment.overrides:  # from the queue: its changed inputs (a -S grid passes its -S)
+            _write(clone, experiment.files)
+        run = [_tool("dvc"), "exp", "run", "--pull", "-n", experiment.name, "-m", experiment.message,
+               *(arg for o in experiment.overrides for arg in ("-S", o)), *experiment.targets]
+        report("running")
+        if (code := supervised(run, clone, log, _env(clone), report)) != 0:
+            return result("failed", error=f"dvc exp run exited {code}")
+        report("pushing")
+        push = [_tool("dvc"), "exp", "push", "-r", origin.dvc_remote, origin.git_url, experiment.name]
+        if (code := supervised(push, clone, log, _env(clone), report)) != 0:
+            return result("failed", error=f"dvc exp push exited {code}")
+        return result("done", rev=git(["rev-parse", ref], clone).strip())
+    finally:
+        _remove(clone)
+        held.close()
+
+
+def _clear_stale(root: Path) -> None:
+    """Remove the clones of tasks that died (a lost node's task cannot clean up after itself; its
+    retry may run elsewhere): a clone whose lock no process holds."""
+    for lock in root.glob("*.lock"):
+        with open(lock) as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live task's
+            _remove(Path(str(lock).removesuffix(".lock")))
+
+
+def _remove(clone: Path) -> None:
+    shutil.rmtree(clone, ignore_errors=True)
+    for suffix in (".log", ".lock"):
+        Path(f"{clone}{suffix}").unlink(missing_ok=True)
+
+
+def _write(clone: Path, files: dict[str, str | None]) -> None:
+    for path, text in files.items():
+        target = clone / path
+        if text is None:
+            target.unlink(missing_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+
+
+def _setup(experiment: Experiment, origin: Origin, clone: Path, root: Path) -> list[list[str]]:
+    """The clone at the base commit, with the team's DVC remote (its URL as the driver resolved it:
+    a relative path in .dvc/config would point elsewhere from here) and the node's shared cache, so
+    the data is pulled once per node, not once per experiment."""
+    dvc = _tool("dvc")
+    return [
+        ["git", "clone", "--quiet", "--no-checkout", origin.git_url, str(clone)],
+        ["git", "checkout", "--quiet", "--detach", origin.base],
+        [dvc, "remote", "add", "--local", "--force", origin.dvc_remote, origin.dvc_url],
+        [dvc, "remote", "default", "--local", origin.dvc_remote],
+        [dvc, "cache", "dir", "--local", str(root / "cache")],
+    ]
+
+
+def _remote_rev(clone: Path, git_url: str, ref: str) -> str:
+    """The commit the git remote has at `ref`, fetched into the clone; "" if none."""
+    listed = git(["ls-remote", git_url, ref], clone).split()
+    if not listed:
+        return ""
+    git(["fetch", "--quiet", "--no-tags", git_url, f"+{ref}:{ref}"], clone)
+    return listed[0]
+
+
+def _tool(name: str) -> str:
+    """A command of this node's environment (the one Ray runs this task in)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def _env(clone: Path) -> dict[str, str]:
+    """The experiment's environment: this node's Python environment first on PATH (DVC runs each
+    stage's `python` through the shell), the base commit's own code first on the import path (the
+    node's install may be of another commit), and git never waiting for a password."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(clone / "src"), env.get("PYTHONPATH", "")]))
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    return env
+
+
+STAGE_LINE = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
+
+
+def supervised(command: list[str], cwd: Path, log: Path, env: dict[str, str], report: Report) -> int:
+    """Run `command` under SUPERVISOR, appending its output to `log`; report each DVC stage it starts.
+    If this is interrupted (Ray cancelling the task), stop its process group first."""
+    with open(log, "a") as out:
+        out.write(f"$ {shlex.join(command)}\n")
+        out.flush()
+        proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR, *command], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    seen = log.stat().st_size
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                code = None
+            with open(log, errors="replace") as text:
+                text.seek(seen)
+                new = text.read()
+                seen = text.tell()
+            for stage in STAGE_LINE.findall(new):
+                report(f"stage {stage}")
+            if code is not None:
+                return code
+    except BaseException:
+        proc.terminate()  # the supervisor stops the whole group: SIGINT, then SIGKILL after a grace
+        try:
+            proc.wait(STOP_GRACE_S + 5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        raise
+
+
+# The supervisor: leader of a new process group holding the command and everything it starts.
+# Stdlib only, run with `python -c`, so that it works whatever commit's code is on the import path.
+SUPERVISOR = f"""
+import os, signal, subprocess, sys, time
+parent, stop = os.getppid(), []
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda *_: stop.append(1))
+child = subprocess.Popen(sys.argv[1:])
+while child.poll() is None and not stop and os.getppid() == parent:
+    time.sleep(0.2)
+if child.poll() is None:  # stopped, or the task's process died: the group goes, as with Ctrl-C first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.killpg(0, signal.SIGINT)
+    deadline = time.monotonic() + {STOP_GRACE_S}
+    while child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(0, signal.SIGKILL)
+sys.exit(child.returncode)
+"""

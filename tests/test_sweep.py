@@ -1,0 +1,323 @@
+"""`reprotune sweep`: DVC experiments as Ray tasks, published to the team's remotes and pulled back.
+
+The fast tests take the plan (DVC's grid syntax, names, what counts as the same experiment) and the
+supervisor that keeps an experiment's processes from outliving it. The slow ones run the real thing:
+a tiny project with a bare git repository as the team's remote and a directory as its DVC remote, a
+two-node loopback Ray cluster, one node killed in the middle, a failing experiment from DVC's queue,
+a repeat that runs nothing, a local `dvc exp run` the sweep must match bit for bit, and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from fixtures import REPO, env, make_project, run, two_node_cluster
+from reprotune.errors import ReprotuneError
+from reprotune.sweep import plan
+
+REPROTUNE = str(Path(sys.executable).parent / "reprotune")
+GRID = ["-S", "train.lr=0.02,0.03", "-S", "train.label_smoothing=0,0.1"]
+NAMES = {"lr0.02-label_smoothing0", "lr0.02-label_smoothing0.1", "lr0.03-label_smoothing0",
+         "lr0.03-label_smoothing0.1"}
+# Smaller than the shared tiny pipeline: each experiment is a 1-epoch finetune + evaluate, ~15 s on a core.
+SMALL = {"data.synthetic_train": 320, "data.synthetic_test": 100, "train.epochs": 1}
+
+
+# -------------------------------------------------------------------------------------------- the plan
+
+@pytest.fixture
+def repo(tmp_path) -> tuple[Path, str]:
+    """A git repository holding the project's params.yaml and one stage file, committed: (root, base)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (root / "stage.py").write_text("print('stage')\n")
+    run(["git", "init", "-q", "-b", "main"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "base"], root)
+    return root, run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+
+
+def test_a_grid_is_dvcs_sweep_syntax_named_by_what_varies(repo):
+    root, base = repo
+    experiments = plan.grid(root, base, ["train.lr=0.003,0.01", "seed=range(1,3)", "train.epochs=3"], ("evaluate",))
+    assert [e.name for e in experiments] == ["lr0.003-seed1", "lr0.003-seed2", "lr0.01-seed1", "lr0.01-seed2"]
+    first = experiments[0]
+    assert first.overrides == ("train.lr=0.003", "seed=1", "train.epochs=3") and first.targets == ("evaluate",)
+    params = yaml.safe_load(first.files["params.yaml"])
+    assert (params["train"]["lr"], params["seed"], params["train"]["epochs"]) == (0.003, 1, 3)
+    # What `dvc exp run -S` writes: the three values changed, every other line (comments too) as it was.
+    before = (root / "params.yaml").read_text().splitlines()
+    after = first.files["params.yaml"].splitlines()
+    assert len(before) == len(after) and sum(a != b for a, b in zip(before, after, strict=True)) == 3
+    # Two varying keys with the same last part keep their sections.
+    clash = plan.grid(root, base, ["train.lr=0.1,0.2", "compress.lr=0.1,0.2"], ())
+    assert clash[1].name == "train_lr0.1-compress_lr0.2"
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["train.lr=abc,0.01"], "-S train.lr=abc: params.yaml: train.lr: Input should be a valid number"),
+    (["train.lrr=0.1"], "-S train.lrr=0.1: Could not override 'train.lrr'"),
+    (["train.lr"], "-S: not a valid override"),
+    (["other.yaml:x=1"], "-S other.yaml:x=1: the base commit has no other.yaml"),
+])
+def test_a_grid_that_reprotune_or_dvc_would_reject_stops_before_anything_runs(repo, sets, message):
+    root, base = repo
+    with pytest.raises(ReprotuneError) as failed:
+        plan.grid(root, base, sets, ())
+    assert str(failed.value).startswith(message), failed.value
+
+
+def test_an_experiment_is_the_same_only_with_the_same_inputs_code_and_stages(repo):
+    root, base = repo
+    lr = plan.grid(root, base, ["train.lr=0.02"], ("evaluate",))[0]
+
+    def experiment_commit(changes: dict[str, str], message: str) -> str:
+        """A commit on the base as DVC makes an experiment: the changes, results, message."""
+        run(["git", "checkout", "-q", "--detach", base], root)
+        for path, text in changes.items():
+            (root / path).parent.mkdir(exist_ok=True)
+            (root / path).write_text(text)
+        run(["git", "add", "-A"], root)
+        run(["git", "commit", "-q", "-m", message], root)
+        return run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+
+    lock = yaml.safe_dump({"schema": "2.0", "stages": {"evaluate": {"outs": [{"path": "metrics/evaluate.json"}]}}})
+    results = {"dvc.lock": lock, "metrics/evaluate.json": '{"test_acc": 0.5}'}
+    same = experiment_commit({**lr.files, **results}, lr.message)
+    assert plan.matches(root, base, same, lr)
+    assert plan.matches(root, base, experiment_commit({**lr.files, **results}, "dvc: commit experiment"), lr)
+    other_value = plan.grid(root, base, ["train.lr=0.03"], ("evaluate",))[0]
+    assert not plan.matches(root, base, same, other_value)
+    assert not plan.matches(root, base, experiment_commit({**lr.files, **results, "stage.py": "print(2)\n"},
+                                                          lr.message), lr)
+    whole = plan.Experiment(lr.name, lr.overrides, lr.files, ())
+    assert not plan.matches(root, base, same, whole)  # run up to evaluate is not the whole pipeline
+    todo, done = plan.split_done(root, base, [lr, other_value], {lr.name: same, other_value.name: same})
+    assert done == {lr.name: lr.name} and [e.name for e in todo] == [f"{other_value.name}-2"]
+
+
+# ---------------------------------------------------------------------------------- the supervisor
+
+# A stand-in for `dvc exp run`: starts a grandchild (as DVC starts a stage), writes both pids, and on
+# SIGINT (as Ctrl-C) records that it was asked to stop before exiting 130.
+STAND_IN = """
+import os, signal, subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+def stop(*_):
+    open("interrupted", "w").close()
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+open("pids", "w").write(f"{os.getpid()} {grandchild.pid}")
+time.sleep(300)
+"""
+
+# The task: runs the stand-in under the supervisor, as run_experiment runs dvc.
+TASK = """
+import os, sys
+from pathlib import Path
+from reprotune.sweep.worker import supervised
+supervised([sys.executable, "-c", sys.argv[1]], Path.cwd(), Path("log"), dict(os.environ), print)
+"""
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("how", ["cancelled", "killed"])
+def test_an_experiments_processes_never_outlive_its_task(tmp_path, how):
+    """Cancelled (Ray's KeyboardInterrupt in the task): the group gets SIGINT first, as Ctrl-C. Killed
+    (the task's process gone with its node): the supervisor sees its parent go and stops the group."""
+    task = subprocess.Popen([sys.executable, "-c", TASK, STAND_IN], cwd=tmp_path, env=env())
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "pids").exists() or not (tmp_path / "pids").read_text():
+        assert time.monotonic() < deadline and task.poll() is None, "the stand-in did not start"
+        time.sleep(0.1)
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    task.send_signal(signal.SIGINT if how == "cancelled" else signal.SIGKILL)
+    task.wait(30)
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, f"left running after the task was {how}: {pids}"
+        time.sleep(0.1)
+    assert (tmp_path / "interrupted").exists(), "the command was not asked to stop (SIGINT) before the kill"
+
+
+# ------------------------------------------------------------------------------- the real sweep
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory) -> Path:
+    """A user's clone of a team project: its git remote a bare repository, its DVC remote a directory
+    (given relatively, as people write it), the baseline reproduced up to evaluate, pushed to both."""
+    top = tmp_path_factory.mktemp("team")
+    root = make_project(top / "user", SMALL)
+    run(["git", "init", "-q", "--bare", "-b", "main", str(top / "origin.git")], top)
+    run(["git", "remote", "add", "origin", "../origin.git"], root)
+    run(["dvc", "remote", "add", "-d", "shared", "../dvcstore"], root)
+    run(["dvc", "repro", "evaluate"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "baseline"], root)
+    run(["git", "push", "-q", "origin", "main"], root)
+    run(["dvc", "push", "-q"], root)
+    return root
+
+
+def remote_experiments(root: Path) -> dict[str, str]:
+    listed = run(["git", "ls-remote", "origin", "refs/exps/*"], root).stdout.split("\n")
+    return {ref.rsplit("/", 1)[1]: sha for sha, ref in (line.split("\t") for line in listed if line)}
+
+
+def shown(root: Path) -> dict[str, dict]:
+    """`dvc exp show --json` here: experiment name -> its metrics files' data."""
+    entries = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    return {exp["revs"][0]["name"]: exp["revs"][0]["data"]["metrics"]
+            for entry in entries for exp in entry.get("experiments") or [] if exp["revs"][0].get("name")}
+
+
+def sweep(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([REPROTUNE, "sweep", *args], cwd=root, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def leftovers(work: Path) -> list[str]:
+    """Processes working inside a sweep's work directory: an experiment that outlived its task."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cwd", "cmdline"]):
+        if (proc.info["cwd"] or "").startswith(str(work)):
+            found.append(f"{proc.info['pid']}: {' '.join(proc.info['cmdline'] or [])}")
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.dvc
+@pytest.mark.reliability
+def test_a_sweep_over_two_nodes_survives_a_lost_node_and_arrives_as_local_experiments(team, tmp_path):
+    root, work = team, tmp_path / "work"
+    run(["dvc", "exp", "run", "--queue", "-n", "diverges", "-S", "train.lr=1e6"], root)  # fails in its first epoch
+    with two_node_cluster(tmp_path) as (address, _, kill):
+        proc = sweep(root, *GRID, "--queued", "evaluate", "--address", address, "--workdir", str(work))
+        watchdog = threading.Timer(600, proc.kill)
+        watchdog.start()
+        lines, driver, victim = [], None, None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if found := re.search(r"this driver on node (\w+)", line):
+                driver = found[1]
+            running = re.search(r"\] (\S+): running on node (\w+)", line)
+            if running and victim is None and running[2] != driver and running[1] != "diverges":
+                victim = running[1], running[2]
+            if victim and f"] {victim[0]}: stage finetune" in line and "killed" not in lines:
+                kill(victim[1])  # mid-training: the experiment's processes die with the node's task
+                lines.append("killed")
+        code = proc.wait()
+        watchdog.cancel()
+    out = "\n".join(lines)
+    assert victim and "killed" in lines, out
+    assert code == 1, out
+    assert re.search(rf"\] {re.escape(victim[0])}: running on node \w+ .*attempt 2: the last one's node died", out), out
+    # The failed experiment: reported with its log's end, the others unaffected; its full log kept.
+    assert re.search(r"\] diverges: FAILED in \d+ s: dvc exp run exited", out), out
+    assert "training loss became nan" in out
+    assert "training loss became nan" in (root / ".dvc/tmp/reprotune-sweep/diverges.log").read_text()
+    assert out.splitlines()[-1].startswith("reprotune: error: 1 of 5 experiments failed: diverges (")
+    assert set(remote_experiments(root)) == NAMES
+    metrics = shown(root)
+    assert NAMES <= set(metrics)
+    for name in NAMES:
+        assert 0 <= metrics[name]["metrics/evaluate.json"]["data"]["test_acc"] <= 1
+    assert "diverges" in run(["dvc", "queue", "status"], root).stdout  # a failed one stays queued
+    assert leftovers(work) == []
+    assert sorted(p.name for p in work.iterdir()) == ["cache"]  # every clone removed, the lost node's too
+
+
+@pytest.mark.dvc
+def test_a_repeated_sweep_runs_nothing(team, tmp_path):
+    before = remote_experiments(team)
+    assert NAMES <= set(before), "runs after the two-node sweep"
+    done = run([REPROTUNE, "sweep", *GRID, "evaluate", "--workdir", str(tmp_path)], team)
+    assert "4 experiments on" in done.stdout and "4 already exist, 0 to run" in done.stdout, done.stdout
+    assert "ray:" not in done.stdout  # no cluster started for nothing
+    assert remote_experiments(team) == before
+
+
+@pytest.mark.dvc
+def test_a_swept_experiment_equals_the_same_dvc_exp_run_here(team):
+    """Bit for bit, with the same threads (the sweep gives each experiment --cpus-per-trial, here 1):
+    every output of finetune and evaluate (the model, the drift reference, every metric), but
+    TensorBoard's event files (wall-clock times in them) and the timings in train.json and
+    train_history.csv."""
+    run(["dvc", "exp", "run", "--temp", "-n", "here", "-S", "train.lr=0.02", "-S", "train.label_smoothing=0",
+         "evaluate"], team, extra_env={"OMP_NUM_THREADS": "1"})
+    swept, here = (_exp_rev(team, name) for name in ("lr0.02-label_smoothing0", "here"))
+
+    def outputs(rev: str) -> dict[str, str]:
+        lock = yaml.safe_load(run(["git", "show", f"{rev}:dvc.lock"], team).stdout)
+        return {out["path"]: out.get("md5") for stage in ("finetune", "evaluate")
+                for out in lock["stages"][stage]["outs"]}
+
+    ours, theirs = outputs(swept), outputs(here)
+    assert set(ours) == set(theirs)
+    differ = sorted(path for path in ours if ours[path] != theirs[path] and not path.startswith("runs/"))
+    assert differ == ["metrics/train.json", "metrics/train_history.csv"], differ
+    for path in differ:  # these differ in their timings alone
+        texts = [run(["git", "show", f"{rev}:{path}"], team).stdout for rev in (swept, here)]
+        assert machine_free(path, texts[0]) == machine_free(path, texts[1]), path
+
+
+MACHINE = {"train_seconds", "images_per_second", "achieved_tflops", "seconds", "peak_rss_mb"}  # timings, memory
+
+
+def machine_free(path: str, text: str) -> list:
+    if path.endswith(".json"):
+        return sorted((k, v) for k, v in json.loads(text).items() if k not in MACHINE)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows, path
+    return [{k: v for k, v in row.items() if k not in MACHINE} for row in rows]
+
+
+def _exp_rev(root: Path, name: str) -> str:
+    refs = run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{name}"], root).stdout.split()
+    assert len(refs) == 1, f"experiment {name}: {refs}"
+    return refs[0]
+
+
+@pytest.mark.ray
+@pytest.mark.dvc
+@pytest.mark.reliability
+def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, tmp_path):
+    work = tmp_path / "work"
+    raylets = set(ray_processes())
+    proc = sweep(team, "-S", "train.lr=0.061,0.062", "evaluate", "--workdir", str(work))  # a local Ray cluster
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if ": stage finetune" in line:
+            time.sleep(1)
+            stopped = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stdout.read().splitlines()
+    code = proc.wait(120)
+    out = "\n".join(lines)
+    assert code == 130, out
+    assert time.monotonic() - stopped < 60, out
+    assert "interrupted: stopping 2 experiments" in out
+    assert out.splitlines()[-1].startswith("reprotune: sweep interrupted: 0 of 2 experiments finished"), out
+    assert leftovers(work) == []
+    assert not {"lr0.061", "lr0.062"} & set(remote_experiments(team))
+    assert set(ray_processes()) <= raylets, "the sweep's Ray cluster outlived it"
+
+
+def ray_processes() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "raylet" in " ".join(p.info["cmdline"] or [])]
