@@ -26,7 +26,7 @@ import yaml
 
 from fixtures import REPO, env, make_project, run, two_node_cluster
 from reprotune.errors import ReprotuneError
-from reprotune.sweep import plan
+from reprotune.sweep import driver, plan
 
 REPROTUNE = str(Path(sys.executable).parent / "reprotune")
 GRID = ["-S", "train.lr=0.02,0.03", "-S", "train.label_smoothing=0,0.1"]
@@ -108,6 +108,52 @@ def test_an_experiment_is_the_same_only_with_the_same_inputs_code_and_stages(rep
     assert not plan.matches(root, base, same, whole)  # run up to evaluate is not the whole pipeline
     todo, done = plan.split_done(root, base, [lr, other_value], {lr.name: same, other_value.name: same})
     assert done == {lr.name: lr.name} and [e.name for e in todo] == [f"{other_value.name}-2"]
+
+
+def test_what_a_sweep_needs_is_checked_first_each_in_one_line(tmp_path):
+    """The commit clean and on the git remote, a DVC remote, something to run: each missing piece is
+    one line saying what to do, before any machine is used."""
+    root = make_project(tmp_path / "user")
+
+    def refused() -> str:
+        with pytest.raises(ReprotuneError) as failed:
+            driver.sweep(root, driver.Options(["train.lr=0.01,0.02"]), "dvc", env(), say=lambda _: None)
+        return str(failed.value)
+
+    (root / "params.yaml").write_text((root / "params.yaml").read_text() + "\n")
+    assert refused().startswith("uncommitted changes (params.yaml): a sweep runs the base commit as the git "
+                                "remote has it; commit and push them first")
+    run(["git", "checkout", "params.yaml"], root)
+    assert refused().startswith("no git remote 'origin': the experiments go to the team's git remote")
+    run(["git", "init", "-q", "--bare", str(tmp_path / "origin.git")], tmp_path)
+    run(["git", "remote", "add", "origin", "../origin.git"], root)
+    assert refused() == (f"commit {run(['git', 'rev-parse', '--short=7', 'HEAD'], root).stdout.strip()} is not on "
+                         f"the git remote origin ({tmp_path / 'origin.git'}): the workers clone it from there; "
+                         "`git push origin HEAD` first (or `git fetch origin` if it is there already)")
+    run(["git", "push", "-q", "origin", "main"], root)
+    assert refused().startswith("no DVC remote: the workers pull the data from it and push the results to it")
+    config = (root / ".dvc/config").read_text().replace("[core]", "[core]\n    remote = shared")
+    (root / ".dvc/config").write_text(config + "['remote \"shared\"']\n    url = ../../store\n")
+    run(["git", "commit", "-qam", "a DVC remote"], root)
+    run(["git", "push", "-q", "origin", "main"], root)
+    with pytest.raises(ReprotuneError, match="^nothing to sweep: give a grid"):
+        driver.sweep(root, driver.Options([]), "dvc", env(), say=lambda _: None)
+    origin = driver._origin(root, driver.Options([]), "dvc", env())
+    assert (origin.git_url, origin.dvc_remote, origin.dvc_url) == (str(tmp_path / "origin.git"), "shared",
+                                                                   str(tmp_path / "store"))
+
+
+def test_an_experiment_no_node_can_hold_is_refused_rather_than_left_waiting():
+    class Ray:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+                    {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+
+    driver._check_resources(Ray, driver.Options([], cpus=8, gpus=1))
+    with pytest.raises(ReprotuneError, match=r"^no Ray node has 4 CPU and 2 GPU for one experiment \(nodes: 8 "
+                                             r"CPU/1 GPU\): lower --cpus-per-trial/--gpus-per-trial or add nodes"):
+        driver._check_resources(Ray, driver.Options([], cpus=4, gpus=2))
 
 
 # ---------------------------------------------------------------------------------- the supervisor
@@ -242,12 +288,18 @@ def test_a_sweep_over_two_nodes_survives_a_lost_node_and_arrives_as_local_experi
 
 
 @pytest.mark.dvc
-def test_a_repeated_sweep_runs_nothing(team, tmp_path):
+def test_a_repeated_sweep_runs_nothing_and_fetches_what_only_the_remote_has(team, tmp_path):
     before = remote_experiments(team)
     assert NAMES <= set(before), "runs after the two-node sweep"
-    done = run([REPROTUNE, "sweep", *GRID, "evaluate", "--workdir", str(tmp_path)], team)
-    assert "4 experiments on" in done.stdout and "4 already exist, 0 to run" in done.stdout, done.stdout
-    assert "ray:" not in done.stdout  # no cluster started for nothing
+    again = run([REPROTUNE, "sweep", *GRID, "evaluate", "--workdir", str(tmp_path)], team)
+    assert "4 experiments on" in again.stdout and "4 already exist, 0 to run" in again.stdout, again.stdout
+    assert "ray:" not in again.stdout and "pulled" not in again.stdout  # no cluster started, nothing to fetch
+    # A teammate's clone has none of them: the same sweep there runs nothing either, and brings them.
+    run(["dvc", "exp", "remove", "lr0.03-label_smoothing0.1"], team)
+    again = run([REPROTUNE, "sweep", *GRID, "evaluate", "--workdir", str(tmp_path)], team)
+    assert "4 already exist, 0 to run" in again.stdout and "pulled 1 experiment: lr0.03-label_smoothing0.1" \
+        in again.stdout, again.stdout
+    assert NAMES <= set(shown(team))
     assert remote_experiments(team) == before
 
 

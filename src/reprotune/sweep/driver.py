@@ -50,8 +50,8 @@ def sweep(root: Path, options: Options, dvc: str, env: dict[str, str], say: Call
         raise ReprotuneError("nothing to sweep: give a grid (-S train.lr=0.01,0.03) or --queued with experiments "
                              "in DVC's queue (dvc exp run --queue)" + (f"; queued on other commits, left there: "
                                                                       f"{', '.join(elsewhere)}" if elsewhere else ""))
-    known = plan.existing(root, origin.base, origin.git_url)
-    todo, done = plan.split_done(root, origin.base, experiments, dict(known))
+    here, remote = plan.existing(root, origin.base, origin.git_url)
+    todo, done = plan.split_done(root, origin.base, experiments, here | remote)
     say(f"sweep: {len(experiments)} experiments on {origin.base[:7]} ({options.git_remote}: {origin.git_url}); "
         f"{len(done)} already exist, {len(todo)} to run")
     for name, same in done.items():
@@ -66,7 +66,8 @@ def sweep(root: Path, options: Options, dvc: str, env: dict[str, str], say: Call
         except _Interrupted as stop:
             results, interrupted = stop.results, True
     finished = [r["name"] for r in results.values() if r["status"] in ("done", "exists")]
-    _pull(root, origin, [*finished, *done.values()], dvc, env, say)
+    missing = [name for name in done.values() if name not in here]  # on the remote only: bring them here
+    _pull(root, origin, [*finished, *missing], dvc, env, say)
     _dequeue(root, [e for e in experiments if e.queued and (e.name in finished or e.name in done)], dvc, env)
     failed = [r for r in results.values() if r["status"] == "failed"]
     if interrupted:

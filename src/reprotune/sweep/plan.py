@@ -204,12 +204,12 @@ def is_output(path: str, outputs: set[str]) -> bool:
 
 # ------------------------------------------------------------------------------ what already exists
 
-def existing(root: Path, base: str, git_url: str) -> dict[str, str]:
-    """The experiments of the base commit, here and on the git remote: name -> commit (the remote's
-    where both have one; its objects fetched, so they can be compared)."""
+def existing(root: Path, base: str, git_url: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The experiments of the base commit here and on the git remote, each name -> commit (the
+    remote's objects fetched, so they can be compared)."""
     prefix = exp_prefix(base)
-    found = {ref.removeprefix(prefix): sha for sha, ref in _refs(git(["for-each-ref", "--format=%(objectname) "
-                                                                      "%(refname)", prefix], root))}
+    here = {ref.removeprefix(prefix): sha for sha, ref in _refs(git(["for-each-ref", "--format=%(objectname) "
+                                                                     "%(refname)", prefix], root))}
     remote = {ref.removeprefix(prefix): sha
               for sha, ref in _refs(git(["ls-remote", git_url, f"{prefix}*"], root).replace("\t", " "))}
     missing = {sha for sha in remote.values() if not _have(root, sha)}
@@ -221,7 +221,7 @@ def existing(root: Path, base: str, git_url: str) -> dict[str, str]:
         finally:
             for _, ref in _refs(git(["for-each-ref", "--format=%(objectname) %(refname)", scratch], root)):
                 git(["update-ref", "-d", ref], root, check=False)
-    return found | remote
+    return here, remote
 
 
 def _refs(listing: str) -> list[tuple[str, str]]:
