@@ -1,5 +1,6 @@
 """The serving image and the Ray Serve / KubeRay configs, checked without Docker or a Ray cluster: hadolint
-lints the Dockerfile, and the configs must name the real builder, its real settings and deployment."""
+lints the Dockerfile, and the configs must name the real builder, its real settings and deployment. Then
+the sweep's image, KubeRay RayJob and Slurm script: linted, and every option they pass is a real one."""
 
 from __future__ import annotations
 
@@ -190,3 +191,64 @@ def test_config_files_naming_the_old_import_path_still_deploy():
 def test_the_builder_rejects_an_unknown_argument_by_name():
     with pytest.raises(ReprotuneError, match=r"unknown argument\(s\) modle"):
         build({"modle": "x"})
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+SWEEP_IMAGE, RAYJOB, SLURM = REPO / "deploy/sweep.Dockerfile", REPO / "deploy/sweep-rayjob.yaml", \
+    REPO / "deploy/sweep.slurm"
+
+
+def sweep_options(command: list[str]) -> set[str]:
+    """The options given to `reprotune sweep` in a command line, after checking that it has them."""
+    start = next(i for i, arg in enumerate(command) if arg.endswith("reprotune") and command[i + 1] == "sweep")
+    given = {arg for arg in command[start + 2:] if arg.startswith("-")}
+    sweep = typer.main.get_command(cli).commands["sweep"]
+    assert given <= {name for param in sweep.params for name in param.opts}, given
+    return given
+
+
+def test_the_sweep_image_passes_hadolint_and_holds_git_and_the_whole_environment(tmp_path):
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    proc = run([hadolint, "--no-color", str(SWEEP_IMAGE)], tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = instructions(SWEEP_IMAGE.read_text())
+    assert steps[0][0] == "FROM" and steps[0][1] == dict(instructions(DOCKERFILE.read_text()))["FROM"]
+    runs = " ".join(args for keyword, args in steps if keyword == "RUN")
+    assert "install -y --no-install-recommends git" in runs
+    assert "-c /tmp/reprotune/constraints.txt /tmp/reprotune" in runs and "--no-deps" not in runs  # torch, dvc, ray
+    assert [args for keyword, args in steps if keyword == "USER"][-1] == "1000:1000"
+
+
+def test_the_rayjob_sweeps_on_gpu_workers_with_the_remotes_credentials():
+    (job,) = yaml.safe_load_all(RAYJOB.read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    head, (workers,) = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the driver alone: experiments go to the GPU workers
+    for group in (head, workers):
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["image"] == f"reprotune-sweep:{__version__}"
+        assert {"secretRef": {"name": "reprotune-remotes"}} in container["envFrom"]
+        assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in container["env"]
+        assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    (worker,) = workers["template"]["spec"]["containers"]
+    limits = worker["resources"]["limits"]
+    command = shlex.split(shlex.split(job["spec"]["entrypoint"])[2])  # bash -c '...'
+    given = sweep_options(command)
+    assert {"--address", "--gpus-per-trial", "--cpus-per-trial", "-S"} <= given
+    assert command[command.index("--gpus-per-trial") + 1] == str(limits["nvidia.com/gpu"])
+    assert int(command[command.index("--cpus-per-trial") + 1]) < int(limits["cpu"])  # one CPU for the raylet
+    assert "$GIT_URL" in job["spec"]["entrypoint"]
+
+
+def test_the_slurm_script_is_valid_bash_and_passes_real_options(tmp_path):
+    run(["bash", "-n", str(SLURM)], tmp_path)
+    lines = SLURM.read_text().splitlines()
+    assert lines[0] == "#!/bin/bash" and "#SBATCH --nodes=2" in lines
+    (sweep_line,) = [line for line in lines if "reprotune sweep" in line and not line.startswith("#")]
+    assert {"--address", "--gpus-per-trial", "--cpus-per-trial"} <= sweep_options(shlex.split(sweep_line))
+    usage = run(["bash", str(SLURM)], tmp_path, check=False)  # no grid: usage, exit 2, before any srun
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: sbatch deploy/sweep.slurm")

@@ -37,9 +37,11 @@ class Options:
     workdir: str = ""
 
 
-def sweep(root: Path, options: Options, dvc: str, env: dict[str, str], say: Callable[[str], None] = print) -> None:
-    """Run a sweep from the repository at `root`; raise ReprotuneError (one line) if any experiment
-    failed, Interrupted on Ctrl-C, once everything that finished has been pulled."""
+def sweep(root: Path, options: Options, dvc: str, env: dict[str, str],
+          say: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run a sweep from the repository at `root`; returns what each experiment that ran gave (name ->
+    status, seconds, seconds per step). Raises ReprotuneError (one line) if any experiment failed,
+    Interrupted on Ctrl-C, once everything that finished has been pulled."""
     origin = _origin(root, options, dvc, env)
     experiments = plan.grid(root, origin.base, options.sets, options.targets) if options.sets else []
     elsewhere: list[str] = []
@@ -77,6 +79,7 @@ def sweep(root: Path, options: Options, dvc: str, env: dict[str, str], say: Call
         raise ReprotuneError(f"{len(failed)} of {len(todo)} experiments failed: "
                              + ", ".join(f"{r['name']} ({r['error']}; log: {r['logfile']})" for r in failed))
     say(f"sweep done: {len(finished)} run, {len(done)} already there; compare them with `reprotune experiments`")
+    return {name: {k: v for k, v in r.items() if k != "log"} for name, r in results.items()}
 
 
 def _origin(root: Path, options: Options, dvc: str, env: dict[str, str]) -> Origin:
