@@ -179,8 +179,9 @@ def sweep(
                                                         "several -S make a grid).")] = None,
     queued: Annotated[bool, typer.Option("--queued", help="Also run the experiments waiting in DVC's queue on "
                                                          "this commit (they leave the queue when done).")] = False,
-    address: Annotated[str | None, typer.Option(help="A running Ray cluster (head host:port); by default a "
-                                                     "one-machine cluster starts here.")] = None,
+    address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="A running Ray cluster (head "
+                                                "host:port, or auto on one of its nodes); by default a one-machine "
+                                                "cluster starts here.")] = None,
     cpus_per_trial: Annotated[float, typer.Option(min=0.01, help="CPUs each experiment takes (its torch "
                                                                  "threads).")] = 1.0,
     gpus_per_trial: Annotated[float, typer.Option(min=0, help="GPUs each experiment takes.")] = 0.0,

@@ -33,11 +33,11 @@ def export_onnx(model: Classifier, example: torch.Tensor, path: Path, opset: int
 
 def export_torchscript(model: Classifier, example: torch.Tensor, path: Path) -> None:
     """Write a traced TorchScript module (shapes other than the batch are fixed by the trace)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the trace itself is checked
-        traced = torch.jit.trace(model, example)
-    with open(path, "wb") as out:  # not the path: it would name the archive's folder (tensorfiles.save_torch)
-        torch.jit.save(traced, out)
+    with warnings.catch_warnings(), open(path, "wb") as out:
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices; the trace itself is checked
+        # Into an open file: given a path, torch names the archive's folder after it (a temporary name
+        # here), and the same model gave different bytes each time (tensorfiles.save_torch).
+        torch.jit.save(torch.jit.trace(model, example), out)
 
 
 class _Calibration(CalibrationDataReader):

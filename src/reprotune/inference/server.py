@@ -239,7 +239,11 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
     own_process_groups()  # a signal to our process group reaches this process, not Ray's
     if address is None:
         os.environ.update(_proxy_ready_check(start_timeout_s))  # the Ray started here inherits it
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    # "local": a Ray of our own. Left None, ray.init joins whatever cluster `ray start` (or another
+    # program's) last started on this machine (Ray reads /tmp/ray/ray_current_cluster): a test's
+    # two-node cluster, then killed, took a server down with it.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR",
              **({"_metrics_export_port": metrics_port} if address is None else {}))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the ready line below says it all
     try:

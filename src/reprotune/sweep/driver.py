@@ -5,11 +5,12 @@ progress, and pull what they pushed so the experiments appear here as if run her
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,28 @@ def _contains(root: Path, tip: str, base: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _divert_ray_errors(path: Path, say: Callable[[str], None]) -> None:
+    """Ray prints the errors its cluster reports (a node's death: "Raylet is terminated ..." and 20
+    lines of its state dump; each retry) on the driver's terminal, between the progress lines, with
+    no switch to turn them off. They go to a file instead, each announced in one line."""
+    from ray._private import worker as ray_worker
+
+    printed = ray_worker.print_to_stdstream
+
+    def divert(data: dict, ignore_prefix: bool = False) -> None:
+        if data.get("pid") != "raylet":
+            printed(data, ignore_prefix=ignore_prefix)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as out:
+            out.write("\n".join(data.get("lines", [])) + "\n")
+        first = next((line.strip() for text in data.get("lines", []) for line in text.splitlines() if line.strip()),
+                     "an error")
+        say(f"  ray: {first[:140]}{'...' if len(first) > 140 else ''} (all of it: {LOGS / path.name})")
+
+    ray_worker.print_to_stdstream = divert
+
+
 class _TokenNotice(logging.Filter):
     """Ray announces, on every start of a local cluster, that it protects it with a token: nothing
     to act on for a cluster on loopback that lives as long as the sweep."""
@@ -153,8 +176,13 @@ def _run(root: Path, todo: list[Experiment], origin: Origin, options: Options, s
     if options.address is None:
         own_process_groups()  # Ctrl-C reaches the driver alone, which stops the tasks in order
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenNotice())
-    ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="warning",
-             configure_logging=False)
+    try:  # "local": a Ray of our own, not whatever cluster `ray start` last started on this machine
+        ray.init(address=options.address or "local", include_dashboard=False, log_to_driver=False,
+                 logging_level="warning", configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, ValueError, RuntimeError, ...
+        raise ReprotuneError(f"--address {options.address}: cannot join the Ray cluster ({plan._first_line(exc)})"
+                             if options.address else f"cannot start Ray here ({plan._first_line(exc)})") from None
+    _divert_ray_errors(root / LOGS / "ray-errors.log", say)
     try:
         _check_resources(ray, options)
         progress = ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=_here(ray)).remote()
@@ -240,7 +268,7 @@ def _watch(ray, pending: dict, progress, say: Callable[[str], None], total: int,
                 continue
             if event == "started":
                 attempts[name] = attempts.get(name, 0) + 1
-                again = f" (attempt {attempts[name]}: the last one's node died)" if attempts[name] > 1 else ""
+                again = f" (attempt {attempts[name]}: the last one's worker or node died)" if attempts[name] > 1 else ""
                 running[name] = (at, where, "starting")
                 say(f"{stamp(at)} {name}: running on {where}{again}")
             elif name in running:
@@ -332,13 +360,46 @@ def _pull(root: Path, origin: Origin, names: list[str], dvc: str, env: dict[str,
     names = list(dict.fromkeys(names))
     if not names:
         return
-    proc = subprocess.run([dvc, "exp", "pull", "-r", origin.dvc_remote, origin.git_url, *names], cwd=root, env=env,
-                          capture_output=True, text=True)
+    refs = [plan.exp_prefix(origin.base) + name for name in names]  # a bare name may be another commit's too
+    with _remote_url_pinned(root, origin):
+        proc = subprocess.run([dvc, "exp", "pull", "-r", origin.dvc_remote, origin.git_url, *refs], cwd=root,
+                              env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         first = next((line for line in proc.stderr.splitlines() if line.strip()), f"exit {proc.returncode}")
         raise ReprotuneError(f"dvc exp pull of the sweep's experiments failed ({first}); they are on the remotes: "
                              f"`dvc exp pull {origin.git_url} {' '.join(names)}`")
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith(("WARNING", "ERROR")):  # e.g. outputs missing from the DVC remote: say so
+            say(f"  dvc exp pull: {line}")
     say(f"pulled {len(names)} experiment{'s' * (len(names) != 1)}: {', '.join(names)}")
+
+
+@contextlib.contextmanager
+def _remote_url_pinned(root: Path, origin: Origin) -> Iterator[None]:
+    """For the pull, the DVC remote's URL as resolved here, in .dvc/config.local (put back after).
+
+    DVC reads the remote of an experiment from that commit's .dvc/config, and resolves a relative
+    path there against the commit's tree, not this directory (DVC 3.67: `url = ../../store` became
+    `/store`), so `dvc exp pull` fetched the refs and none of the outputs, with only a warning. The
+    local config is read from the workspace and overrides the commit's."""
+    from configobj import ConfigObj
+
+    local = root / ".dvc" / "config.local"
+    before = local.read_bytes() if local.exists() else None
+    config = ConfigObj(str(local))
+    section = config.setdefault(f'remote "{origin.dvc_remote}"', {})
+    if "url" in section:  # the user's own setting, already resolved here
+        yield
+        return
+    section["url"] = origin.dvc_url
+    config.write()
+    try:
+        yield
+    finally:
+        if before is None:
+            local.unlink(missing_ok=True)
+        else:
+            local.write_bytes(before)
 
 
 def _dequeue(root: Path, taken: list[Experiment], dvc: str, env: dict[str, str]) -> None:
