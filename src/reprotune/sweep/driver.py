@@ -324,9 +324,9 @@ def _outcome(ray, ref, experiment: Experiment, timeout: float | None = None) -> 
     except RayTaskError as exc:
         cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         return {"name": experiment.name, "status": "failed", "error": f"the task raised: {cause}", "log": str(exc)}
-    except RayError as exc:  # worker or node lost more times than --retries allows
-        return {"name": experiment.name, "status": "failed", "error": f"{type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'lost'}", "log": str(exc)}
+    except RayError as exc:  # worker or node lost more times than --retries allows; Ray's story in the log
+        return {"name": experiment.name, "status": "failed", "log": str(exc),
+                "error": f"its worker or node died on every attempt ({type(exc).__name__}; --retries allows more)"}
     return result
 
 
