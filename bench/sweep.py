@@ -60,6 +60,11 @@ def team(top: Path) -> Path:
     return root
 
 
+def extra(result: dict) -> float:
+    """Seconds of the steps a local `dvc exp run` does not take."""
+    return sum(seconds for step, seconds in result["steps"].items() if step != "run")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", type=int, default=4)
@@ -89,6 +94,7 @@ def main() -> None:
     task_median = statistics.median(r["seconds"] for r in tasks)
     fixed = sweep_s - sum(r["seconds"] for r in tasks)
     each_task = ", ".join(f"{r['seconds']:.1f}" for r in tasks)
+    each_run = ", ".join(f"{r['steps']['run']:.1f}" for r in tasks)
     steps = sorted({step for r in tasks for step in r["steps"]}, key=list(tasks[0]["steps"]).index)
     lines = [
         "# Sweep overhead per experiment",
@@ -102,6 +108,9 @@ def main() -> None:
         f"- the sweep's experiments: median {task_median:.1f} s "
         f"({each_task}): **{task_median - local_median:+.1f} s per "
         f"experiment** ({task_median / local_median:.2f}x)",
+        f"- the steps a local run does not take (clone, checkout, the look for an earlier attempt on the remote, "
+        f"push): median {statistics.median(extra(r) for r in tasks):.1f} s per experiment; the rest is the "
+        f"`dvc exp run --pull` itself, {each_run} s against the local runs' {', '.join(f'{s:.1f}' for s in local)}",
         f"- the whole `reprotune sweep` command: {sweep_s:.1f} s for {args.experiments} experiments, "
         f"{fixed:.1f} s of it outside the experiments (Ray's start, planning, the final `dvc exp pull`)",
         "",
