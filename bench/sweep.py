@@ -33,11 +33,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fixtures import env, make_project  # noqa: E402 - the tests' tiny project, the same one
+from fixtures import env, team_project  # noqa: E402 - the tests' tiny team project, the same one
 from reprotune.sweep import driver  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-SMALL = {"data.synthetic_train": 320, "data.synthetic_test": 100, "train.epochs": 1}
 
 
 def sh(args: list[str], cwd: Path, extra: dict[str, str] | None = None) -> float:
@@ -45,19 +44,6 @@ def sh(args: list[str], cwd: Path, extra: dict[str, str] | None = None) -> float
     start = time.monotonic()
     subprocess.run(args, cwd=cwd, env={**env(), **(extra or {})}, check=True, capture_output=True)
     return time.monotonic() - start
-
-
-def team(top: Path) -> Path:
-    root = make_project(top / "user", SMALL)
-    sh(["git", "init", "-q", "--bare", "-b", "main", str(top / "origin.git")], top)
-    sh(["git", "remote", "add", "origin", "../origin.git"], root)
-    sh(["dvc", "remote", "add", "-d", "shared", "../dvcstore"], root)
-    sh(["dvc", "repro", "evaluate"], root)
-    sh(["git", "add", "-A"], root)
-    sh(["git", "commit", "-q", "-m", "baseline"], root)
-    sh(["git", "push", "-q", "origin", "main"], root)
-    sh(["dvc", "push", "-q"], root)
-    return root
 
 
 def extra(result: dict) -> float:
@@ -72,7 +58,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     os.environ.update({k: v for k, v in env().items() if k.startswith("GIT_") or k == "PATH"})
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as top:
-        root = team(Path(top))
+        root = team_project(Path(top))
         swept = [f"{0.02 + i / 1000:g}" for i in range(args.experiments)]
         here = [f"{0.03 + i / 1000:g}" for i in range(args.experiments)]  # not the baseline's 0.05
         options = driver.Options([f"train.lr={','.join(swept)}"], ("evaluate",), cpus=cores,

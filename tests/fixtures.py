@@ -147,6 +147,27 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     return root
 
 
+# Smaller than TINY: an experiment of the team project is a 1-epoch finetune + evaluate, ~13 s on a core.
+TEAM = {"data.synthetic_train": 320, "data.synthetic_test": 100, "train.epochs": 1}
+
+
+def team_project(top: Path) -> Path:
+    """A user's clone of a team project under `top` (TINY, then TEAM): its git remote a bare
+    repository (`origin.git`), its DVC remote a directory (`dvcstore`, given relatively, as people
+    write it), the baseline reproduced up to evaluate and pushed to both. For `reprotune sweep`
+    (tests/test_sweep.py and bench/sweep.py)."""
+    root = make_project(top / "user", TEAM)
+    run(["git", "init", "-q", "--bare", "-b", "main", str(top / "origin.git")], top)
+    run(["git", "remote", "add", "origin", "../origin.git"], root)
+    run(["dvc", "remote", "add", "-d", "shared", "../dvcstore"], root)
+    run(["dvc", "repro", "evaluate"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "baseline"], root)
+    run(["git", "push", "-q", "origin", "main"], root)
+    run(["dvc", "push", "-q"], root)
+    return root
+
+
 # ------------------------------------------------------------------------------------- Ray clusters
 
 # Two Ray nodes on this machine, each its own raylet and object store, joined in one cluster: Ray's own

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from fixtures import REPO, env, make_project, run, two_node_cluster
+from fixtures import REPO, env, make_project, run, team_project, two_node_cluster
 from reprotune.errors import ReprotuneError
 from reprotune.sweep import driver, plan
 
@@ -32,8 +33,6 @@ REPROTUNE = str(Path(sys.executable).parent / "reprotune")
 GRID = ["-S", "train.lr=0.02,0.03,0.04"]
 # The grid's three, and one from DVC's queue (with a failing one beside it).
 NAMES = {"lr0.02", "lr0.03", "lr0.04", "smoothed"}
-# Smaller than the shared tiny pipeline: each experiment is a 1-epoch finetune + evaluate, ~15 s on a core.
-SMALL = {"data.synthetic_train": 320, "data.synthetic_test": 100, "train.epochs": 1}
 
 
 # -------------------------------------------------------------------------------------------- the plan
@@ -204,19 +203,15 @@ def test_an_experiments_processes_never_outlive_its_task(tmp_path, how):
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory) -> Path:
-    """A user's clone of a team project: its git remote a bare repository, its DVC remote a directory
-    (given relatively, as people write it), the baseline reproduced up to evaluate, pushed to both."""
-    top = tmp_path_factory.mktemp("team")
-    root = make_project(top / "user", SMALL)
-    run(["git", "init", "-q", "--bare", "-b", "main", str(top / "origin.git")], top)
-    run(["git", "remote", "add", "origin", "../origin.git"], root)
-    run(["dvc", "remote", "add", "-d", "shared", "../dvcstore"], root)
-    run(["dvc", "repro", "evaluate"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-q", "-m", "baseline"], root)
-    run(["git", "push", "-q", "origin", "main"], root)
-    run(["dvc", "push", "-q"], root)
-    return root
+    """A user's clone of a team project, its baseline pushed to its git and DVC remotes."""
+    return team_project(tmp_path_factory.mktemp("team"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A two-node loopback Ray cluster for this module's sweeps: (address, node ids, kill)."""
+    with two_node_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
 
 
 def remote_experiments(root: Path) -> dict[str, str]:
@@ -258,27 +253,27 @@ def leftovers(work: Path) -> list[str]:
 @pytest.mark.ray
 @pytest.mark.dvc
 @pytest.mark.reliability
-def test_a_sweep_over_two_nodes_survives_a_lost_node_and_arrives_as_local_experiments(team, tmp_path):
+def test_a_sweep_over_two_nodes_survives_a_lost_node_and_arrives_as_local_experiments(team, cluster, tmp_path):
     root, work = team, tmp_path / "work"
+    address, _, kill = cluster
     run(["dvc", "exp", "run", "--queue", "-n", "smoothed", "-S", "train.label_smoothing=0.1", "evaluate"], root)
     run(["dvc", "exp", "run", "--queue", "-n", "diverges", "-S", "train.lr=1e6", "evaluate"], root)  # NaN loss
-    with two_node_cluster(tmp_path) as (address, _, kill):
-        proc = sweep(root, *GRID, "--queued", "evaluate", "--address", address, "--workdir", str(work))
-        watchdog = threading.Timer(600, proc.kill)
-        watchdog.start()
-        lines, driver, victim = [], None, None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if found := re.search(r"this driver on node (\w+)", line):
-                driver = found[1]
-            running = re.search(r"\] (\S+): running on node (\w+)", line)
-            if running and victim is None and running[2] != driver and running[1] in NAMES:
-                victim = running[1], running[2]
-            if victim and f"] {victim[0]}: stage finetune" in line and "killed" not in lines:
-                kill(victim[1])  # mid-training: the experiment's processes die with the node's task
-                lines.append("killed")
-        code = proc.wait()
-        watchdog.cancel()
+    proc = sweep(root, *GRID, "--queued", "evaluate", "--address", address, "--workdir", str(work))
+    watchdog = threading.Timer(600, proc.kill)
+    watchdog.start()
+    lines, driver, victim = [], None, None
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if found := re.search(r"this driver on node (\w+)", line):
+            driver = found[1]
+        running = re.search(r"\] (\S+): running on node (\w+)", line)
+        if running and victim is None and running[2] != driver and running[1] in NAMES:
+            victim = running[1], running[2]
+        if victim and f"] {victim[0]}: stage finetune" in line and "killed" not in lines:
+            kill(victim[1])  # mid-training: the experiment's processes die with the node's task
+            lines.append("killed")
+    code = proc.wait()
+    watchdog.cancel()
     out = "\n".join(lines)
     assert victim and "killed" in lines, out
     assert code == 1, out
@@ -364,26 +359,26 @@ def _exp_rev(root: Path, name: str) -> str:
 @pytest.mark.ray
 @pytest.mark.dvc
 @pytest.mark.reliability
-def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, tmp_path):
+def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, cluster, tmp_path):
     """Also: without --address the sweep starts a Ray of its own, even with another cluster running
-    on the machine (left to itself, ray.init joins the one `ray start` last started here)."""
+    on the machine (left to itself, ray.init joins the one `ray start` last started here: `cluster`,
+    one of its two 1-CPU nodes killed by the test above, or both if it ran alone)."""
     work = tmp_path / "work"
-    with two_node_cluster(tmp_path):
-        raylets = set(ray_processes())
-        proc = sweep(team, "-S", "train.lr=0.061,0.062", "evaluate", "--workdir", str(work))
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if ": stage finetune" in line:
-                time.sleep(1)
-                stopped = time.monotonic()
-                proc.send_signal(signal.SIGINT)
-                break
-        lines += proc.stdout.read().splitlines()
-        code = proc.wait(120)
-        left = set(ray_processes()) - raylets
+    raylets = set(ray_processes())
+    proc = sweep(team, "-S", "train.lr=0.061,0.062", "evaluate", "--workdir", str(work))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if ": stage finetune" in line:
+            time.sleep(1)
+            stopped = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stdout.read().splitlines()
+    code = proc.wait(120)
+    left = set(ray_processes()) - raylets
     out = "\n".join(lines)
-    assert re.search(r"^ray: 1 node, \d+ CPUs", out, re.M), out  # not the two-node cluster
+    assert re.search(rf"^ray: 1 node, {os.cpu_count()} CPUs", out, re.M), out  # not `cluster` (1 CPU a node)
     assert code == 130, out
     assert time.monotonic() - stopped < 60, out
     assert "interrupted: stopping 2 experiments" in out
