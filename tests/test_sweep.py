@@ -129,6 +129,9 @@ def test_what_a_sweep_needs_is_checked_first_each_in_one_line(tmp_path):
     assert refused() == (f"commit {run(['git', 'rev-parse', '--short=7', 'HEAD'], root).stdout.strip()} is not on "
                          f"the git remote origin ({tmp_path / 'origin.git'}): the workers clone it from there; "
                          "`git push origin HEAD` first (or `git fetch origin` if it is there already)")
+    run(["git", "push", "-q", "origin", "HEAD:refs/exps/ab/cd/held-by-an-experiment"], root)
+    assert refused().startswith(f"commit {run(['git', 'rev-parse', '--short=7', 'HEAD'], root).stdout.strip()} "
+                                "is not on the git remote")  # a clone fetches branches and tags, not refs/exps/
     run(["git", "push", "-q", "origin", "main"], root)
     assert refused().startswith("no DVC remote: the workers pull the data from it and push the results to it")
     config = (root / ".dvc/config").read_text().replace("[core]", "[core]\n    remote = shared")
@@ -137,7 +140,7 @@ def test_what_a_sweep_needs_is_checked_first_each_in_one_line(tmp_path):
     run(["git", "push", "-q", "origin", "main"], root)
     with pytest.raises(ReprotuneError, match="^nothing to sweep: give a grid"):
         driver.sweep(root, driver.Options([]), "dvc", env(), say=lambda _: None)
-    origin = driver._origin(root, driver.Options([]), "dvc", env())
+    origin = driver._origin(root, driver.Options([]))
     assert (origin.git_url, origin.dvc_remote, origin.dvc_url) == (str(tmp_path / "origin.git"), "shared",
                                                                    str(tmp_path / "store"))
 

@@ -43,7 +43,7 @@ def sweep(root: Path, options: Options, dvc: str, env: dict[str, str],
     """Run a sweep from the repository at `root`; returns what each experiment that ran gave (name ->
     status, seconds, seconds per step). Raises ReprotuneError (one line) if any experiment failed,
     Interrupted on Ctrl-C, once everything that finished has been pulled."""
-    origin = _origin(root, options, dvc, env)
+    origin = _origin(root, options)
     experiments = plan.grid(root, origin.base, options.sets, options.targets) if options.sets else []
     elsewhere: list[str] = []
     if options.queued:
@@ -83,7 +83,7 @@ def sweep(root: Path, options: Options, dvc: str, env: dict[str, str],
     return {name: {k: v for k, v in r.items() if k != "log"} for name, r in results.items()}
 
 
-def _origin(root: Path, options: Options, dvc: str, env: dict[str, str]) -> Origin:
+def _origin(root: Path, options: Options) -> Origin:
     """The base commit (HEAD, clean, on the git remote), the git remote's URL and the DVC remote."""
     if not (root / ".dvc").is_dir():
         raise ReprotuneError(f"{root}: not a DVC repository (run reprotune sweep in the project's root)")
@@ -98,7 +98,10 @@ def _origin(root: Path, options: Options, dvc: str, env: dict[str, str]) -> Orig
                              f"(`git remote add {options.git_remote} URL`, or --git-remote NAME)")
     if "://" not in url and not _scp_like(url):  # a path: the workers need it whole
         url = str((root / url).resolve())
-    tips = [line.split()[0] for line in git(["ls-remote", url], root).splitlines() if line.strip()]
+    # Branches and tags: what `git clone` fetches (an experiment ref on the remote holds the commit too,
+    # but a clone does not fetch refs/exps/).
+    tips = [line.split()[0] for line in git(["ls-remote", "--heads", "--tags", url], root).splitlines()
+            if line.strip()]
     if not any(_contains(root, tip, base) for tip in tips):
         raise ReprotuneError(f"commit {base[:7]} is not on the git remote {options.git_remote} ({url}): "
                              f"the workers clone it from there; `git push {options.git_remote} HEAD` first "
