@@ -25,9 +25,10 @@ import psutil
 import pytest
 import yaml
 
-from fixtures import REPO, env, make_project, run, team_project, two_node_cluster
+from fixtures import REPO, env, events, make_project, run, team_project, two_node_cluster
 from reprotune.errors import ReprotuneError
 from reprotune.sweep import driver, plan
+from reprotune.tracking.board import gather
 
 REPROTUNE = str(Path(sys.executable).parent / "reprotune")
 GRID = ["-S", "train.lr=0.02,0.03,0.04"]
@@ -316,6 +317,11 @@ def test_a_repeated_sweep_runs_nothing_and_fetches_what_only_the_remote_has(team
     assert NAMES <= set(shown(team))
     assert len(cached_here(team, "lr0.04")) == 4
     assert remote_experiments(team) == before
+    # `make tensorboard` shows them (run up to evaluate: their finetune and evaluate runs).
+    board = gather(team, tmp_path / "board")
+    for name in NAMES:
+        assert {"finetune", "evaluate"} <= {p.name for p in board[name].iterdir()}, name
+        assert "train/loss" in events(board[name] / "finetune").Tags()["scalars"], name
 
 
 @pytest.mark.dvc

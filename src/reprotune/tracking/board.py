@@ -40,20 +40,37 @@ def experiments(root: Path) -> list[tuple[str, str]]:
 
 def gather(root: Path, dest: Path) -> dict[str, Path]:
     """Write each experiment's `runs/` from the DVC cache into `dest/<name>`; return name -> folder,
-    the workspace's own `runs/` included as `workspace` (read in place). Experiments whose runs are
-    not in the local cache (pulled without their data) are left out, with a line on stderr."""
+    the workspace's own `runs/` included as `workspace` (read in place). A stage's runs that are not
+    in the local cache (not run, or pulled without their data) are left out, with a line on stderr;
+    an experiment with none at all too."""
     from dvc.api import DVCFileSystem
 
     runs = {"workspace": root / RUNS} if (root / RUNS).is_dir() else {}
     for name, rev in experiments(root):
         target = dest / name
+        got, missing, why = [], [], ""
         try:
             fs = DVCFileSystem(str(root), rev=rev)
-            fs.get(RUNS, str(target), recursive=True)
+            stages = sorted(fs.ls(RUNS, detail=False))
         except Exception as exc:  # noqa: BLE001 - DVC raises many types for missing cache entries
-            print(f"reprotune: {name}: runs not available ({' '.join(str(exc).split())[:200]})", file=sys.stderr)
+            stages, why = [], " ".join(str(exc).split())[:200]
+        # Stage by stage: an experiment run up to `evaluate` has no compress or export runs, and its
+        # finetune and evaluate curves still belong on the board.
+        for stage in stages:
+            try:
+                fs.get(stage, str(target / Path(stage).name), recursive=True)
+                got.append(Path(stage).name)
+            except Exception as exc:  # noqa: BLE001
+                shutil.rmtree(target / Path(stage).name, ignore_errors=True)
+                missing.append(Path(stage).name)
+                why = why or " ".join(str(exc).split())[:200]
+        if not got:
+            print(f"reprotune: {name}: runs not available ({why or 'none'})", file=sys.stderr)
             shutil.rmtree(target, ignore_errors=True)
             continue
+        if missing:
+            print(f"reprotune: {name}: no runs of {', '.join(missing)} (not run, or not in the local cache)",
+                  file=sys.stderr)
         runs[name] = target
     return runs
 
