@@ -8,6 +8,7 @@ or conftest.py, which holds the pytest fixtures and hooks built on it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -107,6 +109,20 @@ def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 600,
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def listening(pid: int) -> list[tuple[str, int, psutil.Process]]:
+    """The sockets a process and its descendants listen on: (address, port, process)."""
+    tree = psutil.Process(pid)
+    processes = {p.pid: p for p in (tree, *tree.children(recursive=True))}
+    return [(c.laddr.ip, c.laddr.port, processes[c.pid]) for c in psutil.net_connections("inet")
+            if c.pid in processes and c.status == psutil.CONN_LISTEN]
+
+
+def loopback(ip: str) -> bool:
+    """Whether a listening address is this machine's loopback (::ffff:127.0.0.1 included)."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def free_port() -> int:

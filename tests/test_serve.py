@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import gzip
 import io
-import ipaddress
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from fixtures import env, free_port, require, run, two_node_cluster
+from fixtures import env, free_port, listening, loopback, require, run, two_node_cluster
 from reprotune.evaluation.drift import read_incoming
 from reprotune.images import load_image
 from reprotune.inference.runtime import onnx_runner
@@ -175,19 +174,11 @@ def test_the_server_and_its_ray_listen_on_loopback_only(server):
     listens on an address another machine could reach, but one Ray cannot be told about: Serve 2.60's
     replica binds its inter-deployment gRPC server to [::]:0 in code (ray/serve/_private/replica.py,
     `add_port_to_grpc_server(self._server, "[::]:0")`), one per replica."""
-    tree = psutil.Process(server.proc.pid)
-    processes = {p.pid: p for p in (tree, *tree.children(recursive=True))}
-    listening = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
-                 if c.pid in processes and c.status == psutil.CONN_LISTEN]
-    assert any(port == server.port for _, port, _ in listening), listening
+    sockets = listening(server.proc.pid)
+    assert any(port == server.port for _, port, _ in sockets), sockets
     # Ray titles a worker by what it runs: the actor, then `.method` while a call is in flight.
-    exposed = [(ip, processes[pid].cmdline()[0].split(".")[0]) for ip, _, pid in listening if not _loopback(ip)]
+    exposed = [(ip, process.cmdline()[0].split(".")[0]) for ip, _, process in sockets if not loopback(ip)]
     assert exposed == [("::", "ray::ServeReplica:reprotune:classifier")], exposed
-
-
-def _loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 is loopback
 
 
 @pytest.mark.ray

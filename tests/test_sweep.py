@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import ipaddress
 import json
 import os
 import re
@@ -26,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from fixtures import REPO, env, events, make_project, run, team_project, two_node_cluster
+from fixtures import REPO, env, events, listening, loopback, make_project, run, team_project, two_node_cluster
 from reprotune.errors import ReprotuneError
 from reprotune.sweep import driver, plan
 from reprotune.tracking.board import gather
@@ -381,7 +380,7 @@ def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, cluster, tmp_
         lines.append(line.rstrip("\n"))
         if ": stage finetune" in line:
             time.sleep(1)
-            listening = exposed(proc.pid)
+            exposed = [(ip, port, process.name()) for ip, port, process in listening(proc.pid) if not loopback(ip)]
             stopped = time.monotonic()
             proc.send_signal(signal.SIGINT)
             break
@@ -390,7 +389,7 @@ def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, cluster, tmp_
     left = set(ray_processes()) - raylets
     out = "\n".join(lines)
     assert re.search(rf"^ray: 1 node, {os.cpu_count()} CPUs", out, re.M), out  # not `cluster` (1 CPU a node)
-    assert listening == [], listening  # the sweep's Ray (GCS, raylet, agents, workers) on loopback only
+    assert exposed == [], exposed  # the sweep's Ray (GCS, raylet, agents, workers) on loopback only
     assert code == 130, out
     assert time.monotonic() - stopped < 60, out
     assert "interrupted: stopping 2 experiments" in out
@@ -398,21 +397,6 @@ def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, cluster, tmp_
     assert leftovers(work) == []
     assert not {"lr0.061", "lr0.062"} & set(remote_experiments(team))
     assert not left, "the sweep's Ray cluster outlived it"
-
-
-def exposed(pid: int) -> list[tuple[str, int, str]]:
-    """Sockets that a process and its descendants listen on at an address other machines could reach."""
-    tree = psutil.Process(pid)
-    processes = {p.pid: p for p in (tree, *tree.children(recursive=True))}
-    return [(c.laddr.ip, c.laddr.port, processes[c.pid].name()) for c in psutil.net_connections("inet")
-            if c.pid in processes and c.status == psutil.CONN_LISTEN
-            and not loopback(c.laddr.ip)]
-
-
-def loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, which Python 3.11 does not call loopback
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def ray_processes() -> list[int]:

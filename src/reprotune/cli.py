@@ -207,8 +207,9 @@ def _free_experiment_name(dvc: str, base: str) -> str:
     """`base`, or `base-2`, `base-3`, ...: the first name no experiment in this repository has."""
     listed = subprocess.run([dvc, "exp", "list", "--all-commits", "--name-only"], capture_output=True, text=True,
                             env=_venv_env())
-    taken = set(listed.stdout.split()) if listed.returncode == 0 else set()
-    return next(n for n in (base, *(f"{base}-{i}" for i in range(2, 10_000))) if n not in taken)
+    from reprotune.sweep.plan import free_name
+
+    return free_name(base, set(listed.stdout.split()) if listed.returncode == 0 else set())
 
 
 @cli.command()

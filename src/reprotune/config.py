@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from reprotune.errors import ParamsError
+from reprotune.errors import ParamsError, first_line
 
 # The official archive of each named dataset (URL, md5): used when data.url / data.md5 are empty.
 # Imagenette: fast.ai's ten easy ImageNet classes at 160 px (the md5s are torchvision's).
@@ -479,7 +479,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ParamsError(f"{path}: {where}not valid YAML: {exc.problem or exc.context}") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise ParamsError(f"{path}: cannot read params: {_first_line(exc)}") from None
+        raise ParamsError(f"{path}: cannot read params: {first_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     try:
@@ -515,6 +515,3 @@ def describe(error: dict[str, Any], raw: dict | None = None) -> str:
         return f"{key}: {message} (got {error['input']!r})"
     return f"{key}: {message}"
 
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

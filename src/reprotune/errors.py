@@ -30,6 +30,12 @@ class Interrupted(ReprotuneError):
     exit_code = 130
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-blank line (its type's name if it has none): for one-line messages
+    built from a library's multi-line errors."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a CLI entry point; turn any failure into one stderr line and exit 1 (130 on Ctrl-C).
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from reprotune.errors import Interrupted, ReprotuneError
+from reprotune.errors import Interrupted, ReprotuneError, first_line
 from reprotune.sweep import plan
 from reprotune.sweep.plan import Experiment, git
 from reprotune.sweep.worker import Origin, run_experiment
@@ -183,8 +183,8 @@ def _run(root: Path, todo: list[Experiment], origin: Origin, options: Options, s
         ray.init(address=options.address or "local", include_dashboard=False, log_to_driver=False,
                  logging_level="warning", configure_logging=False)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, ValueError, RuntimeError, ...
-        raise ReprotuneError(f"--address {options.address}: cannot join the Ray cluster ({plan._first_line(exc)})"
-                             if options.address else f"cannot start Ray here ({plan._first_line(exc)})") from None
+        raise ReprotuneError(f"--address {options.address}: cannot join the Ray cluster ({first_line(exc)})"
+                             if options.address else f"cannot start Ray here ({first_line(exc)})") from None
     _divert_ray_errors(root / LOGS / "ray-errors.log", say)
     try:
         _check_resources(ray, options)
@@ -236,9 +236,14 @@ def _here(ray):
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
+def _alive(ray) -> list[dict]:
+    """The resources of each live node of the cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def _check_resources(ray, options: Options) -> None:
     """An experiment no node can hold would wait forever: say so now."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = _alive(ray)
     if not any(r.get("CPU", 0) >= options.cpus and r.get("GPU", 0) >= options.gpus for r in nodes):
         have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes)
         raise ReprotuneError(f"no Ray node has {options.cpus:g} CPU and {options.gpus:g} GPU for one experiment "
@@ -246,9 +251,9 @@ def _check_resources(ray, options: Options) -> None:
 
 
 def _describe_cluster(ray) -> str:
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
-    gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    nodes = _alive(ray)
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
     return f"{len(nodes)} node{'s' * (len(nodes) != 1)}, {cpus:g} CPUs, {gpus:g} GPUs"
 
 
@@ -257,7 +262,7 @@ def _watch(ray, pending: dict, progress, say: Callable[[str], None], total: int,
     SUMMARY_EVERY_S; Ctrl-C cancels what runs (each task stops its processes) and raises _Interrupted."""
     start = time.monotonic()
     results: dict[str, dict] = {}
-    running: dict[str, tuple[float, str, str]] = {}  # name -> (since, where, doing)
+    running: dict[str, tuple[float, str]] = {}  # name -> (since, doing)
     attempts: dict[str, int] = {}
     last_summary = start
 
@@ -272,11 +277,10 @@ def _watch(ray, pending: dict, progress, say: Callable[[str], None], total: int,
             if event == "started":
                 attempts[name] = attempts.get(name, 0) + 1
                 again = f" (attempt {attempts[name]}: the last one's worker or node died)" if attempts[name] > 1 else ""
-                running[name] = (at, where, "starting")
+                running[name] = (at, "starting")
                 say(f"{stamp(at)} {name}: running on {where}{again}")
             elif name in running:
-                since, where_, _ = running[name]
-                running[name] = (since, where_, event)
+                running[name] = (running[name][0], event)
                 if event.startswith("stage "):
                     say(f"{stamp(at)} {name}: {event}")
 
@@ -291,9 +295,8 @@ def _watch(ray, pending: dict, progress, say: Callable[[str], None], total: int,
                 running.pop(experiment.name, None)
                 _report(result, stamp(), say, logs)
             if time.monotonic() - last_summary >= SUMMARY_EVERY_S and pending:
-                last_summary = time.monotonic()
-                now = time.monotonic()
-                busy = ", ".join(f"{n} ({doing}, {int(now - since)} s)" for n, (since, _, doing) in running.items())
+                now = last_summary = time.monotonic()
+                busy = ", ".join(f"{n} ({doing}, {int(now - since)} s)" for n, (since, doing) in running.items())
                 counts = _counts(results)
                 say(f"{stamp()} {counts['done']} done, {counts['failed']} failed, {len(running)} running"
                     + (f" ({busy})" if busy else "") + f", {len(pending) - len(running)} waiting, of {total}")

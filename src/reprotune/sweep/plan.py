@@ -9,6 +9,8 @@ is the base, so comparing trees is enough, with no bookkeeping of our own to fal
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import subprocess
 import tempfile
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from reprotune.errors import ReprotuneError
+from reprotune.errors import ReprotuneError, first_line
 
 LOCK = "dvc.lock"
 # The experiment commit's message records the stages a sweep ran (`dvc exp run` targets), so that a
@@ -43,27 +45,25 @@ class Experiment:
         """The experiment commit's message: what the sweep ran."""
         return f"reprotune sweep: {self.name}\n\n{MESSAGE_TARGETS}{' '.join(self.targets) or 'all'}"
 
-    def describe(self) -> str:
-        """The changes, as a person would type them."""
-        if self.overrides:
-            return " ".join(f"-S {o}" for o in self.overrides)
-        return "changes " + ", ".join(sorted(self.files)) if self.files else "the base commit as it is"
 
-
-def git(args: list[str], cwd: Path | str, check: bool = True, binary: bool = False) -> str:
+def git(args: list[str], cwd: Path | str, check: bool = True) -> str:
     """Run git; its stdout. A failure raises ReprotuneError with git's own first line."""
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=not binary)
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace") if binary else proc.stderr
-        first = next((line for line in err.splitlines() if line.strip()), f"exit {proc.returncode}")
+        first = next((line for line in proc.stderr.splitlines() if line.strip()), f"exit {proc.returncode}")
         raise ReprotuneError(f"git {' '.join(args[:2])}: {first.removeprefix('fatal: ')}")
-    return proc.stdout.decode(errors="surrogateescape") if binary else proc.stdout
+    return proc.stdout
 
 
 def show(root: Path, rev: str, path: str) -> str | None:
     """A file's text at a revision, None if it has no such file."""
     proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
     return proc.stdout.decode(errors="surrogateescape") if proc.returncode == 0 else None
+
+
+def free_name(name: str, taken) -> str:
+    """`name`, or `name-2`, `name-3`, ...: the first that `taken` does not hold."""
+    return next(n for n in (name, *(f"{name}-{i}" for i in range(2, 10_000))) if n not in taken)
 
 
 def exp_prefix(base: str) -> str:
@@ -87,7 +87,7 @@ def grid(root: Path, base: str, sets: list[str], targets: tuple[str, ...]) -> li
     except InvalidArgumentError as exc:
         raise ReprotuneError(f"-S: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - Hydra's parser raises its own types for a bad override
-        raise ReprotuneError(f"-S: not a valid override ({_first_line(exc)})") from None
+        raise ReprotuneError(f"-S: not a valid override ({first_line(exc)})") from None
     experiments = []
     with tempfile.TemporaryDirectory(prefix="reprotune-sweep-") as scratch:
         for point in points:
@@ -101,7 +101,7 @@ def grid(root: Path, base: str, sets: list[str], targets: tuple[str, ...]) -> li
                 try:
                     apply_overrides(trial, changes)
                 except InvalidArgumentError as exc:
-                    cause = _first_line(exc.__cause__) if exc.__cause__ else str(exc)
+                    cause = first_line(exc.__cause__) if exc.__cause__ else str(exc)
                     raise ReprotuneError(f"-S {' '.join(changes)}: {cause}") from None
                 files[path] = trial.read_text()
                 overrides += [o if path == "params.yaml" else f"{path}:{o}" for o in changes]
@@ -121,10 +121,6 @@ def _check_params(trial: Path, path: str, changes: list[str]) -> None:
         raise ReprotuneError(f"-S {' '.join(changes)}: {str(exc).replace(str(trial), path)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
 def _named(experiments: list[Experiment]) -> list[Experiment]:
     """Names from the values that vary across the grid, e.g. lr0.01-seed1 (all the overrides when
     only one experiment), each key by its last part unless two varying keys share it."""
@@ -140,10 +136,9 @@ def _named(experiments: list[Experiment]) -> list[Experiment]:
     for experiment, value in zip(experiments, values, strict=True):
         name = "-".join(f"{k.replace('.', '_') if short[k] in clash else short[k]}{value.get(k, '')}"
                         for k in varying) or "base"
-        name = ref_safe(name)
-        name = next(n for n in (name, *(f"{name}-{i}" for i in range(2, 10_000))) if n not in seen)
+        name = free_name(ref_safe(name), seen)
         seen.add(name)
-        named.append(Experiment(name, experiment.overrides, experiment.files, experiment.targets))
+        named.append(dataclasses.replace(experiment, name=name))
     return named
 
 
@@ -212,8 +207,7 @@ def existing(root: Path, base: str, git_url: str) -> tuple[dict[str, str], dict[
                                                                      "%(refname)", prefix], root))}
     remote = {ref.removeprefix(prefix): sha
               for sha, ref in _refs(git(["ls-remote", git_url, f"{prefix}*"], root).replace("\t", " "))}
-    missing = {sha for sha in remote.values() if not _have(root, sha)}
-    if missing:
+    if not all(_have(root, sha) for sha in remote.values()):
         scratch = f"{SCRATCH_REFS}/{base[:12]}/"
         try:
             git(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", git_url,
@@ -232,23 +226,40 @@ def _have(root: Path, sha: str) -> bool:
     return subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=root, capture_output=True).returncode == 0
 
 
+@dataclass(frozen=True)
+class _Made:
+    """What an experiment commit holds, whatever experiment it is compared with."""
+    parent: str
+    changed: frozenset[str]  # paths it changes against its parent
+    outputs: frozenset[str]  # its dvc.lock's outputs, and dvc.lock
+    ran: tuple[str, ...] | None  # the stages it ran (its targets); None: the whole pipeline
+
+
+@functools.cache
+def _made(root: Path, commit: str) -> _Made:
+    """Read once per commit (a commit never changes): a sweep compares every experiment with every
+    existing one, which would otherwise read each commit's parent, diff, dvc.lock and message again."""
+    parent = git(["rev-parse", f"{commit}^"], root, check=False).strip()
+    changed = git(["diff", "--name-only", "-z", "--no-renames", parent, commit], root, check=False).split("\0")
+    message = git(["log", "-1", "--format=%B", commit], root)
+    ran = next((tuple(line.removeprefix(MESSAGE_TARGETS).split()) for line in message.splitlines()
+                if line.startswith(MESSAGE_TARGETS)), ("all",))
+    return _Made(parent, frozenset(filter(None, changed)), frozenset(output_paths(root, commit)),
+                 None if ran == ("all",) else ran)
+
+
 def matches(root: Path, base: str, commit: str, experiment: Experiment) -> bool:
     """Whether an experiment commit is this experiment: made on the base commit, with the same
     changed inputs and nothing else changed but results (dvc.lock and stage outputs), and run for
     the same stages (or the whole pipeline)."""
-    if not _have(root, commit) or git(["rev-parse", f"{commit}^"], root, check=False).strip() != base:
+    if not _have(root, commit):
         return False
-    for path, text in experiment.files.items():
-        if show(root, commit, path) != text:
-            return False
-    outputs = output_paths(root, commit)
-    changed = git(["diff", "--name-only", "-z", "--no-renames", base, commit], root).split("\0")
-    if any(path and path not in experiment.files and not is_output(path, outputs) for path in changed):
+    made = _made(root, commit)
+    if made.parent != base or made.ran not in (None, experiment.targets):
         return False
-    message = git(["log", "-1", "--format=%B", commit], root)
-    ran = next((line.removeprefix(MESSAGE_TARGETS).split() for line in message.splitlines()
-                if line.startswith(MESSAGE_TARGETS)), ["all"])
-    return ran == ["all"] or tuple(ran) == experiment.targets
+    if any(path not in experiment.files and not is_output(path, made.outputs) for path in made.changed):
+        return False
+    return all(show(root, commit, path) == text for path, text in experiment.files.items())
 
 
 def split_done(root: Path, base: str, experiments: list[Experiment], known: dict[str, str]
@@ -261,9 +272,7 @@ def split_done(root: Path, base: str, experiments: list[Experiment], known: dict
         if same is not None:
             done[experiment.name] = same
             continue
-        name = experiment.name
-        name = next(n for n in (name, *(f"{name}-{i}" for i in range(2, 10_000))) if n not in known)
+        name = free_name(experiment.name, known)
         known[name] = ""  # taken from now on
-        todo.append(Experiment(name, experiment.overrides, experiment.files, experiment.targets,
-                               experiment.queued))
+        todo.append(dataclasses.replace(experiment, name=name))
     return todo, done

@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
     fcntl.flock(held, fcntl.LOCK_EX)
     os.rename(f"{clone}.locking", f"{clone}.lock")
     log = Path(f"{clone}.log")
+    env = _env(clone)
     started = time.monotonic()
     steps: dict[str, float] = {}  # seconds per step: where a sweep's time goes (bench/sweep.py)
 
@@ -68,7 +70,7 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
 
     def step(label: str, command: list[str], cwd: Path) -> int:
         begun = time.monotonic()
-        code = supervised(command, cwd, log, _env(clone), report)
+        code = supervised(command, cwd, log, env, report)
         steps[label] = steps.get(label, 0.0) + time.monotonic() - begun
         return code
 
@@ -180,29 +182,27 @@ def supervised(command: list[str], cwd: Path, log: Path, env: dict[str, str], re
     with open(log, "a") as out:
         out.write(f"$ {shlex.join(command)}\n")
         out.flush()
+        start = out.tell()  # what this command writes begins here
         proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR, *command], cwd=cwd, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    seen = log.stat().st_size
     try:
-        while True:
-            try:
-                code = proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                code = None
-            with open(log, errors="replace") as text:
-                text.seek(seen)
-                new = text.read()
-                seen = text.tell()
-            for stage in STAGE_LINE.findall(new):
-                report(f"stage {stage}")
-            if code is not None:
-                return code
+        with open(log, errors="replace") as text:
+            text.seek(start)
+            while True:
+                try:
+                    code = proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    code = None
+                for stage in STAGE_LINE.findall(text.read()):
+                    report(f"stage {stage}")
+                if code is not None:
+                    return code
     except BaseException:
         proc.terminate()  # the supervisor stops the whole group: SIGINT, then SIGKILL after a grace
         try:
             proc.wait(STOP_GRACE_S + 5)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
         raise
 
 

@@ -57,12 +57,13 @@ def gather(root: Path, dest: Path) -> dict[str, Path]:
         # Stage by stage: an experiment run up to `evaluate` has no compress or export runs, and its
         # finetune and evaluate curves still belong on the board.
         for stage in stages:
+            folder = target / Path(stage).name
             try:
-                fs.get(stage, str(target / Path(stage).name), recursive=True)
-                got.append(Path(stage).name)
+                fs.get(stage, str(folder), recursive=True)
+                got.append(folder.name)
             except Exception as exc:  # noqa: BLE001
-                shutil.rmtree(target / Path(stage).name, ignore_errors=True)
-                missing.append(Path(stage).name)
+                shutil.rmtree(folder, ignore_errors=True)
+                missing.append(folder.name)
                 why = why or " ".join(str(exc).split())[:200]
         if not got:
             print(f"reprotune: {name}: runs not available ({why or 'none'})", file=sys.stderr)
