@@ -351,7 +351,8 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(model, files, tmp_p
 def test_a_signal_to_the_server_or_its_process_group_stops_it_cleanly(model, tmp_path, signum, to):
     """Ctrl-C sends SIGINT to the terminal's process group; `docker stop`, systemd and Kubernetes send
     SIGTERM to the server or its group. Each is a clean stop: exit 0 within the 10 s the README promises,
-    nothing on stdout or stderr but the server's two lines (not Ray's "graceful_shutdown failed", nor
+    nothing on stdout or stderr but the server's two lines and, on a busy machine, its "waiting for Ray
+    Serve to start" progress (not Ray's "graceful_shutdown failed", nor
     "Failed to connect to GCS" after a minute: Ray's processes got the group's SIGTERM), and no Ray
     process left."""
     server = Server(model, tmp_path, group=to == "group")
@@ -363,6 +364,7 @@ def test_a_signal_to_the_server_or_its_process_group_stops_it_cleanly(model, tmp
     seconds = time.monotonic() - started
     assert (code, seconds < 10) == (0, True), f"exit {code} after {seconds:.1f} s\n{server.output()}"
     out, err = server.out.read_text().splitlines(), server.err.read_text().splitlines()
+    err = [line for line in err if not line.startswith("waiting for Ray Serve to start (")]  # a slow start's
     assert len(out) == 1 and out[0].startswith("serving "), server.output()
     assert err == ["stopping: answering the requests in flight"], server.output()
     _, alive = psutil.wait_procs(ray_processes, timeout=10)

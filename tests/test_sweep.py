@@ -373,7 +373,6 @@ def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, cluster, tmp_
     on the machine (left to itself, ray.init joins the one `ray start` last started here: `cluster`,
     one of its two 1-CPU nodes killed by the test above, or both if it ran alone)."""
     work = tmp_path / "work"
-    raylets = set(ray_processes())
     proc = sweep(team, "-S", "train.lr=0.061,0.062", "evaluate", "--workdir", str(work))
     lines = []
     for line in proc.stdout:
@@ -381,23 +380,23 @@ def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, cluster, tmp_
         if ": stage finetune" in line:
             time.sleep(1)
             exposed = [(ip, port, process.name()) for ip, port, process in listening(proc.pid) if not loopback(ip)]
+            # Its own processes, not the machine's: another test (serve's) may start a Ray meanwhile.
+            ours = psutil.Process(proc.pid).children(recursive=True)
+            names = {p.name() for p in ours}
             stopped = time.monotonic()
             proc.send_signal(signal.SIGINT)
             break
     lines += proc.stdout.read().splitlines()
     code = proc.wait(120)
-    left = set(ray_processes()) - raylets
+    _, left = psutil.wait_procs(ours, timeout=10)
     out = "\n".join(lines)
     assert re.search(rf"^ray: 1 node, {os.cpu_count()} CPUs", out, re.M), out  # not `cluster` (1 CPU a node)
+    assert {"raylet", "gcs_server", "dvc"} <= names, names
     assert exposed == [], exposed  # the sweep's Ray (GCS, raylet, agents, workers) on loopback only
     assert code == 130, out
     assert time.monotonic() - stopped < 60, out
+    assert not left, f"processes outlived the sweep: {left}"
     assert "interrupted: stopping 2 experiments" in out
     assert out.splitlines()[-1].startswith("reprotune: sweep interrupted: 0 of 2 experiments finished"), out
     assert leftovers(work) == []
     assert not {"lr0.061", "lr0.062"} & set(remote_experiments(team))
-    assert not left, "the sweep's Ray cluster outlived it"
-
-
-def ray_processes() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if "raylet" in " ".join(p.info["cmdline"] or [])]
