@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import typer
 from reprotune import __version__
 from reprotune.entrypoint import ParamsFile, invoke
 from reprotune.errors import ReprotuneError, UsageError, run_cli
+from reprotune.tools import tool, venv_env
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="reprotune: a reproducible fine-tuning pipeline (run the stages with `dvc repro`).")
@@ -39,7 +39,7 @@ def demo(params: ParamsFile = Path("params.yaml")) -> None:
     from reprotune.config import load_params  # keeps `reprotune --version` light
     from reprotune.recipes import RECIPES
 
-    dvc = _tool("dvc")
+    dvc = tool("dvc")
     current = load_params(params)
     # Already offline (an earlier demo, or a team's committed demo baseline): run params.yaml as it is.
     offline = current.data.dataset == "synthetic" and current.model.weights != "imagenet"
@@ -53,7 +53,7 @@ def demo(params: ParamsFile = Path("params.yaml")) -> None:
     if not Path("dvc.lock").exists():  # a first run: see DVC_FIRST_RUN
         command = [sys.executable, "-c", DVC_FIRST_RUN, *command[1:]]
     # DVC runs each stage's `python` through the shell: this environment's must come first.
-    code = subprocess.call(command, env=_venv_env())
+    code = subprocess.call(command, env=venv_env())
     if code != 0:
         raise ReprotuneError(f"dvc exp run failed (exit {code}); see its output above")
     print(f"demo done: experiment {name}; results in metrics/, models/, runs/ (`make tensorboard`).")
@@ -94,8 +94,8 @@ def experiments(
 
     if Path("params.yaml").exists():
         load_params("params.yaml")  # a broken file: say what is wrong, not a table of DVC's guesses
-    dvc = _tool("dvc")
-    shown = review.dvc_json(dvc, ["exp", "show", *ctx.args], _venv_env())
+    dvc = tool("dvc")
+    shown = review.dvc_json(dvc, ["exp", "show", *ctx.args], venv_env())
     if seeds:
         runs = review.exp_show_runs(shown)
         print("\n".join(review.seed_table(review.seed_groups(runs), runs, review.count_test_images(Path.cwd()))))
@@ -112,8 +112,8 @@ def review(
     """Markdown report of the workspace against BASE: params, metrics (headline first), plots."""
     from reprotune.tracking.review import review as make_report
 
-    dvc = _tool("dvc")
-    print(make_report(dvc, base, plots, _venv_env()), end="")
+    dvc = tool("dvc")
+    print(make_report(dvc, base, plots, venv_env()), end="")
 
 
 @cli.command()
@@ -125,7 +125,7 @@ def tensorboard(
     """TensorBoard over every DVC experiment's runs and the workspace's, side by side."""
     from reprotune.tracking.board import serve
 
-    board = _tool("tensorboard")
+    board = tool("tensorboard")
     code = serve(Path.cwd(), host, port, board)
     if code not in (0, -15):
         raise ReprotuneError(f"tensorboard exited with status {code}")
@@ -200,13 +200,13 @@ def sweep(
 
     options = Options(list(set_param or []), tuple(targets or ()), queued, address, cpus_per_trial, gpus_per_trial,
                       retries, git_remote, dvc_remote, workdir)
-    run_sweep(Path.cwd(), options, _tool("dvc"), _venv_env(), say=lambda line: print(line, flush=True))
+    run_sweep(Path.cwd(), options, tool("dvc"), venv_env(), say=lambda line: print(line, flush=True))
 
 
 def _free_experiment_name(dvc: str, base: str) -> str:
     """`base`, or `base-2`, `base-3`, ...: the first name no experiment in this repository has."""
     listed = subprocess.run([dvc, "exp", "list", "--all-commits", "--name-only"], capture_output=True, text=True,
-                            env=_venv_env())
+                            env=venv_env())
     from reprotune.sweep.plan import free_name
 
     return free_name(base, set(listed.stdout.split()) if listed.returncode == 0 else set())
@@ -301,8 +301,8 @@ SERVE_RUN_OPTIONS = [
     ("host", str, "127.0.0.1", typer.Option(help="Address the HTTP server binds (loopback: nothing leaves this "
                                                  "machine; 0.0.0.0 to take requests from others).")),
     ("port", int, 8000, typer.Option(min=1, max=65535, help="HTTP port.")),
-    ("address", str | None, None, typer.Option(help="A running Ray cluster (head host:port) to deploy to; by "
-                                                    "default a one-machine cluster starts here.")),
+    ("address", str | None, None, typer.Option(envvar="RAY_ADDRESS", help="A running Ray cluster (head host:port) "
+                                                    "to deploy to; by default a one-machine cluster starts here.")),
     ("metrics_port", int, 8080, typer.Option(min=1, max=65535, help="Prometheus metrics port of the Ray started "
                                                                     "here.")),
     ("proxy_every_node", bool, False, typer.Option("--proxy-every-node", help="An HTTP proxy on every Ray node "
@@ -348,24 +348,6 @@ serve.__signature__ = inspect.Signature([
     *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
       for name, kind, default, option in SERVE_RUN_OPTIONS)])
 cli.command()(serve)
-
-
-def _venv_path() -> str:
-    """PATH with this interpreter's bin directory first."""
-    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-
-
-def _venv_env() -> dict[str, str]:
-    """This environment with `_venv_path()`: DVC runs each stage's `python` through the shell."""
-    return {**os.environ, "PATH": _venv_path()}
-
-
-def _tool(name: str) -> str:
-    """The path of this environment's `name` command, or a one-line error."""
-    path = shutil.which(name, path=_venv_path())
-    if path is None:
-        raise ReprotuneError(f"{name} is not installed in this environment (run `make install`)")
-    return path
 
 
 def app() -> None:

@@ -71,7 +71,7 @@ def sweep(root: Path, options: Options, dvc: str, env: dict[str, str],
     finished = [r["name"] for r in results.values() if r["status"] in ("done", "exists")]
     missing = [name for name in done.values() if name not in here]  # on the remote only: bring them here
     _pull(root, origin, [*finished, *missing], dvc, env, say)
-    _dequeue(root, [e for e in experiments if e.queued and (e.name in finished or e.name in done)], dvc, env)
+    _dequeue(root, [e.queued for e in experiments if e.queued and (e.name in finished or e.name in done)], dvc, env)
     failed = [r for r in results.values() if r["status"] == "failed"]
     if interrupted:
         raise Interrupted(f"sweep interrupted: {len(finished)} of {len(todo)} experiments finished and pulled, "
@@ -371,8 +371,8 @@ def _pull(root: Path, origin: Origin, names: list[str], dvc: str, env: dict[str,
         proc = subprocess.run([dvc, "exp", "pull", "-r", origin.dvc_remote, origin.git_url, *refs], cwd=root,
                               env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        first = next((line for line in proc.stderr.splitlines() if line.strip()), f"exit {proc.returncode}")
-        raise ReprotuneError(f"dvc exp pull of the sweep's experiments failed ({first}); they are on the remotes: "
+        raise ReprotuneError(f"dvc exp pull of the sweep's experiments failed ({plan.complaint(proc)}); they are "
+                             f"on the remotes: "
                              f"`dvc exp pull {origin.git_url} {' '.join(names)}`")
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.startswith(("WARNING", "ERROR")):  # e.g. outputs missing from the DVC remote: say so
@@ -408,9 +408,9 @@ def _remote_url_pinned(root: Path, origin: Origin) -> Iterator[None]:
             local.write_bytes(before)
 
 
-def _dequeue(root: Path, taken: list[Experiment], dvc: str, env: dict[str, str]) -> None:
-    """Queued experiments that the sweep ran leave DVC's queue (`dvc queue start` would run them again)."""
-    if taken:
-        subprocess.run([dvc, "queue", "remove", *(e.queued for e in taken if e.queued)], cwd=root, env=env,
-                       capture_output=True)
+def _dequeue(root: Path, stashes: list[str], dvc: str, env: dict[str, str]) -> None:
+    """Queued experiments that the sweep ran (their stash commits) leave DVC's queue (`dvc queue start`
+    would run them again)."""
+    if stashes:
+        subprocess.run([dvc, "queue", "remove", *stashes], cwd=root, env=env, capture_output=True)
 

@@ -50,15 +50,25 @@ def git(args: list[str], cwd: Path | str, check: bool = True) -> str:
     """Run git; its stdout. A failure raises ReprotuneError with git's own first line."""
     proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        first = next((line for line in proc.stderr.splitlines() if line.strip()), f"exit {proc.returncode}")
-        raise ReprotuneError(f"git {' '.join(args[:2])}: {first.removeprefix('fatal: ')}")
+        raise ReprotuneError(f"git {' '.join(args[:2])}: {complaint(proc).removeprefix('fatal: ')}")
     return proc.stdout
+
+
+def complaint(proc: subprocess.CompletedProcess) -> str:
+    """A failed command's first non-blank line on stderr (its exit status if it printed none)."""
+    return next((line for line in proc.stderr.splitlines() if line.strip()), f"exit {proc.returncode}")
+
+
+def blob(root: Path, rev: str, path: str) -> bytes | None:
+    """A file's bytes at a revision, None if it has no such file."""
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
+    return proc.stdout if proc.returncode == 0 else None
 
 
 def show(root: Path, rev: str, path: str) -> str | None:
     """A file's text at a revision, None if it has no such file."""
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
-    return proc.stdout.decode(errors="surrogateescape") if proc.returncode == 0 else None
+    data = blob(root, rev, path)
+    return None if data is None else data.decode(errors="surrogateescape")
 
 
 def free_name(name: str, taken) -> str:
@@ -89,11 +99,12 @@ def grid(root: Path, base: str, sets: list[str], targets: tuple[str, ...]) -> li
     except Exception as exc:  # noqa: BLE001 - Hydra's parser raises its own types for a bad override
         raise ReprotuneError(f"-S: not a valid override ({first_line(exc)})") from None
     experiments = []
+    base_text = functools.cache(lambda path: show(root, base, path))  # each file once, not once a point
     with tempfile.TemporaryDirectory(prefix="reprotune-sweep-") as scratch:
         for point in points:
             files, overrides = {}, []
             for path, changes in point.items():
-                text = show(root, base, path)
+                text = base_text(path)
                 if text is None:
                     raise ReprotuneError(f"-S {path}:{changes[0]}: the base commit has no {path}")
                 trial = Path(scratch) / f"trial{Path(path).suffix}"
@@ -172,11 +183,10 @@ def queued(root: Path, base: str) -> tuple[list[Experiment], list[str]]:
             files = {path: show(root, entry.stash_rev, path) for path in changed
                      if path and not path.startswith(".dvc/tmp/") and not is_output(path, outputs)}
             targets: tuple[str, ...] = ()
-            args = Path(scratch) / "repro.dat"
-            packed = subprocess.run(["git", "show", f"{entry.stash_rev}:.dvc/tmp/repro.dat"], cwd=root,
-                                    capture_output=True)
-            if packed.returncode == 0:
-                args.write_bytes(packed.stdout)
+            packed = blob(root, entry.stash_rev, ".dvc/tmp/repro.dat")
+            if packed is not None:
+                args = Path(scratch) / "repro.dat"
+                args.write_bytes(packed)
                 targets = tuple(BaseExecutor.unpack_repro_args(str(args))[1].get("targets") or ())
             name = ref_safe(entry.name) if entry.name else f"queued-{entry.stash_rev[:7]}"
             taken.append(Experiment(name, (), files, targets, queued=entry.stash_rev))
@@ -248,6 +258,12 @@ def _made(root: Path, commit: str) -> _Made:
                  None if ran == ("all",) else ran)
 
 
+@functools.cache
+def _committed(root: Path, commit: str, path: str) -> str | None:
+    """A file's text in an experiment commit, read once: every planned experiment is compared with it."""
+    return show(root, commit, path)
+
+
 def matches(root: Path, base: str, commit: str, experiment: Experiment) -> bool:
     """Whether an experiment commit is this experiment: made on the base commit, with the same
     changed inputs and nothing else changed but results (dvc.lock and stage outputs), and run for
@@ -259,20 +275,20 @@ def matches(root: Path, base: str, commit: str, experiment: Experiment) -> bool:
         return False
     if any(path not in experiment.files and not is_output(path, made.outputs) for path in made.changed):
         return False
-    return all(show(root, commit, path) == text for path, text in experiment.files.items())
+    return all(_committed(root, commit, path) == text for path, text in experiment.files.items())
 
 
 def split_done(root: Path, base: str, experiments: list[Experiment], known: dict[str, str]
                ) -> tuple[list[Experiment], dict[str, str]]:
     """The experiments still to run, and those that already exist (name -> the existing one's name).
     A name that an existing, different experiment holds gets a suffix (-2, -3, ...)."""
-    todo, done = [], {}
+    todo, done, taken = [], {}, set(known)
     for experiment in experiments:
         same = next((name for name, sha in known.items() if matches(root, base, sha, experiment)), None)
         if same is not None:
             done[experiment.name] = same
             continue
-        name = free_name(experiment.name, known)
-        known[name] = ""  # taken from now on
+        name = free_name(experiment.name, taken)
+        taken.add(name)
         todo.append(dataclasses.replace(experiment, name=name))
     return todo, done

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reprotune.sweep.plan import Experiment, exp_prefix, git, matches
+from reprotune.tools import tool, venv_env
 
 LOG_KEEP = 1_000_000  # characters of an experiment's log sent back to the driver (its end)
 STOP_GRACE_S = 20.0  # a stopped experiment's processes get this long to pause and exit before SIGKILL
@@ -93,13 +94,13 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
                                           f"{experiment.name}")
         if not experiment.overrides:  # from the queue: its changed inputs (a -S grid passes its -S)
             _write(clone, experiment.files)
-        run = [_tool("dvc"), "exp", "run", "--pull", "-n", experiment.name, "-m", experiment.message,
+        run = [tool("dvc"), "exp", "run", "--pull", "-n", experiment.name, "-m", experiment.message,
                *(arg for o in experiment.overrides for arg in ("-S", o)), *experiment.targets]
         report("running")
         if (code := step("run", run, clone)) != 0:
             return result("failed", error=f"dvc exp run exited {code}")
         report("pushing")
-        push = [_tool("dvc"), "exp", "push", "-r", origin.dvc_remote, origin.git_url, experiment.name]
+        push = [tool("dvc"), "exp", "push", "-r", origin.dvc_remote, origin.git_url, experiment.name]
         if (code := step("push", push, clone)) != 0:
             return result("failed", error=f"dvc exp push exited {code}")
         return result("done", rev=git(["rev-parse", ref], clone).strip())
@@ -157,17 +158,11 @@ def _remote_rev(clone: Path, git_url: str, ref: str) -> str:
     return listed[0]
 
 
-def _tool(name: str) -> str:
-    """A command of this node's environment (the one Ray runs this task in)."""
-    return str(Path(sys.executable).parent / name)
-
-
 def _env(clone: Path) -> dict[str, str]:
     """The experiment's environment: this node's Python environment first on PATH (DVC runs each
     stage's `python` through the shell), the base commit's own code first on the import path (the
     node's install may be of another commit), and git never waiting for a password."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = venv_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(clone / "src"), env.get("PYTHONPATH", "")]))
     env["GIT_TERMINAL_PROMPT"] = "0"
     return env

@@ -53,7 +53,7 @@ def gather(root: Path, dest: Path) -> dict[str, Path]:
             fs = DVCFileSystem(str(root), rev=rev)
             stages = sorted(fs.ls(RUNS, detail=False))
         except Exception as exc:  # noqa: BLE001 - DVC raises many types for missing cache entries
-            stages, why = [], " ".join(str(exc).split())[:200]
+            stages, why = [], _brief(exc)
         # Stage by stage: an experiment run up to `evaluate` has no compress or export runs, and its
         # finetune and evaluate curves still belong on the board.
         for stage in stages:
@@ -64,7 +64,7 @@ def gather(root: Path, dest: Path) -> dict[str, Path]:
             except Exception as exc:  # noqa: BLE001
                 shutil.rmtree(folder, ignore_errors=True)
                 missing.append(folder.name)
-                why = why or " ".join(str(exc).split())[:200]
+                why = why or _brief(exc)
         if not got:
             print(f"reprotune: {name}: runs not available ({why or 'none'})", file=sys.stderr)
             shutil.rmtree(target, ignore_errors=True)
@@ -108,3 +108,8 @@ def serve(root: Path, host: str, port: int, tensorboard: str) -> int:
             return server.wait()
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _brief(exc: Exception) -> str:
+    """DVC's message for a missing cache entry, on one line and cut to a readable length."""
+    return " ".join(str(exc).split())[:200]
