@@ -203,7 +203,56 @@ def test_an_experiments_processes_never_outlive_its_task(tmp_path, how):
     assert (tmp_path / "interrupted").exists(), "the command was not asked to stop (SIGINT) before the kill"
 
 
-# ------------------------------------------------------------------------------- the real sweep
+
+# A stand-in for an interrupted `dvc exp run` that writes into its repository (absolute paths, as
+# DVC's) while it exits: if the clone were removed meanwhile, this would bring it back without its lock.
+SLOW_STOP = """
+import os, signal, sys, time
+def stop(*_):
+    time.sleep(1.5)
+    os.makedirs(os.path.join(CLONE, ".dvc", "tmp"), exist_ok=True)
+    sys.exit(130)
+CLONE = os.getcwd()
+signal.signal(signal.SIGINT, stop)
+open("pid", "w").write(str(os.getpid()))
+time.sleep(300)
+"""
+
+# A task on a node: claims a clone as run_experiment does and runs the stand-in in it.
+CLAIMING_TASK = """
+import os, sys
+from pathlib import Path
+from reprotune.sweep.worker import claim, supervised
+clone, held = claim(Path(sys.argv[2]), "exp")
+supervised([sys.executable, "-c", sys.argv[1]], clone, Path(f"{clone}.log"), dict(os.environ), print,
+           hold=held.fileno())
+"""
+
+
+@pytest.mark.reliability
+def test_a_dead_tasks_clone_is_cleared_once_its_commands_have_stopped_not_before(tmp_path):
+    """A node's next task clears the clones of dead tasks; one whose commands are still stopping (and
+    writing) stays until they are gone, then goes whole."""
+    from reprotune.sweep.worker import _clear_stale
+
+    work = tmp_path / "work"
+    work.mkdir()
+    task = subprocess.Popen([sys.executable, "-c", CLAIMING_TASK, SLOW_STOP, str(work)], cwd=tmp_path, env=env())
+    deadline = time.monotonic() + 30
+    while not (pids := [p for p in work.glob("exp.*/pid") if p.read_text()]):
+        assert time.monotonic() < deadline and task.poll() is None, "the stand-in did not start"
+        time.sleep(0.1)
+    clone, stand_in = pids[0].parent, int(pids[0].read_text())
+    task.kill()  # its node lost: the supervisor sees it go and sends the group SIGINT
+    task.wait(30)
+    stopping = True
+    while stopping or clone.exists():
+        assert time.monotonic() < deadline + 30, f"not cleared: {sorted(p.name for p in work.iterdir())}"
+        _clear_stale(work)  # another task starting on the node meanwhile
+        stopping = running(stand_in)
+        assert clone.is_dir() or not stopping, "cleared while its commands were still running"
+        time.sleep(0.1)
+    assert sorted(p.name for p in work.iterdir()) == []
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory) -> Path:
@@ -243,6 +292,13 @@ def cached_here(root: Path, name: str) -> list[str]:
 def sweep(root: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([REPROTUNE, "sweep", *args], cwd=root, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def leftovers(work: Path) -> list[str]:

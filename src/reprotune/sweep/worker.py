@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from reprotune.sweep.plan import Experiment, exp_prefix, git, matches
 from reprotune.tools import tool, venv_env
@@ -53,12 +54,7 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
     root = workdir(origin)
     (root / "cache").mkdir(parents=True, exist_ok=True)
     _clear_stale(root)
-    clone = Path(tempfile.mkdtemp(prefix=f"{experiment.name}.", dir=root))
-    # Locked before it takes its name, so another task's _clear_stale never sees it unheld. Held for the
-    # task's life: the kernel lets go when its process dies, however it dies.
-    held = open(f"{clone}.locking", "w")  # noqa: SIM115
-    fcntl.flock(held, fcntl.LOCK_EX)
-    os.rename(f"{clone}.locking", f"{clone}.lock")
+    clone, held = claim(root, experiment.name)
     log = Path(f"{clone}.log")
     env = _env(clone)
     started = time.monotonic()
@@ -71,7 +67,7 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
 
     def step(label: str, command: list[str], cwd: Path) -> int:
         begun = time.monotonic()
-        code = supervised(command, cwd, log, env, report)
+        code = supervised(command, cwd, log, env, report, hold=held.fileno())
         steps[label] = steps.get(label, 0.0) + time.monotonic() - begun
         return code
 
@@ -109,9 +105,22 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
         held.close()
 
 
+def claim(root: Path, name: str) -> tuple[Path, IO]:
+    """A new clone directory under `root` for experiment `name`, and its lock, held (open file) for the
+    task's life: the kernel lets go when every process holding it is gone, however they die. Locked
+    before it takes its name, so another task's _clear_stale never sees it unheld."""
+    clone = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=root))
+    held = open(f"{clone}.locking", "w")  # noqa: SIM115
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.rename(f"{clone}.locking", f"{clone}.lock")
+    return clone, held
+
+
 def _clear_stale(root: Path) -> None:
     """Remove the clones of tasks that died (a lost node's task cannot clean up after itself; its
-    retry may run elsewhere): a clone whose lock no process holds."""
+    retry may run elsewhere): a clone whose lock no process holds. The supervisors hold it too, so a
+    clone whose task died stays while its commands are still stopping (DVC writes into it as it
+    exits: removed under it, the clone came back without its lock, never to be cleared)."""
     for lock in root.glob("*.lock"):
         with open(lock) as probe:
             try:
@@ -171,15 +180,18 @@ def _env(clone: Path) -> dict[str, str]:
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 
 
-def supervised(command: list[str], cwd: Path, log: Path, env: dict[str, str], report: Report) -> int:
+def supervised(command: list[str], cwd: Path, log: Path, env: dict[str, str], report: Report,
+               hold: int | None = None) -> int:
     """Run `command` under SUPERVISOR, appending its output to `log`; report each DVC stage it starts.
-    If this is interrupted (Ray cancelling the task), stop its process group first."""
+    If this is interrupted (Ray cancelling the task), stop its process group first. `hold`: a file
+    descriptor (the clone's lock) the supervisor keeps open until its group has stopped."""
     with open(log, "a") as out:
         out.write(f"$ {shlex.join(command)}\n")
         out.flush()
         start = out.tell()  # what this command writes begins here
         proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR, *command], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                pass_fds=() if hold is None else (hold,))
     try:
         with open(log, errors="replace") as text:
             text.seek(start)
