@@ -174,27 +174,42 @@ open("pids", "w").write(f"{os.getpid()} {grandchild.pid}")
 time.sleep(300)
 """
 
-# The task: runs the stand-in under the supervisor, as run_experiment runs dvc.
+# The task: runs the stand-in under the supervisor, as run_experiment runs dvc; the sweep's word to
+# stop is a file here. Exits 3 if told it stopped. With SIGINT blocked, as Ray's worker runs a task.
 TASK = """
-import os, sys
+import os, signal, sys
 from pathlib import Path
-from reprotune.sweep.worker import supervised
-supervised([sys.executable, "-c", sys.argv[1]], Path.cwd(), Path("log"), dict(os.environ), print)
+from reprotune.sweep.worker import Stopped, supervised
+if os.environ.get("BLOCK_SIGINT"):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+try:
+    supervised([sys.executable, "-c", sys.argv[1]], Path.cwd(), Path("log"), dict(os.environ), print,
+               stopping=Path("stop").exists)
+except Stopped:
+    sys.exit(3)
 """
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("how", ["cancelled", "killed"])
+@pytest.mark.parametrize("how", ["stopped", "interrupted", "killed", "killed with its children"])
 def test_an_experiments_processes_never_outlive_its_task(tmp_path, how):
-    """Cancelled (Ray's KeyboardInterrupt in the task): the group gets SIGINT first, as Ctrl-C. Killed
-    (the task's process gone with its node): the supervisor sees its parent go and stops the group."""
-    task = subprocess.Popen([sys.executable, "-c", TASK, STAND_IN], cwd=tmp_path, env=env())
+    """Stopped (the sweep interrupted) or interrupted (a KeyboardInterrupt in the task): the group gets
+    SIGINT first, as with Ctrl-C. Killed (the task's process gone), also with its children (what Ray
+    does as a worker exits): the supervisor sees it go and stops the group the same way."""
+    blocked = {} if how == "interrupted" else {"BLOCK_SIGINT": "1"}
+    task = subprocess.Popen([sys.executable, "-c", TASK, STAND_IN], cwd=tmp_path, env={**env(), **blocked})
     deadline = time.monotonic() + 30
     while not (tmp_path / "pids").exists() or not (tmp_path / "pids").read_text():
         assert time.monotonic() < deadline and task.poll() is None, "the stand-in did not start"
         time.sleep(0.1)
     pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
-    task.send_signal(signal.SIGINT if how == "cancelled" else signal.SIGKILL)
+    if how == "stopped":
+        (tmp_path / "stop").touch()
+        assert task.wait(30) == 3, "supervised did not raise Stopped"
+    elif how == "interrupted":
+        task.send_signal(signal.SIGINT)
+    else:
+        kill_task(task, with_children=how == "killed with its children")
     task.wait(30)
     deadline = time.monotonic() + 10
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
@@ -202,6 +217,15 @@ def test_an_experiments_processes_never_outlive_its_task(tmp_path, how):
         time.sleep(0.1)
     assert (tmp_path / "interrupted").exists(), "the command was not asked to stop (SIGINT) before the kill"
 
+
+
+def kill_task(task: subprocess.Popen, with_children: bool) -> None:
+    """SIGKILL the task's process, and first its children if asked (Ray's worker, exiting, SIGKILLs
+    its children: kill_child_processes_on_worker_exit)."""
+    if with_children:
+        for child in psutil.Process(task.pid).children():
+            child.kill()
+    task.kill()
 
 
 # A stand-in for an interrupted `dvc exp run` that writes into its repository (absolute paths, as
@@ -243,7 +267,7 @@ def test_a_dead_tasks_clone_is_cleared_once_its_commands_have_stopped_not_before
         assert time.monotonic() < deadline and task.poll() is None, "the stand-in did not start"
         time.sleep(0.1)
     clone, stand_in = pids[0].parent, int(pids[0].read_text())
-    task.kill()  # its node lost: the supervisor sees it go and sends the group SIGINT
+    kill_task(task, with_children=True)  # its node lost: the supervisor sees it go and sends the group SIGINT
     task.wait(30)
     stopping = True
     while stopping or clone.exists():
@@ -450,7 +474,7 @@ def test_ctrl_c_stops_every_experiment_and_leaves_no_process(team, cluster, tmp_
     assert {"raylet", "gcs_server", "dvc"} <= names, names
     assert exposed == [], exposed  # the sweep's Ray (GCS, raylet, agents, workers) on loopback only
     assert code == 130, out
-    assert time.monotonic() - stopped < 60, out
+    assert time.monotonic() - stopped < driver.CANCEL_WAIT_S, out  # each stopped when told, none force-cancelled
     assert not left, f"processes outlived the sweep: {left}"
     assert "interrupted: stopping 2 experiments" in out
     assert out.splitlines()[-1].startswith("reprotune: sweep interrupted: 0 of 2 experiments finished"), out

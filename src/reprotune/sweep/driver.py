@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from reprotune.sweep.worker import Origin, run_experiment
 
 LOGS = Path(".dvc/tmp/reprotune-sweep")  # each experiment's full log, kept beside DVC's own queue logs
 SUMMARY_EVERY_S = 30.0
-CANCEL_WAIT_S = 40.0  # a cancelled experiment's processes pause and exit within the worker's grace
+CANCEL_WAIT_S = 40.0  # a stopped experiment's processes pause and exit within the worker's grace
 
 
 @dataclass(frozen=True)
@@ -195,14 +196,19 @@ def _run(root: Path, todo: list[Experiment], origin: Origin, options: Options, s
             f"each experiment takes {options.cpus:g} CPU"
             + (f" and {options.gpus:g} GPU" if options.gpus else "") + f", retried up to {options.retries} times "
             "if its node dies")
-        pending = {task.remote(e, origin, progress): e for e in todo}
-        return _watch(ray, pending, progress, say, len(todo), root / LOGS)
+        stop = StopWord(f"sweep-stop-{uuid.uuid4().hex}")
+        pending = {task.remote(e, origin, progress, stop): e for e in todo}
+        try:
+            return _watch(ray, pending, progress, stop, say, len(todo), root / LOGS)
+        finally:
+            stop.forget()  # a long-lived cluster keeps its store
     finally:
         ray.shutdown()
 
 
-def _task(experiment: Experiment, origin: Origin, progress) -> dict:
-    """One experiment as a Ray task: run_experiment, reporting to the driver's progress actor."""
+def _task(experiment: Experiment, origin: Origin, progress, stop: StopWord) -> dict:
+    """One experiment as a Ray task: run_experiment, reporting to the driver's progress actor (never
+    waiting on it) and stopping when the driver says."""
     import ray
 
     node = ray.get_runtime_context().get_node_id()
@@ -212,7 +218,33 @@ def _task(experiment: Experiment, origin: Origin, progress) -> dict:
         progress.add.remote(experiment.name, event, where)
 
     report("started")
-    return run_experiment(experiment, origin, report)
+    return run_experiment(experiment, origin, report, stop.said)
+
+
+@dataclass(frozen=True)
+class StopWord:
+    """The driver's word to stop a sweep's tasks, in the cluster's key-value store (GCS), which the
+    tasks read twice a second. Not ray.cancel: a cancel that crosses the task's own reply aborts the
+    driver (Ray 2.60, seen in CI: "Check failed: it != submissible_tasks_.end() Tried to complete task
+    that was not pending"; the same race for retries: ray-project/ray#54798). Not an actor the tasks
+    ask either: a task waiting in ray.get or ray.wait lends its CPUs back, and Ray starts another
+    experiment on them meanwhile. Ray's internal_kv is private API, pinned by constraints.txt."""
+    key: str
+
+    def say(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(self.key, b"stop", namespace="reprotune")
+
+    def said(self) -> bool:
+        from ray.experimental.internal_kv import _internal_kv_exists
+
+        return _internal_kv_exists(self.key, namespace="reprotune")
+
+    def forget(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(self.key, namespace="reprotune")
 
 
 class Progress:
@@ -257,9 +289,10 @@ def _describe_cluster(ray) -> str:
     return f"{len(nodes)} node{'s' * (len(nodes) != 1)}, {cpus:g} CPUs, {gpus:g} GPUs"
 
 
-def _watch(ray, pending: dict, progress, say: Callable[[str], None], total: int, logs: Path) -> dict[str, dict]:
+def _watch(ray, pending: dict, progress, stop: StopWord, say: Callable[[str], None], total: int, logs: Path
+           ) -> dict[str, dict]:
     """Wait for the tasks, printing each change of state as it happens and a summary line every
-    SUMMARY_EVERY_S; Ctrl-C cancels what runs (each task stops its processes) and raises _Interrupted."""
+    SUMMARY_EVERY_S; Ctrl-C stops what runs (each task stops its processes) and raises _Interrupted."""
     start = time.monotonic()
     results: dict[str, dict] = {}
     running: dict[str, tuple[float, str]] = {}  # name -> (since, doing)
@@ -302,14 +335,14 @@ def _watch(ray, pending: dict, progress, say: Callable[[str], None], total: int,
                     + (f" ({busy})" if busy else "") + f", {len(pending) - len(running)} waiting, of {total}")
     except KeyboardInterrupt:
         say(f"{stamp()} interrupted: stopping {len(pending)} experiments (their processes pause and exit) ...")
-        for ref in pending:
-            ray.cancel(ref)  # a KeyboardInterrupt in the task: it stops its process group
+        # Each task returns "cancelled" once its processes have stopped (one still queued, at once).
         try:
+            stop.say()
             ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
         except KeyboardInterrupt:
             pass
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        for ref in ray.wait(list(pending), num_returns=len(pending), timeout=0)[1]:
+            ray.cancel(ref, force=True)  # the last resort, for a task that did not stop in time
         for ref, experiment in pending.items():
             outcome = _outcome(ray, ref, experiment, timeout=1.0)
             if outcome["status"] in ("done", "exists"):  # it finished before the cancel reached it

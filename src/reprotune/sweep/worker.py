@@ -3,8 +3,9 @@ DVC (unchanged stages' outputs pulled from the DVC remote), publish it with `dvc
 
 Plain Python, no Ray: the driver runs `run_experiment` as a Ray task, and tests can call it alone.
 Every command runs under a small supervisor in a process group of its own, so that nothing outlives
-the task: a cancelled task stops the group as Ctrl-C would (stages pause and exit), and if the task's
-process dies (its node lost, Ray killing it) the supervisor sees its parent gone and stops the group.
+the task: a stopped task (the sweep interrupted) stops the group as Ctrl-C would (stages pause and
+exit), and if the task's process dies (its node lost, Ray killing it and its children) the
+supervisor sees it gone and stops the group.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,15 +42,24 @@ class Origin:
 
 
 Report = Callable[[str], None]
+Stopping = Callable[[], bool]  # asked between and during commands: has the sweep been interrupted?
+
+
+class Stopped(Exception):
+    """The sweep asked this experiment to stop; its processes have."""
 
 
 def workdir(origin: Origin) -> Path:
     return Path(origin.workdir) if origin.workdir else Path(tempfile.gettempdir()) / "reprotune-sweep"
 
 
-def run_experiment(experiment: Experiment, origin: Origin, report: Report = lambda _: None) -> dict:
+def run_experiment(experiment: Experiment, origin: Origin, report: Report = lambda _: None,
+                   stopping: Stopping = lambda: False) -> dict:
     """Run one experiment in a fresh clone and push it. Returns {"name", "status": done | exists |
-    failed, "seconds", "log", and "rev" (the experiment commit) or "error"}; raises only if stopped."""
+    failed | cancelled (`stopping` said so), "seconds", "log", and "rev" (the experiment commit) or
+    "error"}; raises only if interrupted (KeyboardInterrupt), once its processes have stopped."""
+    if stopping():  # waited in Ray's queue while the sweep was interrupted
+        return {"name": experiment.name, "status": "cancelled", "seconds": 0.0, "steps": {}, "log": ""}
     root = workdir(origin)
     (root / "cache").mkdir(parents=True, exist_ok=True)
     _clear_stale(root)
@@ -67,7 +76,7 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
 
     def step(label: str, command: list[str], cwd: Path) -> int:
         begun = time.monotonic()
-        code = supervised(command, cwd, log, env, report, hold=held.fileno())
+        code = supervised(command, cwd, log, env, report, hold=held.fileno(), stopping=stopping)
         steps[label] = steps.get(label, 0.0) + time.monotonic() - begun
         return code
 
@@ -100,6 +109,8 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
         if (code := step("push", push, clone)) != 0:
             return result("failed", error=f"dvc exp push exited {code}")
         return result("done", rev=git(["rev-parse", ref], clone).strip())
+    except Stopped:
+        return result("cancelled")
     finally:
         _remove(clone)
         held.close()
@@ -181,17 +192,20 @@ STAGE_LINE = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 
 
 def supervised(command: list[str], cwd: Path, log: Path, env: dict[str, str], report: Report,
-               hold: int | None = None) -> int:
+               hold: int | None = None, stopping: Stopping = lambda: False) -> int:
     """Run `command` under SUPERVISOR, appending its output to `log`; report each DVC stage it starts.
-    If this is interrupted (Ray cancelling the task), stop its process group first. `hold`: a file
-    descriptor (the clone's lock) the supervisor keeps open until its group has stopped."""
+    When `stopping()` says so, stop its process group and raise Stopped; if this is interrupted (a
+    KeyboardInterrupt), stop the group first too. `hold`: a file descriptor (the clone's lock) the
+    supervisor keeps open until its group has stopped."""
+    if stopping():
+        raise Stopped
     with open(log, "a") as out:
         out.write(f"$ {shlex.join(command)}\n")
         out.flush()
         start = out.tell()  # what this command writes begins here
-        proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR, *command], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                pass_fds=() if hold is None else (hold,))
+        proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(-1 if hold is None else hold), *command],
+                                cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, pass_fds=() if hold is None else (hold,))
     try:
         with open(log, errors="replace") as text:
             text.seek(start)
@@ -204,26 +218,52 @@ def supervised(command: list[str], cwd: Path, log: Path, env: dict[str, str], re
                     report(f"stage {stage}")
                 if code is not None:
                     return code
+                if stopping():
+                    raise Stopped
     except BaseException:
         proc.terminate()  # the supervisor stops the whole group: SIGINT, then SIGKILL after a grace
         try:
             proc.wait(STOP_GRACE_S + 5)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()  # the waiter: its supervisor, seeing it gone, stops the group all the same
         raise
 
 
-# The supervisor: leader of a new process group holding the command and everything it starts.
+# The supervisor, in two processes. Ray SIGKILLs a dying worker's children (its
+# kill_child_processes_on_worker_exit: a lost node's task, a force-cancelled one), so what stops the
+# command cannot be the task's child: that one, the waiter, only passes on SIGTERM and the exit code,
+# and leaves if the task dies without killing it. Its child, the supervisor, leads the process group
+# holding the command and everything it starts, and stops the group (SIGINT as Ctrl-C, SIGKILL after
+# a grace) when asked or when the waiter is gone; it holds the clone's lock (argv[1]; -1: none) until
+# then. The Ray worker's blocked SIGINT is unblocked first, or the command would never see it.
 # Stdlib only, run with `python -c`, so that it works whatever commit's code is on the import path.
 SUPERVISOR = f"""
 import os, signal, subprocess, sys, time
-parent, stop = os.getppid(), []
+signal.pthread_sigmask(signal.SIG_SETMASK, ())  # Ray's worker blocks SIGINT; the command must get it
+task, hold, stop = os.getppid(), int(sys.argv[1]), []
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, lambda *_: stop.append(1))
-child = subprocess.Popen(sys.argv[1:])
-while child.poll() is None and not stop and os.getppid() == parent:
+supervisor = os.fork()
+if supervisor:  # the waiter
+    if hold >= 0:
+        os.close(hold)
+    while True:
+        done, status = os.waitpid(supervisor, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            sys.exit(code if code >= 0 else 128 - code)
+        if stop:
+            os.kill(supervisor, signal.SIGTERM)
+            stop.clear()
+        if os.getppid() != task:
+            sys.exit(1)  # the task died: the supervisor sees this one go
+        time.sleep(0.2)
+os.setpgid(0, 0)
+waiter = os.getppid()
+child = subprocess.Popen(sys.argv[2:])
+while child.poll() is None and not stop and os.getppid() == waiter:
     time.sleep(0.2)
-if child.poll() is None:  # stopped, or the task's process died: the group goes, as with Ctrl-C first
+if child.poll() is None:  # stopped, or the task is gone: the group goes, as with Ctrl-C first
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.killpg(0, signal.SIGINT)
     deadline = time.monotonic() + {STOP_GRACE_S}
