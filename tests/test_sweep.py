@@ -212,7 +212,7 @@ def test_an_experiments_processes_never_outlive_its_task(tmp_path, how):
         kill_task(task, with_children=how == "killed with its children")
     task.wait(30)
     deadline = time.monotonic() + 10
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+    while any(running(p) for p in pids):
         assert time.monotonic() < deadline, f"left running after the task was {how}: {pids}"
         time.sleep(0.1)
     assert (tmp_path / "interrupted").exists(), "the command was not asked to stop (SIGINT) before the kill"

@@ -242,8 +242,7 @@ def run(settings: Settings, host: str, port: int, address: str | None, metrics_p
     # "local": a Ray of our own. Left None, ray.init joins whatever cluster `ray start` (or another
     # program's) last started on this machine (Ray reads /tmp/ray/ray_current_cluster): a test's
     # two-node cluster, then killed, took a server down with it. (RAY_ADDRESS arrives as `address`.)
-    ray.init(address=address or "local", include_dashboard=False,
-             log_to_driver=False, logging_level="ERROR",
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              **({"_metrics_export_port": metrics_port} if address is None else {}))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the ready line below says it all
     try:

@@ -230,21 +230,22 @@ class StopWord:
     ask either: a task waiting in ray.get or ray.wait lends its CPUs back, and Ray starts another
     experiment on them meanwhile. Ray's internal_kv is private API, pinned by constraints.txt."""
     key: str
+    namespace = "reprotune"
 
     def say(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
 
-        _internal_kv_put(self.key, b"stop", namespace="reprotune")
+        _internal_kv_put(self.key, b"stop", namespace=self.namespace)
 
     def said(self) -> bool:
         from ray.experimental.internal_kv import _internal_kv_exists
 
-        return _internal_kv_exists(self.key, namespace="reprotune")
+        return _internal_kv_exists(self.key, namespace=self.namespace)
 
     def forget(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_del
 
-        _internal_kv_del(self.key, namespace="reprotune")
+        _internal_kv_del(self.key, namespace=self.namespace)
 
 
 class Progress:
@@ -405,8 +406,7 @@ def _pull(root: Path, origin: Origin, names: list[str], dvc: str, env: dict[str,
                               env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ReprotuneError(f"dvc exp pull of the sweep's experiments failed ({plan.complaint(proc)}); they are "
-                             f"on the remotes: "
-                             f"`dvc exp pull {origin.git_url} {' '.join(names)}`")
+                             f"on the remotes: `dvc exp pull {origin.git_url} {' '.join(names)}`")
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.startswith(("WARNING", "ERROR")):  # e.g. outputs missing from the DVC remote: say so
             say(f"  dvc exp pull: {line}")

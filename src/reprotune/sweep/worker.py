@@ -57,9 +57,8 @@ def run_experiment(experiment: Experiment, origin: Origin, report: Report = lamb
                    stopping: Stopping = lambda: False) -> dict:
     """Run one experiment in a fresh clone and push it. Returns {"name", "status": done | exists |
     failed | cancelled (`stopping` said so), "seconds", "log", and "rev" (the experiment commit) or
-    "error"}; raises only if interrupted (KeyboardInterrupt), once its processes have stopped."""
-    if stopping():  # waited in Ray's queue while the sweep was interrupted
-        return {"name": experiment.name, "status": "cancelled", "seconds": 0.0, "steps": {}, "log": ""}
+    "error"}; raises only if interrupted (KeyboardInterrupt), once its processes have stopped. One that
+    waited in Ray's queue while the sweep was stopped returns at its first command, before it runs."""
     root = workdir(origin)
     (root / "cache").mkdir(parents=True, exist_ok=True)
     _clear_stale(root)
@@ -130,8 +129,8 @@ def claim(root: Path, name: str) -> tuple[Path, IO]:
 def _clear_stale(root: Path) -> None:
     """Remove the clones of tasks that died (a lost node's task cannot clean up after itself; its
     retry may run elsewhere): a clone whose lock no process holds. The supervisors hold it too, so a
-    clone whose task died stays while its commands are still stopping (DVC writes into it as it
-    exits: removed under it, the clone came back without its lock, never to be cleared)."""
+    clone whose task died stays while its commands are still stopping (they write into it as they
+    exit: removed under them, the clone came back without its lock, never to be cleared)."""
     for lock in root.glob("*.lock"):
         with open(lock) as probe:
             try:
